@@ -1,0 +1,248 @@
+"""Stage configs: one dataclass per stage, each mirrored by a Hydra group under ``configs/``.
+
+Every config validates itself at construction (``__post_init__``) and raises a
+:class:`ConfigError` whose message says how to fix the value, so bad input fails before any
+work starts. Configs cross into Ray as plain dicts (:func:`to_dict`), never as DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: str, allowed: Any) -> None:
+    allowed = sorted(allowed)
+    _check(value in allowed, f"unknown {name} {value!r}: choose one of {allowed}")
+
+
+DATASETS = ("toy", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
+NOISE_KINDS = ("none", "uniform", "uniform_mix", "adversarial")
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives, and the paper's split (section 5 of the spec)."""
+
+    name: str = "toy"
+    root: str | None = None  # torchvision root (MNIST/, FashionMNIST/, cifar-10-batches-py/) or ImageFolder root
+    download: bool = False
+    val_frac: float = 0.1  # validation = this fraction of the official test set; test = the rest
+    # toy set of the paper's Figure 1
+    toy_n: int = 1000
+    toy_split: tuple[int, int, int] = (600, 240, 160)  # train, test, val
+    toy_std: float = 0.4
+    toy_base_flip: float = 0.01
+    # ImageFolder (ImageNet-10 style): <root>/train/<class>/*, <root>/val/<class>/*
+    image_size: int = 224
+    loader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.toy_split = tuple(int(v) for v in self.toy_split)  # Hydra hands lists
+        _one_of("dataset", self.name, DATASETS)
+        _check(0.0 < self.val_frac < 1.0, f"data.val_frac={self.val_frac} must be in (0, 1), e.g. 0.1")
+        if self.name == "toy":
+            _check(len(self.toy_split) == 3 and sum(self.toy_split) == self.toy_n,
+                   f"data.toy_split={list(self.toy_split)} must be three sizes summing to data.toy_n={self.toy_n}")
+        elif self.root is None:
+            raise ConfigError(f"data.root is required for dataset {self.name!r}: "
+                              "set data.root=/abs/path (e.g. ../shared/data for MNIST)")
+
+
+@dataclass
+class NoiseConfig:
+    """Label noise and class imbalance applied to the training split (spec section 5)."""
+
+    kind: str = "uniform"
+    rate: float = 0.6
+    imbalance_factor: float = 1.0  # 1 = balanced; 200 = the paper's imbalance setting
+
+    def __post_init__(self) -> None:
+        _one_of("noise kind", self.kind, NOISE_KINDS)
+        _check(0.0 <= self.rate < 1.0, f"noise.rate={self.rate} must be in [0, 1)")
+        _check(self.imbalance_factor >= 1.0,
+               f"noise.imbalance_factor={self.imbalance_factor} must be >= 1 (1 = balanced)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # see pivotal_ray.core.models.MODELS
+    hidden: int = 32  # MLP width
+    depth: int = 2  # MLP hidden layers
+    pretrained: bool = False  # torchvision ResNets only (needs a network for the weights)
+
+    def __post_init__(self) -> None:
+        _check(self.hidden > 0 and self.depth > 0, "model.hidden and model.depth must be positive")
+
+
+@dataclass
+class ReweightConfig:
+    """Meta re-weighting training (spec section 2)."""
+
+    mode: str = "direct"
+    epochs: int = 60
+    batch_size: int = 100
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    meta_lr: float = 100.0  # eta in w <- clip(w - eta * dL/dw, 0, 1)
+    meta_batch_size: int = 100  # at most this many meta samples per step (all when fewer)
+    init_weight: float = 1.0
+    snapshot_every: int = 1
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"reweight.epochs={self.epochs} must be > 0")
+        _check(self.batch_size > 0, f"reweight.batch_size={self.batch_size} must be > 0")
+        _check(self.lr > 0, f"reweight.lr={self.lr} must be > 0")
+        _check(self.meta_lr >= 0, f"reweight.meta_lr={self.meta_lr} must be >= 0")
+        _check(0.0 <= self.init_weight <= 1.0, f"reweight.init_weight={self.init_weight} must be in [0, 1]")
+        _check(self.snapshot_every >= 1, f"reweight.snapshot_every={self.snapshot_every} must be >= 1")
+        self.lr_milestones = [int(m) for m in self.lr_milestones]
+
+
+@dataclass
+class FeatureConfig:
+    """Per-sample features for clustering (spec section 3)."""
+
+    kind: str = "rbc"  # see pivotal_ray.core.features.EXTRACTORS
+    label_aware: bool = False  # A = p - onehot(y) (imbalance) instead of A = p (noisy labels)
+    num_snapshots: int = 5  # K
+    stride: int = 20  # epochs between chosen snapshots after the best-validation epoch
+    batch_size: int = 1024
+    # GBC
+    num_layers: int = 5  # R
+    proj_dim: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(self.num_snapshots >= 1, f"features.num_snapshots={self.num_snapshots} must be >= 1")
+        _check(self.stride >= 1, f"features.stride={self.stride} must be >= 1")
+        _check(self.batch_size > 0, "features.batch_size must be > 0")
+
+
+@dataclass
+class SelectionConfig:
+    """Algorithm 2: budget, warm-up and the clustering (spec sections 1 and 4)."""
+
+    method: str = "rbc"  # see pivotal_ray.selection.SELECTORS
+    budget: int = 6  # total meta samples, warm-up included
+    warmup: int = 2  # M0, drawn at random
+    per_round: int | None = None  # picks per round; default: budget - warmup in one round
+    exclude_frac: float = 0.5
+    kmeans_init: str = "kmeans++"
+    kmeans_max_iter: int = 200
+    kmeans_tol: float = 1e-6
+    balanced_warmup: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.warmup >= 1, f"selection.warmup={self.warmup} must be >= 1 (M0 random meta samples)")
+        _check(self.budget > self.warmup,
+               f"selection.budget={self.budget} must be larger than selection.warmup={self.warmup}: "
+               "raise the budget or lower the warm-up")
+        if self.per_round is not None:
+            _check(self.per_round >= 1, f"selection.per_round={self.per_round} must be >= 1")
+        _check(0.0 <= self.exclude_frac < 1.0, f"selection.exclude_frac={self.exclude_frac} must be in [0, 1)")
+        _one_of("kmeans init", self.kmeans_init, ("kmeans++", "random"))
+        _check(self.kmeans_max_iter >= 1, "selection.kmeans_max_iter must be >= 1")
+
+    @property
+    def round_sizes(self) -> list[int]:
+        step = self.per_round or (self.budget - self.warmup)
+        left, sizes = self.budget - self.warmup, []
+        while left > 0:
+            sizes.append(min(step, left))
+            left -= sizes[-1]
+        return sizes
+
+
+@dataclass
+class RayConfig:
+    """Where and with what resources each stage runs."""
+
+    address: str | None = None  # None: connect to RAY_ADDRESS if set, else start local Ray
+    num_cpus: int | None = None  # local Ray only
+    object_store_memory: int | None = None  # local Ray only, bytes
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    extract_actors: int = 1
+    extract_cpus: float = 0.5  # fractional so upstream Ray Data tasks keep a CPU
+    extract_gpus: float = 0.0
+    kmeans_shards: int = 2
+    kmeans_shard_cpus: float = 0.25
+    storage_path: str | None = None  # Ray Train storage; default <output_dir>/ray_train
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")
+        _check(self.extract_actors >= 1, "ray.extract_actors must be >= 1")
+        _check(self.kmeans_shards >= 1, "ray.kmeans_shards must be >= 1")
+        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    output_dir: str = "outputs/toy"
+    name: str = "toy"
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed={self.seed} must be a non-negative int")
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "noise": NoiseConfig,
+    "model": ModelConfig,
+    "reweight": ReweightConfig,
+    "features": FeatureConfig,
+    "selection": SelectionConfig,
+    "ray": RayConfig,
+}
+
+
+def _build(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _check(not unknown, f"unknown key(s) {unknown} in {where}: known keys are {sorted(known)}")
+    return cls(**values)
+
+
+def from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
+    """Build a validated :class:`ExperimentConfig` from a plain (resolved) mapping."""
+    values = dict(values)
+    sections = {k: _build(cls, values.pop(k, None), k) for k, cls in _SECTIONS.items()}
+    return _build(ExperimentConfig, {**values, **sections}, "the top-level config")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-able dict (what crosses into Ray and into manifest.json)."""
+    out = dataclasses.asdict(cfg)
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return fix(out)

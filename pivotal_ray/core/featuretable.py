@@ -1,0 +1,167 @@
+"""Per-sample feature containers and their parquet layout (spec section 3).
+
+RBC features are kept factorised: for sample j and snapshot k, ``G_jk = A_jk x~_jk^T`` with
+``A_jk`` (C,) and ``x~_jk`` (d,). The C x d outer product is never formed.
+
+Parquet layout, one row per (sample_id, snapshot)::
+
+    sample_id: int64, snapshot: int32, epoch: int32,
+    A: fixed_size_list<float32>[C], x: fixed_size_list<float32>[d]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class FactorFeatures:
+    """Factorised per-sample gradient features over K snapshots.
+
+    sample_id: (n,) int64, sorted ascending; A: (n, K, C) float32; X: (n, K, d) float32.
+    ``G_j`` is the concatenation over k of the C x d blocks ``A[j, k] outer X[j, k]``.
+    """
+
+    sample_id: np.ndarray
+    A: np.ndarray
+    X: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = self.sample_id.shape[0]
+        if self.A.ndim != 3 or self.X.ndim != 3:
+            raise ValueError(f"A and X must be (n, K, C) and (n, K, d); got {self.A.shape} and {self.X.shape}")
+        if self.A.shape[:2] != (n, self.X.shape[1]) or self.X.shape[0] != n:
+            raise ValueError(f"inconsistent shapes: sample_id {self.sample_id.shape}, A {self.A.shape}, X {self.X.shape}")
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    @property
+    def num_snapshots(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def dim(self) -> int:
+        """Length of the flattened G_j: K * C * d."""
+        return int(self.A.shape[1] * self.A.shape[2] * self.X.shape[2])
+
+    def dense(self) -> np.ndarray:
+        """Materialise G (n, K*C*d). For tests and small reference computations only."""
+        G = np.einsum("nkc,nkd->nkcd", self.A, self.X)  # (n, K, C, d)
+        return G.reshape(len(self), -1)
+
+    def take(self, rows: np.ndarray) -> "FactorFeatures":
+        rows = np.asarray(rows, dtype=np.int64)
+        return FactorFeatures(self.sample_id[rows], self.A[rows], self.X[rows])
+
+    def split(self, num_shards: int) -> list["FactorFeatures"]:
+        """Contiguous partition in sample_id order (shard s holds rows [s*n/S, (s+1)*n/S))."""
+        bounds = np.linspace(0, len(self), num_shards + 1).round().astype(np.int64)
+        return [self.take(np.arange(bounds[s], bounds[s + 1])) for s in range(num_shards)]
+
+
+@dataclass(frozen=True)
+class DenseFeatures:
+    """Any N x D features (sample_id (n,) int64 sorted; G (n, D) float32)."""
+
+    sample_id: np.ndarray
+    G: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.G.shape[1])
+
+    def dense(self) -> np.ndarray:
+        return self.G
+
+    def take(self, rows: np.ndarray) -> "DenseFeatures":
+        rows = np.asarray(rows, dtype=np.int64)
+        return DenseFeatures(self.sample_id[rows], self.G[rows])
+
+    def split(self, num_shards: int) -> list["DenseFeatures"]:
+        bounds = np.linspace(0, len(self), num_shards + 1).round().astype(np.int64)
+        return [self.take(np.arange(bounds[s], bounds[s + 1])) for s in range(num_shards)]
+
+
+def factor_schema(num_classes: int, dim: int) -> pa.Schema:
+    return pa.schema([
+        ("sample_id", pa.int64()),
+        ("snapshot", pa.int32()),
+        ("epoch", pa.int32()),
+        ("A", pa.list_(pa.float32(), num_classes)),
+        ("x", pa.list_(pa.float32(), dim)),
+    ])
+
+
+def factor_columns(sample_id: np.ndarray, snapshot: int, epoch: int, A: np.ndarray, X: np.ndarray) -> dict[str, np.ndarray]:
+    """Columns for one snapshot's rows as a dict of numpy arrays (a Ray Data batch).
+
+    A: (n, C), X: (n, d). ``A`` and ``x`` are 2-D arrays (Ray Data stores them as tensor columns).
+    """
+    n = sample_id.shape[0]
+    return {
+        "sample_id": np.asarray(sample_id, dtype=np.int64),
+        "snapshot": np.full(n, snapshot, dtype=np.int32),
+        "epoch": np.full(n, epoch, dtype=np.int32),
+        "A": np.ascontiguousarray(A, dtype=np.float32),
+        "x": np.ascontiguousarray(X, dtype=np.float32),
+    }
+
+
+def _column_2d(col: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list or Ray tensor-extension column -> (n, width) float32."""
+    col = col.combine_chunks()
+    if isinstance(col.type, pa.ExtensionType):  # Ray's ArrowTensorType
+        col = col.storage
+    if pa.types.is_fixed_size_list(col.type):
+        width = col.type.list_size
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(-1, width).astype(np.float32, copy=False)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        return np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
+    raise TypeError(f"unsupported feature column type {col.type}")
+
+
+def parquet_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no parquet files under {path}: run the feature extraction stage first")
+    return files
+
+
+def read_factor_table(paths: str | Path | Sequence[str | Path], *, sample_ids: Iterable[int] | None = None) -> FactorFeatures:
+    """Read factor rows (any file order) into a FactorFeatures sorted by sample_id.
+
+    Every sample must have all K snapshots; ``sample_ids`` (optional) keeps only those samples.
+    """
+    if isinstance(paths, (str, Path)):
+        files = parquet_files(paths)
+    else:
+        files = [Path(p) for p in paths]
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    if table is None or table.num_rows == 0:
+        raise ValueError(f"empty feature table at {paths}")
+    sid = table.column("sample_id").to_numpy()
+    snap = table.column("snapshot").to_numpy()
+    A = _column_2d(table.column("A"))
+    X = _column_2d(table.column("x"))
+    if sample_ids is not None:
+        keep = np.isin(sid, np.fromiter(sample_ids, dtype=np.int64))
+        sid, snap, A, X = sid[keep], snap[keep], A[keep], X[keep]
+    order = np.lexsort((snap, sid))  # by sample_id, then snapshot
+    sid, snap, A, X = sid[order], snap[order], A[order], X[order]
+    K = int(snap.max()) + 1
+    n = sid.shape[0] // K
+    if n * K != sid.shape[0] or not np.array_equal(snap, np.tile(np.arange(K), n)):
+        raise ValueError("feature table is incomplete: every sample needs one row per snapshot 0..K-1")
+    return FactorFeatures(sid[::K].copy(), A.reshape(n, K, -1), X.reshape(n, K, -1))

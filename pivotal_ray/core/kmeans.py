@@ -1,0 +1,379 @@
+"""Weighted K-means (Algorithm 1, eqs. 9-10, S1-S2) and the pick of pivotal samples (spec section 4).
+
+One Ray-free Lloyd loop over a *shard set*: anything with ``call(method, **kwargs) -> list``
+that runs a :class:`~pivotal_ray.core.shards.Shard` method on every shard and returns the
+per-shard results in a fixed shard order. :class:`LocalShardSet` calls in-memory shards one
+after the other; :class:`pivotal_ray.distributed.kmeans.RayShardSet` fans the same calls out to
+shard actors. Every global decision (seeding draws, exclusion, picks) is made here from results
+ordered by ``sample_id``, so the outcome does not depend on how rows are split into shards.
+
+Weighted (the paper's method, ``rbc``/``gbc``):
+    similarity S1 ``|<G_j, C_i>| / ||G_j||``; assignment ``argmax_i |<G_j, C_i>|``;
+    update S2 ``C_i = sum_{S_i} G_j / sum_{S_i} ||G_j||``; objective MCO ``sum_j max_i |<G_j, C_i>|``.
+    By default members enter S2 sign-aligned, ``sign(<G_j, C_i>) G_j``: the same as S2 when
+    inner products are >= 0 (RBC with A = p on ReLU features), and it keeps clusters from
+    cancelling out on mixed-sign features (label-aware RBC, GBC), where S2 read literally
+    collapses them. ``sign_align=False`` gives S2 literally.
+Plain (``rbc_k``): Euclidean K-means on the same features; objective = inertia.
+
+Example::
+
+    from pivotal_ray.core.kmeans import select_pivotal
+    sel = select_pivotal(features, budget=10, meta_ids=meta, exclude_frac=0.5, seed=0)
+    sel.sample_id  # (10,) distinct ids, none in meta, none among the excluded half
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
+from pivotal_ray.core.registry import Registry
+from pivotal_ray.core.seeding import numpy_rng
+from pivotal_ray.core.shards import (SHARD_OPS, Candidates, DenseShard, FactorShard, PartialSums, Shard,
+                                     make_shard, top_by_score)
+
+__all__ = ["ShardSet", "LocalShardSet", "as_shard_set", "KMeansResult", "Selection", "INITS", "n_excluded",
+           "weighted_kmeans", "assign", "select_pivotal", "FactorShard", "DenseShard", "make_shard"]
+
+
+@runtime_checkable
+class ShardSet(Protocol):
+    """Runs one shard method on every shard; results come back in a fixed shard order."""
+
+    def call(self, method: str, /, **kwargs: Any) -> list[Any]: ...
+    def __len__(self) -> int: ...
+
+
+class LocalShardSet:
+    """In-memory shards called one after the other."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.shards = list(shards)
+        if not self.shards:
+            raise ValueError("a shard set needs at least one shard")
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def call(self, method: str, /, **kwargs: Any) -> list[Any]:
+        if method not in SHARD_OPS:
+            raise ValueError(f"unknown shard method {method!r}: choose one of {list(SHARD_OPS)}")
+        return [getattr(s, method)(**kwargs) for s in self.shards]
+
+
+def as_shard_set(shards: Any, *, device: str = "cpu") -> ShardSet:
+    """A ShardSet from a ShardSet, one shard, a list of shards, or a Factor/DenseFeatures."""
+    if isinstance(shards, (FactorFeatures, DenseFeatures)):
+        return LocalShardSet([make_shard(shards, device=device)])
+    if isinstance(shards, (FactorShard, DenseShard)):
+        return LocalShardSet([shards])
+    if isinstance(shards, ShardSet):
+        return shards
+    if isinstance(shards, (list, tuple)) and all(isinstance(s, Shard) for s in shards):
+        return LocalShardSet(shards)
+    raise TypeError(f"cannot cluster a {type(shards).__name__}: pass FactorFeatures/DenseFeatures, "
+                    "a FactorShard/DenseShard, a list of them, or a shard set")
+
+
+@dataclass
+class KMeansResult:
+    """centroids (M', D) float64 (M' <= M once empty clusters are dropped); objective per
+    iteration (MCO when weighted, inertia when plain), for the centroids entering that iteration;
+    sizes (M',) members under the last assignment; n_dropped clusters lost to emptiness."""
+
+    centroids: np.ndarray
+    objective: list[float]
+    n_iter: int
+    sizes: np.ndarray
+    n_dropped: int
+
+
+@dataclass
+class Selection:
+    """The picks of one round.
+
+    sample_id (budget,) int64 distinct; cluster (budget,) int64 (centroid index, -1 if none);
+    score (budget,) float64 (S1 to that centroid, or -||G_j - C_i||^2 for plain K-means);
+    objective per iteration; n_iter; n_clusters (after dropping empty ones); excluded (E,)
+    sorted ids dropped by the exclusion step; centroids (n_clusters, D) float64.
+    """
+
+    sample_id: np.ndarray
+    cluster: np.ndarray
+    score: np.ndarray
+    objective: list[float]
+    n_iter: int
+    n_clusters: int
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    centroids: np.ndarray | None = None
+
+
+# ---- gathering helpers: every result is put in sample_id order ----------------------------
+
+def _gather_ids(shards: ShardSet) -> np.ndarray:
+    ids = np.concatenate(shards.call("sample_ids"))
+    if np.unique(ids).shape[0] != ids.shape[0]:
+        raise ValueError("a sample_id occurs in more than one shard: split the features by sample")
+    return ids
+
+
+def _dense_rows(shards: ShardSet, ids: np.ndarray, *, what: str) -> np.ndarray:
+    """G for the given ids, in that order: (len(ids), D) float64."""
+    got = shards.call("dense_rows", sample_ids=ids)
+    found = np.concatenate([g[0] for g in got])
+    rows = np.concatenate([g[1] for g in got]) if found.size else np.zeros((0, shards.call("dim")[0]))
+    missing = np.setdiff1d(ids, found)
+    if missing.size:
+        raise ValueError(f"{what} {missing[:5].tolist()} have no feature rows: extract features "
+                         f"for them as well ({missing.size} missing)")
+    where = {int(s): i for i, s in enumerate(found)}
+    return rows[[where[int(s)] for s in ids]]
+
+
+def _unit(G: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm; zero rows stay zero (never NaN). (m, D) -> (m, D)."""
+    n = np.linalg.norm(G, axis=1, keepdims=True)
+    return np.divide(G, n, out=np.zeros_like(G), where=n > 0)
+
+
+# ---- initialisation ---------------------------------------------------------------------
+
+InitFn = Callable[..., np.ndarray]
+INITS: Registry[InitFn] = Registry("kmeans init")
+
+
+def _as_center(g: np.ndarray, weighted: bool) -> np.ndarray:
+    # weighted: a singleton cluster {s} gives C = G_s / ||G_s|| under eq. S2, the scale every
+    # later centroid has; plain K-means: the row itself
+    return _unit(g) if weighted else g
+
+
+@INITS.register("random")
+def _init_random(shards: ShardSet, *, ids: np.ndarray, n_clusters: int, weighted: bool,
+                 rng: np.random.Generator) -> np.ndarray:
+    """The paper's init: M distinct random samples as centroids. ids (n,) sorted -> (M, D)."""
+    pos = np.sort(rng.choice(ids.shape[0], size=n_clusters, replace=False))
+    return _as_center(_dense_rows(shards, ids[pos], what="seed ids"), weighted)
+
+
+@INITS.register("kmeans++")
+def _init_kmeanspp(shards: ShardSet, *, ids: np.ndarray, n_clusters: int, weighted: bool,
+                   rng: np.random.Generator) -> np.ndarray:
+    """k-means++ under the run's geometry: draw each seed with probability proportional to its
+    score against the seeds so far (Shard.seed_scores: the residual ``||G_j||^2 (1 - cos^2)`` to
+    the nearest chosen direction when weighted, ``D^2`` when plain). Scores are gathered and
+    sorted by sample_id before every draw, so any number of shards gives the same seeds."""
+    order = np.argsort(np.concatenate(shards.call("sample_ids")), kind="stable")
+
+    def scores(center: np.ndarray | None) -> np.ndarray:
+        return np.concatenate(shards.call("seed_scores", center=center, weighted=weighted))[order]
+
+    s = scores(None)  # (n,)
+    chosen = np.zeros(ids.shape[0], dtype=bool)
+    centers = []
+    for m in range(n_clusters):
+        cum = np.cumsum(np.where(chosen, 0.0, s))
+        if cum[-1] > 0 and np.isfinite(cum[-1]):
+            # u < cum[-1] so pos <= n-1, and cum[pos] > cum[pos-1] means its score is > 0
+            pos = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+        else:  # every remaining row sits on a chosen direction (or is zero): draw uniformly
+            pos = int(rng.choice(np.flatnonzero(~chosen)))
+        chosen[pos] = True
+        centers.append(_as_center(_dense_rows(shards, ids[pos:pos + 1], what="seed ids"), weighted)[0])
+        if m + 1 < n_clusters:
+            s = np.minimum(s, scores(centers[-1]))
+    return np.stack(centers)
+
+
+# ---- the Lloyd loop -----------------------------------------------------------------------
+
+def _reduce(parts: list[PartialSums]) -> PartialSums:
+    """Sum partial sums in the shard set's fixed order (float64 throughout)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
+def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
+                    init: str | np.ndarray = "kmeans++", max_iter: int = 200, tol: float = 1e-6,
+                    seed: int, sign_align: bool = True, device: str = "cpu") -> KMeansResult:
+    """Cluster the active rows of a shard set (Algorithm 1; plain K-means if not ``weighted``).
+
+    Parameters
+    ----------
+    shards : ShardSet, shard(s), or FactorFeatures/DenseFeatures (see :func:`as_shard_set`).
+    n_clusters : int
+        M, at most the number of active rows.
+    init : "kmeans++" | "random" | ndarray (M, D)
+        Seeding method (see ``INITS``) or explicit initial centroids.
+    max_iter, tol : stop after max_iter assignment passes, or once the relative objective change
+        ``|f_t - f_{t-1}| / |f_{t-1}|`` drops below tol with no cluster lost in that pass.
+    seed : int
+        Seeds the driver-side RNG of the init (``derive_seed(seed, "kmeans", init)``).
+    sign_align : bool
+        Weighted update ``C_i = sum_{S_i} sign(<G_j, C_i>) G_j / sum_{S_i} ||G_j||`` (see
+        ``Shard.assign_sums``); identical to S2 when members' inner products are >= 0. False:
+        S2 literally.
+
+    Empty clusters are dropped and the loop goes on with ``M - M_empty`` clusters (the paper's
+    restart). Weighted clusters whose members all have ``||G_j|| = 0`` count as empty (S2 would
+    divide by zero).
+    """
+    shards = as_shard_set(shards, device=device)
+    if max_iter < 1 or tol < 0:
+        raise ValueError(f"max_iter={max_iter} must be >= 1 and tol={tol} >= 0")
+    ids = np.sort(_gather_ids(shards))
+    if isinstance(init, str):
+        if not 1 <= n_clusters <= ids.shape[0]:
+            raise ValueError(f"n_clusters={n_clusters} must be in [1, {ids.shape[0]}] (the active rows)")
+        rng = numpy_rng(seed, "kmeans", init)
+        C = INITS.get(init)(shards, ids=ids, n_clusters=n_clusters, weighted=weighted, rng=rng)
+    else:
+        C = np.asarray(init, dtype=np.float64)
+        if C.shape != (n_clusters, shards.call("dim")[0]):
+            raise ValueError(f"init centroids must be (n_clusters, D) = ({n_clusters}, "
+                             f"{shards.call('dim')[0]}); got {C.shape}")
+    objective: list[float] = []
+    sizes, n_dropped, n_iter = np.zeros(C.shape[0], dtype=np.int64), 0, 0
+    while n_iter < max_iter and C.shape[0] > 0:
+        p = _reduce(shards.call("assign_sums", centroids=C, weighted=weighted, sign_align=sign_align))
+        n_iter += 1
+        objective.append(p.objective)
+        keep = (p.counts > 0) & (p.denom > 0)
+        n_dropped += int((~keep).sum())
+        sizes = p.counts[keep]
+        C = p.numer[keep] / p.denom[keep, None]  # eq. S2 (weighted) or the mean (plain): (M', D)
+        if len(objective) > 1 and keep.all():
+            prev = objective[-2]
+            if abs(objective[-1] - prev) <= tol * max(abs(prev), 1e-300):
+                break
+    return KMeansResult(C, objective, n_iter, sizes, n_dropped)
+
+
+def assign(shards: Any, *, centroids: np.ndarray, weighted: bool = True,
+           device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Assignment of every active row: (sample_id (n,) sorted, cluster (n,), score (n,))."""
+    shards = as_shard_set(shards, device=device)
+    ids = np.concatenate(shards.call("sample_ids"))
+    got = shards.call("assign", centroids=np.asarray(centroids, dtype=np.float64), weighted=weighted)
+    lab, score = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], lab[order], score[order]
+
+
+# ---- selection (Algorithm 2, steps c-d) --------------------------------------------------
+
+def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int) -> np.ndarray:
+    """Ids of the n_exclude candidates with the largest ``max_m |cos(G_j, G_m)|`` over meta samples
+    m (ties: smaller sample_id first). Zero rows have similarity 0."""
+    if n_exclude == 0:
+        return np.zeros(0, dtype=np.int64)
+    centers = _unit(_dense_rows(shards, meta_ids, what="meta sample ids"))  # (m, D)
+    ids = np.concatenate(shards.call("sample_ids"))
+    sim = np.concatenate(shards.call("max_similarity", centers=centers))
+    return np.sort(ids[top_by_score(sim[None], ids, n_exclude)[0]])
+
+
+def _merge(cands: list[Candidates], *, k: int, n_best: int) -> Candidates:
+    """Shard candidates -> the global ones (same orders as on one shard)."""
+    ids = np.concatenate([c.ids for c in cands], axis=1)
+    sc = np.concatenate([c.scores for c in cands], axis=1)
+    top = top_by_score(sc, ids, k)
+    b_ids = np.concatenate([c.best_ids for c in cands])
+    b_sc = np.concatenate([c.best_scores for c in cands])
+    b_cl = np.concatenate([c.best_cluster for c in cands])
+    bt = top_by_score(b_sc[None], b_ids, n_best)[0]
+    return Candidates(np.take_along_axis(ids, top, 1), np.take_along_axis(sc, top, 1),
+                      b_ids[bt], b_sc[bt], b_cl[bt])
+
+
+def _picks(c: Candidates, budget: int) -> tuple[list[int], list[int], list[float]]:
+    """Per centroid (in index order) its most similar not-yet-picked candidate; then top up to the
+    budget with the unpicked candidates closest to their own centroid."""
+    ids: list[int] = []
+    cl: list[int] = []
+    sc: list[float] = []
+    taken: set[int] = set()
+
+    def take(j: int, i: int, s: float) -> None:
+        taken.add(j), ids.append(j), cl.append(i), sc.append(s)
+
+    for i in range(c.ids.shape[0]):
+        free = next(((j, s) for j, s in zip(c.ids[i].tolist(), c.scores[i].tolist()) if j not in taken), None)
+        if free is not None:
+            take(free[0], i, free[1])
+    for j, s, i in zip(c.best_ids.tolist(), c.best_scores.tolist(), c.best_cluster.tolist()):
+        if len(ids) < budget and j not in taken:
+            take(j, i, s)
+    if len(ids) != budget:
+        raise RuntimeError(f"picked {len(ids)} samples for a budget of {budget}; this is a bug")
+    return ids, cl, sc
+
+
+def n_excluded(n_candidates: int, exclude_frac: float) -> int:
+    """How many candidates the exclusion step drops: ``floor(exclude_frac * n_candidates)`` (a
+    1e-9 slack keeps e.g. 0.29 * 100 at 29 despite binary rounding)."""
+    return int(math.floor(exclude_frac * n_candidates + 1e-9))
+
+
+def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.ndarray, exclude_frac: float,
+                   weighted: bool = True, init: str = "kmeans++", max_iter: int = 200, tol: float = 1e-6,
+                   seed: int, sign_align: bool = True, device: str = "cpu") -> Selection:
+    """Pick ``budget`` pivotal samples (Algorithm 2 steps c-d; spec section 4).
+
+    Parameters
+    ----------
+    shards : ShardSet, a FactorShard/DenseShard or list of them, or FactorFeatures/DenseFeatures.
+        Must hold the meta samples' rows too when ``exclude_frac > 0`` and meta_ids is non-empty.
+    budget : int
+        Exactly this many distinct samples are returned; also the number of clusters M.
+    meta_ids : (m,) int
+        Existing meta samples: never picked; candidates most similar to them are excluded.
+    exclude_frac : float in [0, 1)
+        Fraction of the candidates (rows not in meta_ids) dropped before clustering:
+        :func:`n_excluded` of them, ranked by ``max_m |cos(G_j, G_m)|`` (ties: smaller sample_id).
+        No exclusion when meta_ids is empty.
+    weighted : bool
+        Weighted K-means (rbc/gbc) or plain K-means (rbc_k).
+    init, max_iter, tol, seed, sign_align : see :func:`weighted_kmeans`.
+    device : torch device for shards built here from features.
+
+    Returns
+    -------
+    Selection
+        Picks in centroid order (cluster i's most similar unpicked candidate), then the top-up picks.
+    """
+    if not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget={budget} must be a positive int")
+    if not 0.0 <= exclude_frac < 1.0:
+        raise ValueError(f"exclude_frac={exclude_frac} must be in [0, 1), e.g. 0.5")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: choose one of {INITS.names()}")
+    shards = as_shard_set(shards, device=device)
+    meta = np.unique(np.asarray(meta_ids, dtype=np.int64))
+    try:
+        n_cand = sum(shards.call("set_active", exclude_ids=meta))
+        n_excl = n_excluded(n_cand, exclude_frac) if meta.size else 0
+        if budget > n_cand - n_excl:
+            raise ValueError(f"budget={budget} exceeds the {n_cand - n_excl} candidates left after "
+                             f"excluding {n_excl} of {n_cand}: lower the budget or exclude_frac")
+        excluded = _exclude(shards, meta_ids=meta, n_exclude=n_excl)
+        if excluded.size:
+            shards.call("set_active", exclude_ids=np.concatenate([meta, excluded]))
+        km = weighted_kmeans(shards, n_clusters=budget, weighted=weighted, init=init,
+                             max_iter=max_iter, tol=tol, seed=seed, sign_align=sign_align)
+        M = km.centroids.shape[0]
+        # top-M per centroid suffices: centroid i loses at most i < M candidates to earlier ones
+        cands = _merge(shards.call("top_candidates", centroids=km.centroids, weighted=weighted,
+                                   k=M, n_best=budget), k=M, n_best=budget)
+        ids, cl, sc = _picks(cands, budget)
+    finally:  # leave the shards as they came: every row active
+        shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))
+    return Selection(np.asarray(ids, dtype=np.int64), np.asarray(cl, dtype=np.int64),
+                     np.asarray(sc, dtype=np.float64), km.objective, km.n_iter, M, excluded, km.centroids)

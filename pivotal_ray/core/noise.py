@@ -1,0 +1,227 @@
+"""Label noise, class imbalance and the val/test split of the paper's protocol (spec section 5).
+
+Every function takes a ``numpy.random.Generator`` (see :mod:`pivotal_ray.core.seeding`) and never
+touches a global RNG, so the same generator state gives the same labels::
+
+    rng = numpy_rng(seed, "noise")
+    y_obs = apply_noise(y_true, kind="adversarial", rate=0.6, num_classes=10, rng=rng)
+
+Noise kinds (registry :data:`NOISE`):
+
+- ``uniform``: with probability p a label is replaced by one drawn uniformly from the OTHER
+  classes (the paper's text), so the realised flip rate is p;
+- ``uniform_mix``: the MW-Net "corruption matrix" variant, with probability p the label is redrawn
+  uniformly from ALL classes (it may redraw the true class), so the realised rate is p (C-1)/C;
+- ``adversarial``: exactly floor(p N) samples, chosen at random, get ``pi(y)`` for one random
+  derangement ``pi`` of the classes (no class maps to itself);
+- ``none``: labels unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from pivotal_ray.core.registry import Registry
+
+NoiseFn = Callable[..., np.ndarray]
+NOISE: Registry[NoiseFn] = Registry("noise kind")
+
+
+def _labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Validate ``labels`` as a 1-D array of class ids in [0, num_classes) and return an int64 copy."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}: label noise needs at least 2 classes")
+    y = np.asarray(labels)
+    if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(f"labels must be a 1-D integer array of class ids; got dtype {y.dtype}, shape {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}); got range [{y.min()}, {y.max()}]: "
+                         "pass the data set's num_classes")
+    return y.astype(np.int64, copy=True)
+
+
+def _rate(rate: float) -> float:
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"noise rate={rate} must be in [0, 1]")
+    return float(rate)
+
+
+def floor_count(rate: float, n: int) -> int:
+    """``floor(rate * n)``, robust to float rounding (``0.29 * 100`` gives 29, not 28)."""
+    # rate * n is exact only up to ~1e-16 relative error; rounding to 9 decimals first keeps the
+    # floor of a product that is mathematically an integer from dropping one below it.
+    return int(math.floor(round(rate * n, 9)))
+
+
+@NOISE.register("none")
+def no_noise(labels: np.ndarray, *, rate: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """The labels unchanged (an int64 copy); ``rate`` and ``rng`` are ignored."""
+    return _labels(labels, num_classes)
+
+
+@NOISE.register("uniform")
+def uniform_noise(labels: np.ndarray, *, rate: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Replace each label, with probability ``rate``, by a uniform draw from the other classes.
+
+    Parameters
+    ----------
+    labels : (N,) int array of true class ids in [0, num_classes)
+    rate : flip probability p in [0, 1]; every flip changes the label, so E[#flips] = p N
+    num_classes : C >= 2
+    rng : the generator all draws come from
+
+    Returns
+    -------
+    (N,) int64 noisy labels
+    """
+    y = _labels(labels, num_classes)
+    flip = rng.random(y.shape[0]) < _rate(rate)  # (N,) bool
+    # y + s mod C with s ~ U{1..C-1} is uniform over the C-1 classes other than y.
+    shift = rng.integers(1, num_classes, size=y.shape[0])  # (N,)
+    y[flip] = (y[flip] + shift[flip]) % num_classes
+    return y
+
+
+@NOISE.register("uniform_mix")
+def uniform_mix_noise(labels: np.ndarray, *, rate: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """MW-Net's uniform corruption matrix: with probability ``rate`` redraw the label from ALL classes.
+
+    The redraw may hit the true class, so the realised noise rate is ``rate * (C-1)/C``.
+
+    Parameters
+    ----------
+    labels : (N,) int array of true class ids in [0, num_classes)
+    rate : redraw probability p in [0, 1]
+    num_classes : C >= 2
+    rng : the generator all draws come from
+
+    Returns
+    -------
+    (N,) int64 noisy labels
+    """
+    y = _labels(labels, num_classes)
+    redraw = rng.random(y.shape[0]) < _rate(rate)  # (N,) bool
+    new = rng.integers(0, num_classes, size=y.shape[0])  # (N,)
+    y[redraw] = new[redraw]
+    return y
+
+
+def random_derangement(num_classes: int, *, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation ``pi`` of ``range(num_classes)`` with ``pi[c] != c`` for all c.
+
+    Rejection sampling of uniform permutations: each try succeeds with probability ~1/e, and the
+    accepted permutation is uniform over derangements.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}: a derangement needs at least 2 classes")
+    while True:
+        perm = rng.permutation(num_classes)
+        if not np.any(perm == np.arange(num_classes)):
+            return perm.astype(np.int64)
+
+
+def adversarial_noise(labels: np.ndarray, *, rate: float, num_classes: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly ``floor(rate * N)`` random samples get ``pi(y)`` for ONE random class derangement ``pi``.
+
+    Parameters
+    ----------
+    labels : (N,) int array of true class ids in [0, num_classes)
+    rate : fraction p in [0, 1] of samples to corrupt
+    num_classes : C >= 2
+    rng : the generator all draws come from
+
+    Returns
+    -------
+    noisy : (N,) int64 labels, differing from ``labels`` in exactly floor(p N) places
+    perm : (C,) int64 derangement used (``noisy[j] == perm[labels[j]]`` where flipped)
+    """
+    y = _labels(labels, num_classes)
+    n_flip = floor_count(_rate(rate), y.shape[0])
+    perm = random_derangement(num_classes, rng=rng)
+    flip = rng.choice(y.shape[0], size=n_flip, replace=False)  # (n_flip,) distinct positions
+    y[flip] = perm[y[flip]]
+    return y, perm
+
+
+@NOISE.register("adversarial")
+def _adversarial_labels(labels: np.ndarray, *, rate: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    return adversarial_noise(labels, rate=rate, num_classes=num_classes, rng=rng)[0]
+
+
+def apply_noise(labels: np.ndarray, *, kind: str, rate: float, num_classes: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """Noisy copy of ``labels`` using the registered noise ``kind`` (see :data:`NOISE`).
+
+    Returns (N,) int64 labels; raises KeyError listing the known kinds for an unknown one.
+    """
+    return NOISE.get(kind)(labels, rate=rate, num_classes=num_classes, rng=rng)
+
+
+def imbalance_counts(class_counts: np.ndarray, *, factor: float) -> np.ndarray:
+    """Per-class sizes of the long-tailed profile of Cui et al. 2019.
+
+    Class c keeps ``min(n_c, floor(n_max * factor^(-c/(C-1))))`` samples, ``n_max`` being the
+    largest class. On a balanced set this is exactly the paper's profile; on a nearly balanced
+    one (MNIST) a class never asks for more samples than it has. ``factor == 1`` keeps all.
+
+    Parameters
+    ----------
+    class_counts : (C,) int, C >= 2, the number of samples of each class
+    factor : imbalance ratio n_0 / n_{C-1} >= 1
+
+    Returns
+    -------
+    (C,) int64 counts to keep
+    """
+    counts = np.asarray(class_counts, dtype=np.int64)
+    if counts.ndim != 1 or counts.shape[0] < 2:
+        raise ValueError(f"class_counts must be a 1-D array over C >= 2 classes; got shape {counts.shape}")
+    if factor < 1.0:
+        raise ValueError(f"imbalance factor={factor} must be >= 1 (1 = balanced)")
+    C, n_max = counts.shape[0], int(counts.max())
+    target = [floor_count(float(factor) ** (-c / (C - 1)), n_max) for c in range(C)]
+    return np.minimum(counts, np.asarray(target, dtype=np.int64))
+
+
+def imbalance_indices(labels: np.ndarray, *, factor: float, num_classes: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Positions kept to make ``labels`` long-tailed (see :func:`imbalance_counts`).
+
+    Parameters
+    ----------
+    labels : (N,) int array of TRUE class ids in [0, num_classes)
+    factor : imbalance ratio >= 1; 1 keeps every sample
+    num_classes : C >= 2
+    rng : draws which samples of each class are kept
+
+    Returns
+    -------
+    (n_kept,) int64 positions into ``labels``, sorted ascending
+    """
+    y = _labels(labels, num_classes)
+    keep = imbalance_counts(np.bincount(y, minlength=num_classes), factor=factor)  # (C,)
+    picked = [rng.choice(np.flatnonzero(y == c), size=int(keep[c]), replace=False) for c in range(num_classes)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def split_val_test(n: int, *, val_frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Randomly split the official test set (size ``n``) into validation and test (spec section 5).
+
+    Validation gets ``round(val_frac * n)`` samples (at least 1, at most n-1), test the rest.
+
+    Returns
+    -------
+    val, test : int64 positions into the official test set, each sorted ascending, disjoint,
+        together ``range(n)``
+    """
+    if n < 2:
+        raise ValueError(f"the official test set has {n} samples: need at least 2 to split into val and test")
+    if not 0.0 < val_frac < 1.0:
+        raise ValueError(f"val_frac={val_frac} must be in (0, 1), e.g. 0.1")
+    n_val = min(max(int(round(val_frac * n)), 1), n - 1)
+    perm = rng.permutation(n)
+    return np.sort(perm[:n_val]).astype(np.int64), np.sort(perm[n_val:]).astype(np.int64)

@@ -1,0 +1,184 @@
+"""Meta re-weighting steps (spec section 2; paper eqs. 2-4 and S4).
+
+The default ``direct`` mode keeps a weight ``w_j`` in [0, 1] for every training sample and, for
+each train batch ``B`` (global size ``|B|``) and meta batch ``B_m``:
+
+1. ``g = grad_theta (1/|B|) sum_j w_j f_j(theta)``                       (all-reduced over workers)
+2. virtual step ``theta_hat = theta - a g``
+3. ``v = grad_theta mean_i f_meta_i(theta_hat)``                         (all-reduced over workers)
+4. ``dL/dw_j = -(a/|B|) <v, grad_theta f_j(theta)>``  (eq. S4) -- all |B| inner products come from
+   ONE forward-mode Jacobian-vector product of the per-sample losses at theta in direction v
+   (forward-mode AD), so no second-order backward graph is ever built
+5. ``w_j <- clip(w_j - eta dL/dw_j, 0, 1)``
+6. the real step: ``grad_theta (1/|B|) sum_j w'_j f_j(theta)`` through the optimizer.
+
+Steps 1 and 6 share one forward graph (two backward passes over it). BatchNorm running statistics
+are updated by the real forward only: the virtual/meta and JVP passes run on copies of the buffers.
+
+Data parallel: each worker passes its own slice of the global batch and a ``Reducer`` that sums
+over workers; the result equals the single-process algorithm on the union batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+
+from .registry import Registry
+
+
+class Reducer(Protocol):
+    """Collective ops across data-parallel workers (identity in one process)."""
+
+    world_size: int
+
+    def sum_(self, flat: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor: ...
+
+
+class LocalReducer:
+    world_size = 1
+
+    def sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat
+
+    def gather(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        return t
+
+
+class TorchDistReducer:
+    """Reducer over the default ``torch.distributed`` process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.world_size = dist.get_world_size()
+
+    def sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(flat, op=self._dist.ReduceOp.SUM)
+        return flat
+
+    def gather(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate every rank's ``t`` (rank r holds ``sizes[r]`` rows) in rank order."""
+        width = max(sizes)
+        padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        out = [torch.empty_like(padded) for _ in sizes]
+        self._dist.all_gather(out, padded)
+        return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+@dataclass
+class StepOutput:
+    loss: float  # (1/|B|) sum_j w'_j f_j on this worker's slice (sum over workers = global loss)
+    meta_loss: float  # mean meta loss at theta_hat
+    weights: torch.Tensor  # (b,) updated weights of this worker's samples
+    weight_grad: torch.Tensor  # (b,) dL_meta/dw_j
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(flat[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: b.detach().clone() for k, b in model.named_buffers()}
+
+
+def meta_gradient(model: nn.Module, params_hat: dict[str, torch.Tensor], x_meta: torch.Tensor,
+                  y_meta: torch.Tensor, *, reducer: Reducer) -> tuple[torch.Tensor, float]:
+    """v = grad mean_i f_meta_i(theta_hat), averaged over workers (the meta batch is replicated).
+
+    Returns the flat v (P,) and the meta loss.
+    """
+    names = list(params_hat)
+    leaves = {k: p.detach().requires_grad_(True) for k, p in params_hat.items()}
+    logits = functional_call(model, (leaves, _buffer_copies(model)), (x_meta,))  # (m, C)
+    meta_loss = F.cross_entropy(logits, y_meta)
+    v = _flat(list(torch.autograd.grad(meta_loss, [leaves[k] for k in names])))
+    v = reducer.sum_(v) / reducer.world_size
+    return v, float(meta_loss.detach())
+
+
+def per_sample_grad_dot(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                        v: list[torch.Tensor]) -> torch.Tensor:
+    """(b,) inner products <v, grad_theta f_j(theta)> from one forward-mode JVP (eq. S4).
+
+    Dual tensors (``torch.autograd.forward_ad``) rather than ``torch.func.jvp``: BatchNorm's
+    in-place update of its (copied) running statistics is legal here and forbidden under a
+    functorch transform.
+    """
+    with fwAD.dual_level():
+        duals = {k: fwAD.make_dual(p.detach(), t) for (k, p), t in zip(params.items(), v)}
+        logits = functional_call(model, (duals, _buffer_copies(model)), (x,))  # (b, C)
+        losses = F.cross_entropy(logits, y, reduction="none")  # (b,)
+        return fwAD.unpack_dual(losses).tangent
+
+
+REWEIGHTERS: Registry[type] = Registry("re-weighting mode")
+
+
+@REWEIGHTERS.register("direct")
+class DirectReweighter:
+    """Per-sample weights updated by the exact meta gradient (spec section 2, 'direct')."""
+
+    def __init__(self, *, meta_lr: float, **_: object) -> None:
+        self.meta_lr = meta_lr
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             w: torch.Tensor, x_meta: torch.Tensor, y_meta: torch.Tensor, lr: float, global_batch: int,
+             reducer: Reducer) -> StepOutput:
+        """One meta re-weighting step on this worker's slice (x (b, ...), y (b,), w (b,))."""
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        names, params = [k for k, _ in named], [p for _, p in named]
+
+        # (1) the real forward; its graph serves both backward passes (g and the real step)
+        losses = F.cross_entropy(model(x), y, reduction="none")  # (b,)
+        g = _flat(list(torch.autograd.grad((w * losses).sum() / global_batch, params, retain_graph=True)))
+        g = reducer.sum_(g)  # (P,) = (1/|B|) sum over the global batch
+
+        # (2-3) virtual step and meta gradient at theta_hat
+        with torch.no_grad():
+            theta_hat = {k: p - lr * gk for k, p, gk in zip(names, params, _unflat(g, params))}
+        v, meta_loss = meta_gradient(model, theta_hat, x_meta, y_meta, reducer=reducer)
+
+        # (4) eq. S4 via one JVP; (5) projected gradient step on the weights
+        dots = per_sample_grad_dot(model, dict(named), x, y, _unflat(v, params))  # (b,)
+        weight_grad = -(lr / global_batch) * dots
+        new_w = (w - self.meta_lr * weight_grad).clamp_(0.0, 1.0)
+
+        # (6) the real step with the new weights, on the retained graph
+        loss = (new_w * losses).sum() / global_batch
+        grads = _flat(list(torch.autograd.grad(loss, params)))
+        grads = reducer.sum_(grads)
+        for p, gp in zip(params, _unflat(grads, params)):
+            p.grad = gp.clone()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss=float(loss.detach()), meta_loss=meta_loss, weights=new_w.detach(),
+                          weight_grad=weight_grad.detach())
+
+
+def build_reweighter(mode: str, **kwargs: object):
+    return REWEIGHTERS.get(mode)(**kwargs)

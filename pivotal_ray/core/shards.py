@@ -1,0 +1,412 @@
+"""In-memory feature shards: the narrow interface the K-means loop runs on (spec sections 3-4).
+
+A shard holds some rows ``G_j`` (``sample_id`` keyed) and answers a handful of batch questions
+about its *active* rows for given centroids: partial sums for one Lloyd step, k-means++ seeding
+scores, S1 similarities, per-centroid top candidates, and a few rows materialised densely. The
+loop in :mod:`pivotal_ray.core.kmeans` only ever talks to this interface, so the same algorithm
+runs over in-memory shards and over Ray shard actors (:mod:`pivotal_ray.distributed.kmeans`).
+
+Two implementations share everything but two primitives (inner products with centroids and
+the per-cluster sum of rows):
+
+- :class:`FactorShard` keeps RBC features factorised, ``G_j = concat_k A_jk x~_jk^T``; for a
+  chunk of n rows, ``<G_j, C_i> = sum_k A_jk^T C_ik x~_jk`` is one ``(n, d) @ (d, M*C)`` GEMM per
+  snapshot followed by a contraction with ``A`` (spec section 3), and the centroid numerator
+  ``sum_{j in S} G_j`` is, per snapshot, one GEMM ``A_S^T X_S``. ``G`` is never formed.
+- :class:`DenseShard` holds any ``(n, D)`` matrix.
+
+Inner products are computed in float32 (the GEMMs), every reduction (sums over rows, norms,
+objective) in float64. Rows are processed in chunks that bound the GEMM output to
+``chunk_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
+
+# the methods a shard set may call remotely (see pivotal_ray.distributed.kmeans.ShardActor)
+SHARD_OPS = ("count", "dim", "sample_ids", "set_active", "dense_rows", "seed_scores",
+             "max_similarity", "assign", "assign_sums", "top_candidates")
+
+
+@dataclass
+class PartialSums:
+    """One shard's contribution to a Lloyd step (summed over shards in a fixed order).
+
+    numer (M, D) float64: sum of G_j over the shard's members of each cluster;
+    denom (M,) float64: sum of ||G_j|| (weighted, eq. S2) or the member count (plain K-means);
+    counts (M,) int64; objective: sum_j max_i |<G_j, C_i>| (weighted MCO, eq. 9) or
+    sum_j min_i ||G_j - C_i||^2 (plain K-means inertia).
+    """
+
+    numer: np.ndarray
+    denom: np.ndarray
+    counts: np.ndarray
+    objective: float
+
+    def __add__(self, other: "PartialSums") -> "PartialSums":
+        return PartialSums(self.numer + other.numer, self.denom + other.denom,
+                           self.counts + other.counts, self.objective + other.objective)
+
+
+@dataclass
+class Candidates:
+    """One shard's best rows for the picks (higher score = more similar).
+
+    ids, scores (M, k): the shard's k best rows per centroid, sorted by (-score, sample_id);
+    best_ids, best_scores, best_cluster (b,): the shard's b best rows by score to their assigned
+    centroid (for topping up the budget). Score: S1 ``|<G_j, C_i>| / ||G_j||`` when weighted,
+    ``-||G_j - C_i||^2`` for plain K-means.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    best_ids: np.ndarray
+    best_scores: np.ndarray
+    best_cluster: np.ndarray
+
+
+@runtime_checkable
+class Shard(Protocol):
+    """Rows ``G_j`` that answer the K-means loop's batch questions (see ``_ShardBase`` for each).
+
+    Only *active* rows take part (all, until ``set_active`` excludes some by sample_id);
+    ``dense_rows`` sees every row, so meta samples can be fetched after they are excluded.
+    """
+
+    def count(self) -> int: ...
+    def dim(self) -> int: ...
+    def sample_ids(self) -> np.ndarray: ...
+    def set_active(self, *, exclude_ids: np.ndarray) -> int: ...
+    def dense_rows(self, *, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def seed_scores(self, *, center: np.ndarray | None, weighted: bool) -> np.ndarray: ...
+    def max_similarity(self, *, centers: np.ndarray) -> np.ndarray: ...
+    def assign(self, *, centroids: np.ndarray, weighted: bool) -> tuple[np.ndarray, np.ndarray]: ...
+    def assign_sums(self, *, centroids: np.ndarray, weighted: bool, sign_align: bool = True) -> PartialSums: ...
+    def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int) -> Candidates: ...
+
+
+def top_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k best entries of each row, ordered by (-score, sample_id).
+
+    scores (R, n) float64, ids (n,) or (R, n) int64 -> (R, min(k, n)) int64. Ties go to the
+    smaller sample_id so picks do not depend on how rows are split into shards or chunks.
+    """
+    ids = np.broadcast_to(ids, scores.shape)
+    order = np.lexsort((ids, -scores), axis=-1)  # last key is primary
+    return order[:, :k]
+
+
+@dataclass
+class _Centroids:
+    """Centroids of one call: M, the layout ``_inner`` wants, and ||C_i||^2 (M,) float64."""
+
+    M: int
+    W: Any
+    c_sq: torch.Tensor
+
+
+class _ShardBase:
+    """Everything but the primitives ``_compact``, ``_prepare``, ``_inner``, ``_numerator``, ``_dense``.
+
+    The active rows are kept compacted (contiguous copies, or the full tensors when all rows are
+    active), so chunks are slices: views, not gathers.
+    """
+
+    sample_id: np.ndarray  # (n,) int64, all rows
+    _D: int
+
+    def __init__(self, sq: torch.Tensor, *, device: str | torch.device, chunk_bytes: int) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes={chunk_bytes} must be positive, e.g. 64 * 2**20")
+        if np.unique(self.sample_id).shape[0] != self.sample_id.shape[0]:
+            raise ValueError("sample_id has duplicates: a shard needs one row per sample")
+        self.device = torch.device(device)
+        self.chunk_bytes = int(chunk_bytes)
+        self._sq_all = sq  # (n,) float64 ||G_j||^2, all rows
+        self.set_active(exclude_ids=np.zeros(0, dtype=np.int64))
+
+    # ---- primitives (subclasses) ---------------------------------------------------------
+    # _compact(rows | None): keep contiguous copies of the active rows (None: all, no copy)
+    # _prepare(C (M, D) float32) -> the layout _inner wants (once per call, not per chunk)
+    # _inner(sl, W) -> (n, M) float64: <G_j, C_i> for a slice of active rows
+    # _numerator(sl, labels, sign, M) -> (M, D) float64: sum of sign_j G_j per label
+    # _dense(rows) -> (r, D) float64: G_j for a few rows (indices into all rows)
+    # _row_width(M) -> float32 values of temporaries per row (sets the chunk size)
+
+    # ---- the interface ---------------------------------------------------------------------
+    def count(self) -> int:
+        return int(self._ids.shape[0])
+
+    def dim(self) -> int:
+        return self._D
+
+    def sample_ids(self) -> np.ndarray:
+        return self._ids
+
+    def set_active(self, *, exclude_ids: np.ndarray) -> int:
+        """Make every row active except those whose sample_id is in ``exclude_ids``; returns count()."""
+        keep = ~np.isin(self.sample_id, np.asarray(exclude_ids, dtype=np.int64))
+        rows = None if keep.all() else np.flatnonzero(keep)
+        self._ids = self.sample_id if rows is None else self.sample_id[rows]
+        sq = self._sq_all if rows is None else self._sq_all[torch.as_tensor(rows, device=self._sq_all.device)]
+        self._sq, self._norm = sq, sq.sqrt()  # (n_active,) float64
+        self._compact(rows)
+        return self.count()
+
+    def dense_rows(self, *, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (active or not) with the given ids that this shard holds: (ids (r,), G (r, D) float64)."""
+        pos = np.flatnonzero(np.isin(self.sample_id, np.asarray(sample_ids, dtype=np.int64)))
+        return self.sample_id[pos], self._dense(pos)
+
+    def _chunks(self, M: int) -> Iterator[slice]:
+        step = max(1, self.chunk_bytes // (4 * self._row_width(M)))
+        return (slice(s, min(s + step, self.count())) for s in range(0, self.count(), step))
+
+    def _centroids(self, centroids: np.ndarray) -> _Centroids:
+        C = np.asarray(centroids)
+        if C.ndim != 2 or C.shape[1] != self._D:
+            raise ValueError(f"centroids must be (M, {self._D}); got {C.shape}")
+        Ct = torch.as_tensor(C, dtype=torch.float32, device=self.device)  # (M, D)
+        c_sq = torch.as_tensor(C, dtype=torch.float64, device=self.device).square().sum(1)  # (M,)
+        return _Centroids(int(C.shape[0]), self._prepare(Ct), c_sq)
+
+    def _scores(self, sl: slice, cen: _Centroids, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sim, gain, inner), each (n, M) float64; assignment = argmax gain (first on ties).
+
+        weighted: gain = |<G_j, C_i>| (eq. 9), sim = gain / ||G_j|| (S1; 0 for a zero row);
+        plain: gain = sim = -||G_j - C_i||^2.
+        """
+        inner = self._inner(sl, cen.W)  # (n, M)
+        if weighted:
+            gain = inner.abs()
+            norm = self._norm[sl].unsqueeze(1)  # (n, 1)
+            sim = torch.where(norm > 0, gain / norm.clamp_min(1e-300), torch.zeros_like(gain))
+            return sim, gain, inner
+        dist = (self._sq[sl].unsqueeze(1) - 2.0 * inner + cen.c_sq).clamp_min(0.0)  # (n, M)
+        return -dist, -dist, inner
+
+    def seed_scores(self, *, center: np.ndarray | None, weighted: bool) -> np.ndarray:
+        """k-means++ scores of the active rows against one new center (D,): (n,) float64.
+
+        weighted (S1 geometry; center of unit norm): the residual ``||G_j||^2 - <G_j, c>^2 =
+        ||G_j||^2 (1 - cos^2)`` left after projecting on the center's direction; with no center,
+        ``||G_j||^2``. Plain: ``||G_j - c||^2``; with no center, 1 (a uniform first pick).
+        """
+        if center is None:
+            return self._sq.cpu().numpy() if weighted else np.ones(self.count(), dtype=np.float64)
+        cen = self._centroids(np.asarray(center).reshape(1, -1))
+        out = [torch.zeros(0, dtype=torch.float64, device=self.device)]
+        for sl in self._chunks(1):
+            inner = self._inner(sl, cen.W)[:, 0]  # (n,)
+            res = self._sq[sl] - inner.square() if weighted else self._sq[sl] - 2.0 * inner + cen.c_sq[0]
+            out.append(res.clamp_min(0.0))
+        return torch.cat(out).cpu().numpy()
+
+    def max_similarity(self, *, centers: np.ndarray) -> np.ndarray:
+        """max_i of S1 ``|<G_j, c_i>| / ||G_j||`` over centers (m, D) for the active rows: (n,) float64.
+
+        With unit-norm centers this is the largest ``|cos(G_j, c_i)|`` (the exclusion step).
+        """
+        cen = self._centroids(centers)
+        if cen.M == 0:
+            return np.zeros(self.count(), dtype=np.float64)
+        out = [torch.zeros(0, dtype=torch.float64, device=self.device)]
+        out += [self._scores(sl, cen, True)[0].amax(1) for sl in self._chunks(cen.M)]
+        return torch.cat(out).cpu().numpy()
+
+    def assign(self, *, centroids: np.ndarray, weighted: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster of every active row and its score to that centroid: ((n,) int64, (n,) float64)."""
+        cen = self._centroids(centroids)
+        if cen.M == 0:
+            return np.full(self.count(), -1, dtype=np.int64), np.zeros(self.count(), dtype=np.float64)
+        labels, scores = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.float64)]
+        for sl in self._chunks(cen.M):
+            sim, gain, _ = self._scores(sl, cen, weighted)
+            lab = gain.argmax(1)  # (n,)
+            labels.append(lab.cpu().numpy())
+            scores.append(sim.gather(1, lab.unsqueeze(1))[:, 0].cpu().numpy())
+        return np.concatenate(labels), np.concatenate(scores)
+
+    def assign_sums(self, *, centroids: np.ndarray, weighted: bool, sign_align: bool = True) -> PartialSums:
+        """Assignment step + this shard's part of the update step (Algorithm 1; eq. S2 when weighted).
+
+        With ``sign_align`` a weighted member enters its centroid's numerator as
+        ``sign(<G_j, C_i>) G_j``: the direction that maximises ``sum_j |<G_j, C>|`` for the
+        current signs. It is S2 itself whenever members have non-negative inner products with
+        their centroid (RBC with A = p and ReLU features: G_j >= 0 elementwise); without it
+        anti-aligned members cancel and clusters collapse on mixed-sign features.
+        """
+        cen = self._centroids(centroids)
+        M = cen.M
+        numer = torch.zeros(M, self._D, dtype=torch.float64, device=self.device)  # (M, D)
+        denom = torch.zeros(M, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(M, dtype=torch.int64, device=self.device)
+        objective = torch.zeros((), dtype=torch.float64, device=self.device)
+        for sl in (self._chunks(M) if M else ()):
+            _, gain, inner = self._scores(sl, cen, weighted)  # (n, M)
+            lab = gain.argmax(1)  # (n,)
+            best = gain.gather(1, lab.unsqueeze(1))[:, 0]  # (n,)
+            objective += best.sum() if weighted else -best.sum()
+            counts.index_add_(0, lab, torch.ones_like(lab))
+            # S2 divides by sum ||G_j||; plain K-means by the member count
+            denom.index_add_(0, lab, self._norm[sl] if weighted else torch.ones_like(best))
+            sign = torch.ones_like(best)
+            if weighted and sign_align:
+                sign = torch.where(inner.gather(1, lab.unsqueeze(1))[:, 0] < 0, -1.0, 1.0).double()
+            numer += self._numerator(sl, lab, sign, M)
+        return PartialSums(numer.cpu().numpy(), denom.cpu().numpy(), counts.cpu().numpy(), float(objective))
+
+    def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int) -> Candidates:
+        """Per centroid the k most similar active rows, plus the n_best rows closest to their own centroid."""
+        cen = self._centroids(centroids)
+        M = cen.M
+        ids, scores = np.zeros((M, 0), dtype=np.int64), np.zeros((M, 0), dtype=np.float64)
+        b_ids, b_scores = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        b_cluster = np.zeros(0, dtype=np.int64)
+        for sl in self._chunks(M):
+            rid = self._ids[sl]  # (n,)
+            if M:
+                sim, gain, _ = self._scores(sl, cen, weighted)  # (n, M)
+                lab = gain.argmax(1)
+                own = sim.gather(1, lab.unsqueeze(1))[:, 0].cpu().numpy()
+                lab = lab.cpu().numpy()
+                # running top-k per centroid: merge the kept (M, k) with this chunk's (M, n)
+                s_all = np.concatenate([scores, sim.T.cpu().numpy()], axis=1)
+                i_all = np.concatenate([ids, np.broadcast_to(rid, (M, rid.shape[0]))], axis=1)
+                top = top_by_score(s_all, i_all, k)
+                ids, scores = np.take_along_axis(i_all, top, 1), np.take_along_axis(s_all, top, 1)
+            else:  # every cluster vanished: no centroid to be close to
+                own, lab = np.zeros(rid.shape[0]), np.full(rid.shape[0], -1, dtype=np.int64)
+            s_all, i_all = np.concatenate([b_scores, own]), np.concatenate([b_ids, rid])
+            top = top_by_score(s_all[None], i_all, n_best)[0]
+            b_ids, b_scores = i_all[top], s_all[top]
+            b_cluster = np.concatenate([b_cluster, lab])[top]
+        return Candidates(ids, scores, b_ids, b_scores, b_cluster)
+
+
+class FactorShard(_ShardBase):
+    """Factorised RBC rows ``G_j = concat_k A_jk x~_jk^T`` (spec section 3); centroids (M, K*C*d).
+
+    Parameters
+    ----------
+    features : FactorFeatures
+        sample_id (n,), A (n, K, C), X (n, K, d).
+    device : torch device for the GEMMs (default cpu).
+    chunk_bytes : int
+        Bound on one chunk's temporaries (mainly the GEMM output, n_chunk * M * C float32).
+    """
+
+    def __init__(self, features: FactorFeatures, *, device: str | torch.device = "cpu",
+                 chunk_bytes: int = 64 * 2**20) -> None:
+        if not isinstance(features, FactorFeatures):
+            raise TypeError(f"FactorShard needs FactorFeatures, got {type(features).__name__}; "
+                            "use DenseShard for an (n, D) matrix")
+        self.sample_id = np.asarray(features.sample_id, dtype=np.int64)
+        _, self.K, self.C = features.A.shape
+        self.d = features.X.shape[2]
+        self._D = self.K * self.C * self.d
+        # snapshot-major, so a chunk of one snapshot is a contiguous (n, C) / (n, d) block
+        A = torch.as_tensor(np.asarray(features.A, dtype=np.float32), device=device)  # (n, K, C)
+        X = torch.as_tensor(np.asarray(features.X, dtype=np.float32), device=device)  # (n, K, d)
+        self.A_all = A.transpose(0, 1).contiguous()  # (K, n, C)
+        self.X_all = X.transpose(0, 1).contiguous()  # (K, n, d)
+        # ||G_j||^2 = sum_k ||A_jk||^2 ||x~_jk||^2 (spec section 3), in float64
+        sq = (self.A_all.double().square().sum(2) * self.X_all.double().square().sum(2)).sum(0)  # (n,)
+        super().__init__(sq, device=device, chunk_bytes=chunk_bytes)
+
+    def _compact(self, rows: np.ndarray | None) -> None:
+        if rows is None:
+            self.A, self.X = self.A_all, self.X_all
+        else:
+            r = torch.as_tensor(rows, device=self.A_all.device)
+            self.A, self.X = self.A_all[:, r], self.X_all[:, r]  # (K, n_active, C), (K, n_active, d)
+
+    def _row_width(self, M: int) -> int:
+        return max(M, 1) * self.C + 2 * self.K * (self.C + self.d)  # Y (M*C) + float64 factors
+
+    def _prepare(self, C: torch.Tensor) -> list[torch.Tensor]:
+        Ck = C.view(C.shape[0], self.K, self.C, self.d)  # (M, K, C, d)
+        # per snapshot the GEMM operand (d, M*C), contiguous so BLAS takes its fast path
+        return [Ck[:, k].reshape(-1, self.d).T.contiguous() for k in range(self.K)]
+
+    def _inner(self, sl: slice, W: list[torch.Tensor]) -> torch.Tensor:
+        M = W[0].shape[1] // self.C
+        n = sl.stop - sl.start
+        out = torch.zeros(n, M, dtype=torch.float64, device=self.device)  # (n, M)
+        for k in range(self.K):
+            Y = (self.X[k, sl] @ W[k]).view(n, M, self.C)  # one GEMM (n, d) @ (d, M*C) -> (n, M, C)
+            # contraction with A: <G_jk, C_ik> = A_jk^T (C_ik x~_jk) (spec section 3)
+            out += torch.bmm(Y, self.A[k, sl].unsqueeze(2))[:, :, 0].double()
+        return out
+
+    def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
+        order = torch.argsort(labels, stable=True)  # members of each cluster become contiguous
+        A = self.A[:, sl][:, order].double() * sign[order].view(1, -1, 1)  # (K, n, C)
+        X = self.X[:, sl][:, order].double()  # (K, n, d)
+        ends = torch.bincount(labels, minlength=M).cumsum(0).tolist()
+        num = torch.zeros(M, self.K, self.C, self.d, dtype=torch.float64, device=self.device)
+        start = 0
+        for i, end in enumerate(ends):
+            if end > start:  # per snapshot one GEMM A_S^T X_S (spec section 3), in float64
+                num[i] = torch.bmm(A[:, start:end].transpose(1, 2), X[:, start:end])  # (K, C, d)
+            start = end
+        return num.view(M, self._D)
+
+    def _dense(self, rows: np.ndarray) -> np.ndarray:
+        r = torch.as_tensor(rows, dtype=torch.int64, device=self.A_all.device)
+        G = torch.einsum("knc,knd->nkcd", self.A_all[:, r].double(), self.X_all[:, r].double())  # (r, K, C, d)
+        return G.reshape(len(rows), self._D).cpu().numpy()
+
+
+class DenseShard(_ShardBase):
+    """Any (n, D) rows (spec section 3, "Dense"); also the materialised reference for FactorShard."""
+
+    def __init__(self, features: DenseFeatures, *, device: str | torch.device = "cpu",
+                 chunk_bytes: int = 64 * 2**20) -> None:
+        if not isinstance(features, DenseFeatures):
+            raise TypeError(f"DenseShard needs DenseFeatures, got {type(features).__name__}; "
+                            "use FactorShard for factorised RBC features")
+        G = np.asarray(features.G)
+        if G.ndim != 2 or G.shape[0] != features.sample_id.shape[0]:
+            raise ValueError(f"G must be (n, D) with n = len(sample_id); got {G.shape}")
+        self.sample_id = np.asarray(features.sample_id, dtype=np.int64)
+        self.G_all = torch.as_tensor(G, dtype=torch.float32, device=device)  # (n, D)
+        self._D = int(G.shape[1])
+        sq = torch.as_tensor(G, dtype=torch.float64, device=device).square().sum(1)  # (n,)
+        super().__init__(sq, device=device, chunk_bytes=chunk_bytes)
+
+    def _compact(self, rows: np.ndarray | None) -> None:
+        self.G = self.G_all if rows is None else self.G_all[torch.as_tensor(rows, device=self.G_all.device)]
+
+    def _row_width(self, M: int) -> int:
+        return max(M, 1) + 2 * self._D  # the float64 copy of the rows for the numerator
+
+    def _prepare(self, C: torch.Tensor) -> torch.Tensor:
+        return C.T.contiguous()  # (D, M)
+
+    def _inner(self, sl: slice, W: torch.Tensor) -> torch.Tensor:
+        return (self.G[sl] @ W).double()  # (n, D) @ (D, M) -> (n, M)
+
+    def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
+        num = torch.zeros(M, self._D, dtype=torch.float64, device=self.device)
+        return num.index_add_(0, labels, self.G[sl].double() * sign.unsqueeze(1))  # (M, D)
+
+    def _dense(self, rows: np.ndarray) -> np.ndarray:
+        return self.G_all[torch.as_tensor(rows, dtype=torch.int64, device=self.G_all.device)].double().cpu().numpy()
+
+
+def make_shard(features: FactorFeatures | DenseFeatures, *, device: str | torch.device = "cpu",
+               chunk_bytes: int = 64 * 2**20) -> FactorShard | DenseShard:
+    """The in-memory shard for a feature container."""
+    if isinstance(features, FactorFeatures):
+        return FactorShard(features, device=device, chunk_bytes=chunk_bytes)
+    if isinstance(features, DenseFeatures):
+        return DenseShard(features, device=device, chunk_bytes=chunk_bytes)
+    raise TypeError(f"expected FactorFeatures or DenseFeatures, got {type(features).__name__}")

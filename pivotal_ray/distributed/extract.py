@@ -1,0 +1,229 @@
+"""Per-sample feature extraction on a Ray Data actor pool (spec section 3; Algorithm 2 step 2b).
+
+A Ray Dataset of candidate ``sample_id`` s flows through ``map_batches`` into a fixed pool of
+actors. Each actor rebuilds the data bundle from the plain specs (``build_data`` is deterministic)
+and loads all K snapshot models ONCE; every batch of n ids then becomes K x n rows
+``(sample_id, snapshot, epoch, <feature columns>)``, written as parquet. For RBC that is the
+factor-table layout of :mod:`pivotal_ray.core.featuretable` (A: fixed_size_list<float32>[C],
+x: fixed_size_list<float32>[d]).
+
+The table is written to a temporary sibling directory and renamed into place only once every row
+is there, so a crash never leaves a partial table at ``output_path``.
+
+Example (a local Ray session, the toy set, two snapshots of a warm-up run)::
+
+    path = extract_features(
+        data_spec={"data": {"name": "toy"}, "noise": {"kind": "uniform", "rate": 0.6}, "seed": 0},
+        model_spec={"name": "mlp", "hidden": 32, "depth": 2},
+        snapshots=[{"path": ".../checkpoint_000010", "epoch": 10}, {"path": ".../checkpoint_000030", "epoch": 30}],
+        sample_ids=np.arange(600), feature_spec={"kind": "rbc"}, output_path="outputs/toy/features_r0")
+    feats = load_features(path)   # FactorFeatures: A (600, 2, 4), X (600, 2, 32)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from ..config import FeatureConfig, _build
+from ..core.features import EXTRACTORS
+from ..core.featuretable import FactorFeatures, parquet_files, read_factor_table
+from ..core.seeding import derive_seed
+
+
+def _to_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
+    """Columns -> Arrow table; 2-D (n, w) arrays become fixed_size_list<float32>[w].
+
+    Returning Arrow (not numpy) from the UDF keeps Ray Data from re-encoding 2-D columns as its own
+    tensor extension type, so the parquet files match the documented schema and read without Ray.
+    """
+    out = {}
+    for name, v in cols.items():
+        if v.ndim == 1:
+            out[name] = pa.array(v)
+        elif v.ndim == 2:
+            flat = pa.array(np.ascontiguousarray(v, dtype=np.float32).reshape(-1))  # (n * w,)
+            out[name] = pa.FixedSizeListArray.from_arrays(flat, type=pa.list_(pa.float32(), v.shape[1]))
+        else:
+            raise ValueError(f"feature column {name!r} has shape {v.shape}: extractors must return (n,) or (n, w)")
+    return pa.table(out)
+
+
+class _ExtractWorker:
+    """One actor of the pool: the data bundle and K extractors are built once, in ``__init__``."""
+
+    def __init__(self, *, data_spec: dict, model_spec: dict, snapshots: list[dict], feature_spec: dict,
+                 candidate_ids: np.ndarray, seed: int, num_cpus: float, batch_size: int) -> None:
+        from ..core.data import build_data
+        from ..core.models import build_model
+
+        # match intra-op threads to the CPUs Ray reserved, so actors do not oversubscribe the node
+        torch.set_num_threads(max(1, math.floor(num_cpus)))
+        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        bundle = build_data(data_spec["data"], data_spec["noise"], int(data_spec["seed"]))
+        self.split = bundle.train
+        self.batch_size = batch_size
+        cfg = _build(FeatureConfig, feature_spec, "feature_spec")
+        factory = EXTRACTORS.get(cfg.kind)
+        self.extractors = []  # [(snapshot k, epoch, extractor)] in snapshot order
+        for k, snap in enumerate(snapshots):
+            model = build_model(model_spec, bundle.num_classes, bundle.input_shape)
+            try:
+                state = torch.load(Path(snap["path"]) / "model.pt", map_location="cpu", weights_only=True)
+                model.load_state_dict(state)
+            except Exception as e:  # name the snapshot and the likely fix, keep torch's reason
+                raise RuntimeError(f"cannot load snapshot {k} ({snap['path']}/model.pt) into model {model_spec}: "
+                                   "pass the model_spec the snapshot was trained with and a model.pt saved "
+                                   f"with torch.save(model.state_dict()); {type(e).__name__}: {e}") from e
+            model.to(self.device).eval()
+            ext = factory(model=model, cfg=cfg, seed=derive_seed(seed, "features", cfg.kind, k))
+            if ext.needs_fit:  # e.g. GBC: per-tensor importances over ALL candidates (eq. 14)
+                ext.fit(self._batches(candidate_ids))
+            self.extractors.append((k, int(snap["epoch"]), ext))
+
+    def _inputs(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = self.split.positions_of(ids)  # KeyError names unknown ids
+        x = self.split.inputs(pos, augment=False)  # (n, *input_shape), normalised, no augmentation
+        y = torch.as_tensor(self.split.y_obs[pos], dtype=torch.long)  # (n,) observed (noisy) labels
+        return x.to(self.device), y.to(self.device)
+
+    def _batches(self, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(ids), self.batch_size):
+            yield self._inputs(ids[start:start + self.batch_size])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids = np.asarray(batch["sample_id"], dtype=np.int64)  # (n,)
+        x, y = self._inputs(ids)
+        per_snapshot = [ext.rows(sample_id=ids, snapshot=k, epoch=epoch, x=x, y=y)
+                        for k, epoch, ext in self.extractors]  # K dicts of n rows each
+        return _to_arrow({c: np.concatenate([r[c] for r in per_snapshot]) for c in per_snapshot[0]})
+
+
+def _check_inputs(*, data_spec: dict, snapshots: list[dict], sample_ids: np.ndarray, feature_spec: dict,
+                  num_actors: int, num_cpus: float, num_gpus: float, batch_size: int) -> np.ndarray:
+    """Fail in the driver, before any Ray work or any file, with a message naming the fix."""
+    missing = sorted({"data", "noise", "seed"} - set(data_spec))
+    if missing:
+        raise ValueError(f"data_spec lacks {missing}: pass {{'data': DataConfig dict, 'noise': NoiseConfig dict, "
+                         "'seed': int}")
+    cfg = _build(FeatureConfig, feature_spec, "feature_spec")  # ConfigError naming the fix
+    EXTRACTORS.get(cfg.kind)  # KeyError listing the known extractors
+    if not snapshots:
+        raise ValueError("no snapshots given: pass [{'path': dir, 'epoch': int}, ...] (see choose_snapshots)")
+    for k, snap in enumerate(snapshots):
+        if not {"path", "epoch"} <= set(snap):
+            raise ValueError(f"snapshot {k} is {snap!r}: each snapshot must be {{'path': dir, 'epoch': int}}")
+        if not (Path(snap["path"]) / "model.pt").is_file():
+            raise FileNotFoundError(f"snapshot {k} has no model.pt under {snap['path']!r}: pass checkpoint "
+                                    "directories written by the training stage")
+    ids = np.asarray(sample_ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"sample_ids must be a non-empty 1-D integer array; got dtype {ids.dtype}, shape {ids.shape}")
+    if np.unique(ids).size != ids.size:
+        raise ValueError("sample_ids has duplicates: each candidate must appear once (np.unique them)")
+    if num_actors < 1 or num_cpus <= 0 or num_gpus < 0 or batch_size < 1:
+        raise ValueError(f"num_actors={num_actors}, num_cpus={num_cpus}, num_gpus={num_gpus}, batch_size={batch_size}:"
+                         " need num_actors >= 1, num_cpus > 0 (fractional, e.g. 0.5), num_gpus >= 0, batch_size >= 1")
+    return ids.astype(np.int64)
+
+
+def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict], sample_ids: np.ndarray,
+                     feature_spec: dict, output_path: str, num_actors: int = 1, num_cpus: float = 0.5,
+                     num_gpus: float = 0.0, batch_size: int = 1024, seed: int | None = None,
+                     overwrite: bool = False) -> str:
+    """Extract per-sample features of the train-split candidates at K snapshots into parquet.
+
+    Parameters
+    ----------
+    data_spec : dict
+        ``{"data": DataConfig dict, "noise": NoiseConfig dict, "seed": int}`` (rebuilt in each actor).
+    model_spec : dict
+        ModelConfig dict.
+    snapshots : list of dict
+        ``[{"path": checkpoint dir holding model.pt, "epoch": int}, ...]`` in snapshot order k = 0..K-1.
+    sample_ids : ndarray (N,) int
+        Distinct train-split ids of the candidates.
+    feature_spec : dict
+        FeatureConfig dict (``kind`` picks the extractor; ``label_aware`` uses the OBSERVED labels).
+    output_path : str
+        Directory of the parquet table; must not exist unless ``overwrite``.
+    num_actors, num_cpus, num_gpus : actor pool size and per-actor resources (keep ``num_cpus``
+        fractional on small nodes so Ray Data's own tasks still get a CPU).
+    batch_size : int
+        Candidates per batch (rows per batch = K x batch_size).
+    seed : int, optional
+        Seeds the extractors (derived per snapshot); default ``data_spec["seed"]``.
+    overwrite : bool
+        Replace an existing table at ``output_path``.
+
+    Returns
+    -------
+    str
+        ``output_path``: parquet files with K x N rows, one per (sample_id, snapshot), plus
+        ``features.json`` (what was extracted).
+    """
+    ids = _check_inputs(data_spec=data_spec, snapshots=snapshots, sample_ids=sample_ids, feature_spec=feature_spec,
+                        num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size)
+    final = Path(output_path)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists: remove it, choose another output_path, or pass overwrite=True")
+    seed = int(data_spec["seed"] if seed is None else seed)
+    snaps = [{"path": str(Path(s["path"]).resolve()), "epoch": int(s["epoch"])} for s in snapshots]
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"  # same filesystem => atomic rename
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # one block per batch: blocks spread over the actors, and a batch never straddles two blocks
+        ds = ray.data.from_arrow([pa.table({"sample_id": ids[i:i + batch_size]})
+                                  for i in range(0, ids.size, batch_size)])
+        ds = ds.map_batches(
+            _ExtractWorker,
+            fn_constructor_kwargs=dict(data_spec=data_spec, model_spec=model_spec, snapshots=snaps,
+                                       feature_spec=feature_spec, candidate_ids=ids, seed=seed,
+                                       num_cpus=num_cpus, batch_size=batch_size),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        ds.write_parquet(str(tmp))
+        rows = sum(pq.read_metadata(f).num_rows for f in parquet_files(tmp))
+        if rows != len(snaps) * ids.size:  # never commit a table that lost or duplicated blocks
+            raise RuntimeError(f"feature extraction wrote {rows} rows, expected {len(snaps)} x {ids.size}")
+        cfg = _build(FeatureConfig, feature_spec, "feature_spec")
+        (tmp / "features.json").write_text(json.dumps({
+            "kind": cfg.kind, "label_aware": cfg.label_aware, "snapshots": snaps, "num_samples": int(ids.size),
+            "num_rows": int(rows), "seed": seed}, indent=2))
+        if final.exists():  # overwrite: move the old table aside first so the rename is still one step
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def load_features(output_path: str | os.PathLike[str]) -> FactorFeatures:
+    """Read an RBC factor table written by :func:`extract_features` (rows sorted by sample_id).
+
+    Returns
+    -------
+    FactorFeatures
+        sample_id (N,), A (N, K, C), X (N, K, d).
+    """
+    return read_factor_table(output_path)
+
+
+__all__ = ["extract_features", "load_features"]

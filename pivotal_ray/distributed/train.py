@@ -1,0 +1,220 @@
+"""Meta re-weighting in Ray Train: a data-parallel ``TorchTrainer`` loop with snapshots.
+
+Every worker rebuilds the same data bundle and model from plain dicts, walks the same seeded
+global batch order, and takes its contiguous slice of each global batch; the re-weighting step
+all-reduces ``g``/``v`` and all-gathers the updated weights, so W workers compute what one
+process computes on the union batch (spec section 2, "Data parallel").
+
+Each checkpoint (every ``snapshot_every`` epochs, and the last) is a snapshot: ``model.pt``,
+``train_state.pt`` (optimizer, scheduler, per-sample weights, epoch) and ``metrics.json``.
+Re-running with the same ``RunConfig(name, storage_path)`` resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.data import build_data
+from ..core.models import build_model
+from ..core.reweight import LocalReducer, TorchDistReducer, build_reweighter
+from ..core.seeding import derive_seed, numpy_rng, torch_generator
+
+
+@dataclass
+class TrainRun:
+    """What the pipeline needs from a finished training run."""
+
+    name: str
+    path: str
+    snapshots: list[dict[str, Any]]  # {"path", "epoch", "val_acc", "test_acc", "train_loss"} per checkpoint, by epoch
+    best_epoch: int
+    best_val_acc: float
+    test_acc_at_best: float
+    final_test_acc: float
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def snapshot(self, epoch: int) -> dict[str, Any]:
+        for s in self.snapshots:
+            if s["epoch"] == epoch:
+                return s
+        raise KeyError(f"no snapshot for epoch {epoch} in run {self.name}")
+
+    def final_weights(self) -> torch.Tensor:
+        """(N_train,) per-sample weights of the last snapshot."""
+        state = torch.load(Path(self.snapshots[-1]["path"]) / "train_state.pt", weights_only=True)
+        return state["weights"]
+
+
+def _evaluate(model: torch.nn.Module, split, positions: np.ndarray, device: torch.device, batch: int,
+              reducer) -> float:
+    """Accuracy over ``positions`` sharded across workers (counts summed over workers)."""
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for s in range(0, len(positions), batch):
+            pos = positions[s : s + batch]
+            x = split.inputs(pos).to(device)
+            y = torch.as_tensor(split.y_true[pos], device=device)
+            correct[0] += (model(x).argmax(1) == y).sum()
+            correct[1] += len(pos)
+    model.train()
+    reducer.sum_(correct)
+    return float(correct[0] / correct[1].clamp(min=1))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker training function (runs inside Ray Train workers)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(math.floor(config["cpus_per_worker"]))))
+    device = ray.train.torch.get_device()
+    reducer = TorchDistReducer() if world > 1 else LocalReducer()
+    seed, tag, rw = int(config["seed"]), config["run_tag"], config["reweight"]
+
+    bundle = build_data(config["data"], config["noise"], seed)
+    train = bundle.train
+    n = len(train)
+    labels = torch.as_tensor(train.y_obs, dtype=torch.long).clone()
+    meta_pos = train.positions_of(np.asarray(config["meta_ids"], dtype=np.int64))
+    labels[meta_pos] = torch.as_tensor(np.asarray(config["meta_labels"], dtype=np.int64))  # cleaned labels
+    labels = labels.to(device)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "model_init"))  # the same initial model on every worker and run
+        model = build_model(config["model"], bundle.num_classes, bundle.input_shape)
+    model = model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=rw["lr"], momentum=rw["momentum"], weight_decay=rw["weight_decay"])
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=rw["lr_milestones"], gamma=rw["lr_gamma"])
+    reweighter = build_reweighter(rw["mode"], meta_lr=rw["meta_lr"], seed=seed, num_classes=bundle.num_classes)
+    weights = torch.full((n,), float(rw["init_weight"]), dtype=torch.float32, device=device)
+    start_epoch, history = 0, []
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(torch.load(Path(d) / "model.pt", map_location=device, weights_only=True))
+            state = torch.load(Path(d) / "train_state.pt", map_location=device, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        reweighter.load_state_dict(state["reweighter"])
+        weights = state["weights"].to(device)
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+
+    val_pos, test_pos = (np.array_split(np.arange(len(s)), world)[rank] for s in (bundle.val, bundle.test))
+    B, epochs = int(rw["batch_size"]), int(rw["epochs"])
+    meta_all = torch.as_tensor(meta_pos)
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        order = numpy_rng(seed, tag, "epoch", epoch).permutation(n)
+        aug_gen = torch_generator(seed, tag, "augment", epoch, rank)
+        meta_gen = numpy_rng(seed, tag, "meta", epoch)
+        total_loss = 0.0
+        for b0 in range(0, n, B):
+            gidx = order[b0 : b0 + B]
+            parts = np.array_split(gidx, world)
+            lidx = parts[rank]
+            x = train.inputs(lidx, augment=rw["augment"], generator=aug_gen).to(device)
+            mpos = meta_all.numpy()
+            if len(mpos) > rw["meta_batch_size"]:
+                mpos = np.sort(meta_gen.choice(mpos, rw["meta_batch_size"], replace=False))
+            xm = train.inputs(mpos).to(device)
+            out = reweighter.step(model=model, optimizer=opt, x=x, y=labels[lidx], w=weights[lidx],
+                                  x_meta=xm, y_meta=labels[mpos], lr=opt.param_groups[0]["lr"],
+                                  global_batch=len(gidx), reducer=reducer)
+            weights[torch.as_tensor(gidx, device=device)] = reducer.gather(out.weights.float(),
+                                                                          [len(p) for p in parts])
+            total_loss += out.loss
+        sched.step()
+        total_loss = float(reducer.sum_(torch.tensor([total_loss], dtype=torch.float64, device=device))[0])
+        val_acc = _evaluate(model, bundle.val, val_pos, device, 2048, reducer)
+        test_acc = _evaluate(model, bundle.test, test_pos, device, 2048, reducer)
+        metrics = {"epoch": epoch, "val_acc": val_acc, "test_acc": test_acc,
+                   "train_loss": total_loss / max(1, math.ceil(n / B)),
+                   "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0}
+        history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
+        if (epoch + 1) % int(rw["snapshot_every"]) == 0 or epoch == epochs - 1:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    torch.save(model.state_dict(), Path(tmp) / "model.pt")
+                    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "reweighter": reweighter.state_dict(), "weights": weights.cpu(), "epoch": epoch,
+                                "history": history},
+                               Path(tmp) / "train_state.pt")
+                    (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+                    (Path(tmp) / "history.json").write_text(json.dumps(history))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _scan_snapshots(run_path: Path) -> list[dict[str, Any]]:
+    snaps = []
+    for m in sorted(run_path.glob("checkpoint_*/metrics.json")):
+        rec = json.loads(m.read_text())
+        snaps.append({"path": str(m.parent), **rec})
+    snaps.sort(key=lambda s: s["epoch"])
+    return snaps
+
+
+def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model: dict, reweight: dict,
+                 seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int = 1,
+                 use_gpu: bool = False, cpus_per_worker: float = 1.0, run_tag: str = "train") -> TrainRun:
+    """Train (or resume) one meta re-weighting run with Ray Train and return its snapshots.
+
+    ``name`` + ``storage_path`` identify the run: calling again with the same pair resumes from the
+    last checkpoint, and returns at once when the run had finished. The batch order depends only
+    on ``seed`` and ``run_tag`` (not on the name), so identical configs give identical runs.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    run_path = Path(storage_path) / name
+    done = _scan_snapshots(run_path) if run_path.exists() else []
+    if not (done and done[-1]["epoch"] == int(reweight["epochs"]) - 1):
+        config = {"data": data, "noise": noise, "model": model, "reweight": reweight, "seed": int(seed),
+                  "meta_ids": [int(i) for i in meta_ids], "meta_labels": [int(v) for v in meta_labels],
+                  "cpus_per_worker": float(cpus_per_worker), "run_tag": run_tag}
+        resources = {"CPU": float(cpus_per_worker)}
+        if use_gpu:
+            resources["GPU"] = 1.0
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=str(storage_path),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    snaps = _scan_snapshots(run_path)
+    if not snaps:
+        raise RuntimeError(f"training run {name} at {run_path} produced no checkpoints")
+    history = json.loads((Path(snaps[-1]["path"]) / "history.json").read_text())
+    best = max(history, key=lambda s: (s["val_acc"], -s["epoch"]))  # earliest epoch among ties
+    return TrainRun(name=name, path=str(run_path), snapshots=snaps, best_epoch=int(best["epoch"]),
+                    best_val_acc=float(best["val_acc"]), test_acc_at_best=float(best["test_acc"]),
+                    final_test_acc=float(history[-1]["test_acc"]), wall_s=time.perf_counter() - t0,
+                    extra={"history": history})
+
+
+def local_storage(path: str) -> str:
+    """Absolute storage path (Ray jobs run from a temporary copy of the working dir)."""
+    return path if "://" in path else os.path.abspath(path)

@@ -1,0 +1,170 @@
+"""Algorithm 2 of the paper (spec section 1) as one function over Ray stages.
+
+warm-up (M0 random meta samples, meta re-weighting in Ray Train, a snapshot per epoch)
+-> rounds: snapshots -> features (Ray Data) -> exclusion + weighted K-means (parameter server)
+   -> picks -> oracle cleaning -> re-train
+-> final metrics and artefacts (selection.csv, metrics.json, manifest.json) in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import ConfigError, ExperimentConfig, to_dict
+from .core import artifacts
+from .core.data import build_data
+from .core.metrics import weight_auc
+from .core.seeding import numpy_rng
+from .selectors import SELECTORS, Picks, RoundContext
+
+
+def validate(cfg: ExperimentConfig) -> Any:
+    """Every check that can fail before work starts; returns the driver-side data bundle."""
+    if cfg.selection.method not in SELECTORS:
+        raise ConfigError(f"unknown method {cfg.selection.method!r}: choose one of {SELECTORS.names()} "
+                          "(selection.method=... or method=...)")
+    out = Path(cfg.output_dir)
+    if not out.is_absolute():
+        raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path "
+                          "(Ray jobs run from a temporary copy of the working dir)")
+    artifacts.check_output_dir(out, config=to_dict(cfg))
+    bundle = build_data(cfg.data, cfg.noise, cfg.seed)  # raises ConfigError for a missing root
+    n = len(bundle.train)
+    if cfg.selection.budget > n:
+        raise ConfigError(f"selection.budget={cfg.selection.budget} is larger than the {n} training samples: "
+                          "lower the budget")
+    return bundle
+
+
+def _check_cluster(cfg: ExperimentConfig) -> None:
+    import ray
+
+    res = ray.cluster_resources()
+    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if need_cpu > res.get("CPU", 0) and not _autoscaling():
+        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
+                          f"needs {need_cpu} CPUs but the cluster has {res.get('CPU', 0)}: lower ray.num_workers or "
+                          "ray.cpus_per_worker")
+    need_gpu = cfg.ray.num_workers if cfg.ray.use_gpu else 0
+    if need_gpu > res.get("GPU", 0) and not _autoscaling():
+        raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "
+                          f"cluster has {res.get('GPU', 0)}: set ray.use_gpu=false or lower ray.num_workers")
+
+
+def _autoscaling() -> bool:
+    return os.environ.get("PIVOTAL_AUTOSCALING", "0") == "1"
+
+
+def connect(cfg: ExperimentConfig) -> None:
+    """Connect to ray.address / RAY_ADDRESS, or start local Ray (developing on one machine)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {"env_vars": {"PYTHONPATH": repo}} if address is None else None
+    kwargs: dict[str, Any] = {"log_to_driver": False}
+    if address is None:
+        kwargs.update(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+                      include_dashboard=False, runtime_env=env)
+    ray.init(address=address, **kwargs)
+
+
+def _train(cfg: ExperimentConfig, name: str, meta_ids: np.ndarray, meta_labels: np.ndarray, storage: str):
+    from .distributed.train import run_training
+
+    c = to_dict(cfg)
+    return run_training(name=name, storage_path=storage, data=c["data"], noise=c["noise"], model=c["model"],
+                        reweight=c["reweight"], seed=cfg.seed, meta_ids=meta_ids, meta_labels=meta_labels,
+                        num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                        cpus_per_worker=cfg.ray.cpus_per_worker)
+
+
+def warmup_ids(cfg: ExperimentConfig, bundle: Any) -> np.ndarray:
+    """M0 random meta samples (shared by every method with the same seed)."""
+    rng = numpy_rng(cfg.seed, "warmup")
+    return np.sort(rng.choice(bundle.train.sample_id, size=cfg.selection.warmup, replace=False))
+
+
+def warmup_name(cfg: ExperimentConfig) -> str:
+    """Runs with the same data, noise, model, training and M0 share one warm-up run."""
+    c = to_dict(cfg)
+    key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
+    return f"warmup-{artifacts.config_fingerprint(key)[:12]}"
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run Algorithm 2 end to end and write the artefacts; returns metrics.json's content."""
+    t_start = time.perf_counter()
+    bundle = validate(cfg)
+    connect(cfg)
+    _check_cluster(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # claim the directory first: a crashed run can then be resumed in place (same fingerprint)
+    artifacts.write_manifest(out, config=to_dict(cfg), seed=cfg.seed, timings={}, extra={"status": "running"})
+    storage = cfg.ray.storage_path or str(out / "ray_train")
+    oracle = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_true.tolist()))
+    observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
+    timings: dict[str, Any] = {}
+
+    meta = warmup_ids(cfg, bundle)
+    rows = [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
+             "round": 0, "cluster": -1, "score": float("nan")} for i in meta]
+    t0 = time.perf_counter()
+    run = _train(cfg, warmup_name(cfg), meta, np.array([oracle[int(i)] for i in meta]), storage)
+    timings["warmup_train_s"] = time.perf_counter() - t0
+    rounds_info = []
+    for r, k in enumerate(cfg.selection.round_sizes, start=1):
+        ctx = RoundContext(cfg=to_dict(cfg), bundle=bundle, meta_ids=meta, run=run, round=r,
+                           work_dir=out / "rounds" / f"round_{r}")
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        picks: Picks = SELECTORS.get(cfg.selection.method)(ctx, k)
+        ctx.timings["select_s"] = time.perf_counter() - t0
+        _check_picks(picks, k, meta, bundle)
+        rows += [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
+                  "round": r, "cluster": int(c), "score": float(s)}
+                 for i, c, s in zip(picks.sample_id, picks.cluster, picks.score)]
+        meta = np.sort(np.concatenate([meta, picks.sample_id]))
+        t0 = time.perf_counter()
+        run = _train(cfg, f"{cfg.selection.method}-round{r}", meta, np.array([oracle[int(i)] for i in meta]), storage)
+        ctx.timings["train_s"] = time.perf_counter() - t0
+        rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
+
+    weights = run.final_weights().numpy()
+    train = bundle.train
+    noisy_mask = ~np.isin(train.sample_id, meta)
+    clean = train.y_obs == train.y_true
+    metrics = {
+        "method": cfg.selection.method, "seed": cfg.seed, "dataset": cfg.data.name,
+        "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate},
+        "budget": cfg.selection.budget, "warmup": cfg.selection.warmup,
+        "test_acc_at_best_val": run.test_acc_at_best, "best_val_acc": run.best_val_acc,
+        "best_epoch": run.best_epoch, "final_test_acc": run.final_test_acc,
+        "weight_auc": weight_auc(weights[noisy_mask], clean[noisy_mask]),
+        "meta_clean_frac_observed": float(np.mean([observed[int(i)] == oracle[int(i)] for i in meta])),
+        "rounds": rounds_info,
+        "timings": {**timings, "total_s": time.perf_counter() - t_start},
+    }
+    selection = pd.DataFrame(rows)
+    artifacts.write_csv(out / "selection.csv", selection)
+    artifacts.write_json(out / "metrics.json", metrics)
+    artifacts.write_manifest(out, config=to_dict(cfg), seed=cfg.seed, timings=metrics["timings"],
+                             extra={"status": "complete"})
+    return metrics
+
+
+def _check_picks(picks: Picks, k: int, meta: np.ndarray, bundle: Any) -> None:
+    ids = picks.sample_id
+    if len(ids) != k or len(np.unique(ids)) != k or np.isin(ids, meta).any():
+        raise RuntimeError(f"selector returned {len(ids)} picks ({len(np.unique(ids))} distinct, "
+                           f"{int(np.isin(ids, meta).sum())} already meta); expected {k} new distinct samples")
+    bundle.train.positions_of(ids)  # raises for unknown ids

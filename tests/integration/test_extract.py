@@ -1,0 +1,130 @@
+"""Ray Data feature extraction (distributed/extract.py) against RBC factors computed in-process.
+
+Toy set (600 train samples), a tiny MLP, two snapshots written the way the training stage writes
+them (model.pt = state_dict, metrics.json with the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pivotal_ray.config import DataConfig, FeatureConfig, ModelConfig, NoiseConfig, to_dict
+from pivotal_ray.core.data import build_data
+from pivotal_ray.core.features import rbc_factors
+from pivotal_ray.core.featuretable import parquet_files
+from pivotal_ray.core.models import build_model
+from pivotal_ray.core.seeding import numpy_rng
+from pivotal_ray.distributed.extract import extract_features, load_features
+
+pytestmark = pytest.mark.integration
+
+SEED = 3
+DATA_SPEC = {"data": to_dict(DataConfig(name="toy")), "noise": to_dict(NoiseConfig()), "seed": SEED}
+MODEL_SPEC = to_dict(ModelConfig(name="mlp", hidden=8, depth=2))
+EPOCHS = (4, 9)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return build_data(DATA_SPEC["data"], DATA_SPEC["noise"], SEED)
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory, bundle) -> list[dict]:
+    """Two checkpoint dirs with different weights (different init seeds stand in for training)."""
+    root = tmp_path_factory.mktemp("run")
+    out = []
+    for k, epoch in enumerate(EPOCHS):
+        model = build_model(MODEL_SPEC, bundle.num_classes, bundle.input_shape, seed=100 + k)
+        d = root / f"checkpoint_{k:06d}"
+        d.mkdir()
+        torch.save(model.state_dict(), d / "model.pt")
+        (d / "metrics.json").write_text(json.dumps({"epoch": epoch, "val_acc": 0.5, "test_acc": 0.5,
+                                                    "train_loss": 1.0}))
+        out.append({"path": str(d), "epoch": epoch})
+    return out
+
+
+def _reference(bundle, snapshots, ids: np.ndarray, *, label_aware: bool) -> tuple[np.ndarray, np.ndarray]:
+    """rbc_factors in this process: A (n, K, C), X (n, K, d) for ids in the given order."""
+    split = bundle.train
+    pos = split.positions_of(ids)
+    x = split.inputs(pos, augment=False)
+    y = torch.as_tensor(split.y_obs[pos])
+    As, Xs = [], []
+    for snap in snapshots:
+        model = build_model(MODEL_SPEC, bundle.num_classes, bundle.input_shape, seed=0)
+        model.load_state_dict(torch.load(Path(snap["path"]) / "model.pt", weights_only=True))
+        A, X = rbc_factors(model, x, y, label_aware=label_aware)
+        As.append(A.numpy())
+        Xs.append(X.numpy())
+    return np.stack(As, axis=1), np.stack(Xs, axis=1)
+
+
+def test_table_matches_in_process_factors(ray_session, tmp_path, bundle, snapshots) -> None:
+    ids = numpy_rng(0, "order").permutation(bundle.train.sample_id)  # candidates in no particular order
+    assert ids.shape == (600,)
+    out = extract_features(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, snapshots=snapshots, sample_ids=ids,
+                           feature_spec=to_dict(FeatureConfig(label_aware=True)),
+                           output_path=str(tmp_path / "feats"), num_actors=2, num_cpus=0.5, batch_size=128)
+    assert out == str(tmp_path / "feats")
+
+    # raw table: the documented schema, every (sample_id, snapshot) exactly once, epochs per snapshot
+    files = parquet_files(out)
+    schema = pq.read_schema(files[0])
+    C, d = bundle.num_classes, MODEL_SPEC["hidden"]
+    assert schema.field("A").type == pa.list_(pa.float32(), C)
+    assert schema.field("x").type == pa.list_(pa.float32(), d)
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    sid, snap, ep = (table.column(c).to_numpy() for c in ("sample_id", "snapshot", "epoch"))
+    assert table.num_rows == 2 * 600
+    pairs = np.unique(np.stack([sid, snap], axis=1), axis=0)
+    assert pairs.shape[0] == 2 * 600 and set(sid.tolist()) == set(ids.tolist())
+    np.testing.assert_array_equal(ep, np.asarray(EPOCHS)[snap])
+
+    feats = load_features(out)
+    order = np.sort(ids)
+    A_ref, X_ref = _reference(bundle, snapshots, order, label_aware=True)
+    np.testing.assert_array_equal(feats.sample_id, order)
+    np.testing.assert_allclose(feats.A, A_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(feats.X, X_ref, rtol=1e-5, atol=1e-6)
+    # label-aware used the OBSERVED labels: A = p - onehot(y_obs) is negative exactly at y_obs
+    y_obs = bundle.train.y_obs[bundle.train.positions_of(order)]
+    assert (y_obs != bundle.train.y_true[bundle.train.positions_of(order)]).any()  # noise is present
+    np.testing.assert_array_equal(np.argmin(feats.A, axis=2), np.repeat(y_obs[:, None], 2, axis=1))
+    meta = json.loads((Path(out) / "features.json").read_text())
+    assert meta["num_rows"] == 1200 and [s["epoch"] for s in meta["snapshots"]] == list(EPOCHS)
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+def test_failures_leave_no_table(ray_session, tmp_path, bundle, snapshots) -> None:
+    target = tmp_path / "feats"
+    common = dict(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, feature_spec={"kind": "rbc"},
+                  output_path=str(target), batch_size=256)
+    ids = bundle.train.sample_id
+    # a bad snapshot path fails in the driver before anything is written
+    with pytest.raises(FileNotFoundError, match="no model.pt"):
+        extract_features(snapshots=[snapshots[0], {"path": str(tmp_path / "nope"), "epoch": 1}],
+                         sample_ids=ids, **common)
+    with pytest.raises(ValueError, match="duplicates"):
+        extract_features(snapshots=snapshots, sample_ids=np.r_[ids, ids[:1]], **common)
+    assert _leftovers(tmp_path) == []
+    # an unknown id in the LAST of four blocks fails inside an actor (Ray wraps the KeyError): whatever
+    # the other blocks wrote to the temporary directory is removed and nothing appears at the target
+    with pytest.raises(Exception, match="999999"):
+        extract_features(snapshots=snapshots, sample_ids=np.r_[ids[:50], 999_999], **{**common, "batch_size": 13})
+    assert _leftovers(tmp_path) == []
+    # an existing table is never clobbered silently
+    target.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        extract_features(snapshots=snapshots, sample_ids=ids, **common)

@@ -1,0 +1,83 @@
+"""Shard actors + parameter server give the in-memory K-means and picks (spec section 4, "Distributed")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pivotal_ray.core.featuretable import FactorFeatures, factor_schema, read_factor_table
+from pivotal_ray.core.kmeans import assign, select_pivotal, weighted_kmeans
+from pivotal_ray.distributed.kmeans import RayShardSet, select_pivotal_distributed, start_shard_actors
+
+pytestmark = pytest.mark.integration
+
+
+def features(n: int = 240, K: int = 2, C: int = 3, d: int = 5, seed: int = 0) -> FactorFeatures:
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(5 * n, size=n, replace=False)).astype(np.int64)
+    return FactorFeatures(ids, rng.standard_normal((n, K, C)).astype(np.float32),
+                          rng.standard_normal((n, K, d)).astype(np.float32))
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_actors_match_in_memory(ray_session, num_shards):
+    """The Ray-free loop over shard actors (RayShardSet) == over one in-memory shard."""
+    ray = ray_session
+    F = features()
+    meta = F.sample_id[::40]
+    actors = start_shard_actors(F, num_shards=num_shards)
+    try:
+        shards = RayShardSet(actors)
+        assert sum(shards.call("count")) == len(F)
+        for weighted in (True, False):
+            km = weighted_kmeans(shards, n_clusters=5, weighted=weighted, seed=1, max_iter=40)
+            ref = weighted_kmeans(F, n_clusters=5, weighted=weighted, seed=1, max_iter=40)
+            assert km.n_iter == ref.n_iter
+            np.testing.assert_allclose(km.centroids, ref.centroids, rtol=1e-9, atol=1e-12)
+            ids, lab, _ = assign(shards, centroids=km.centroids, weighted=weighted)
+            ids_ref, lab_ref, _ = assign(F, centroids=ref.centroids, weighted=weighted)
+            np.testing.assert_array_equal(ids, ids_ref)
+            np.testing.assert_array_equal(lab, lab_ref)
+            kw = dict(budget=6, meta_ids=meta, exclude_frac=0.5, seed=3, max_iter=40, weighted=weighted)
+            same_selection(select_pivotal(shards, **kw), select_pivotal(F, **kw))
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def same_selection(got, ref) -> None:
+    np.testing.assert_array_equal(got.sample_id, ref.sample_id)
+    np.testing.assert_array_equal(got.cluster, ref.cluster)
+    np.testing.assert_array_equal(got.excluded, ref.excluded)
+    np.testing.assert_allclose(got.centroids, ref.centroids, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got.objective, ref.objective, rtol=1e-6)
+    assert got.n_iter == ref.n_iter
+
+
+def write_table(F: FactorFeatures, root, *, seed: int = 0) -> None:
+    """One parquet file per snapshot, rows shuffled (the worst case for sharding by file)."""
+    rng = np.random.default_rng(seed)
+    schema = factor_schema(F.A.shape[2], F.X.shape[2])
+    for k in range(F.num_snapshots):
+        perm = rng.permutation(len(F))
+        cols = {
+            "sample_id": pa.array(F.sample_id[perm]),
+            "snapshot": pa.array(np.full(len(F), k, dtype=np.int32)),
+            "epoch": pa.array(np.full(len(F), 10 * k, dtype=np.int32)),
+            "A": pa.FixedSizeListArray.from_arrays(pa.array(F.A[perm, k].ravel()), F.A.shape[2]),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(F.X[perm, k].ravel()), F.X.shape[2]),
+        }
+        pq.write_table(pa.table(cols, schema=schema), root / f"part-{k}.parquet")
+
+
+def test_parameter_server_from_parquet_directory(ray_session, tmp_path):
+    """select_pivotal_distributed: shard actors read their own samples; the server runs the loop."""
+    F = features(n=200, seed=5)
+    write_table(F, tmp_path)
+    kw = dict(budget=5, meta_ids=F.sample_id[:3], exclude_frac=0.3, seed=11, max_iter=40)
+    local = select_pivotal(read_factor_table(tmp_path), **kw)
+    same_selection(select_pivotal_distributed(tmp_path, num_shards=3, **kw), local)
+    # the table round-trips: the in-memory run on the original arrays picks the same
+    np.testing.assert_array_equal(select_pivotal(F, **kw).sample_id, local.sample_id)

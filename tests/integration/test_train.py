@@ -1,0 +1,72 @@
+"""Meta re-weighting in Ray Train: data-parallel equivalence, snapshots and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pivotal_ray.config import DataConfig, ModelConfig, NoiseConfig, ReweightConfig, to_dict
+from pivotal_ray.core.data import build_data
+from pivotal_ray.distributed.train import run_training
+
+pytestmark = pytest.mark.integration
+
+DATA, NOISE, MODEL = to_dict(DataConfig()), to_dict(NoiseConfig()), to_dict(ModelConfig(hidden=16))
+
+
+def _run(tmp: Path, name: str, *, workers: int, epochs: int, snapshot_every: int = 1):
+    bundle = build_data(DATA, NOISE, 0)
+    meta = bundle.train.sample_id[:4]
+    rw = to_dict(ReweightConfig(epochs=epochs, batch_size=120, lr=0.1, momentum=0.9, meta_lr=500.0,
+                                snapshot_every=snapshot_every))
+    return run_training(name=name, storage_path=str(tmp), data=DATA, noise=NOISE, model=MODEL, reweight=rw, seed=0,
+                        meta_ids=meta, meta_labels=bundle.train.y_true[:4], num_workers=workers,
+                        cpus_per_worker=0.5)
+
+
+def _state(run):
+    last = Path(run.snapshots[-1]["path"])
+    return (torch.load(last / "model.pt", weights_only=True),
+            torch.load(last / "train_state.pt", weights_only=True)["weights"])
+
+
+@pytest.fixture(scope="module")
+def one_worker(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    return tmp, _run(tmp, "w1", workers=1, epochs=2)
+
+
+def test_two_workers_equal_one_worker_and_sparse_snapshots(one_worker):
+    tmp, one = one_worker
+    two = _run(tmp, "w2", workers=2, epochs=2, snapshot_every=2)
+    (m1, w1), (m2, w2) = _state(one), _state(two)
+    assert not torch.equal(w1, torch.ones_like(w1))  # weights actually moved
+    torch.testing.assert_close(w2, w1, rtol=0, atol=1e-5)
+    for k in m1:
+        torch.testing.assert_close(m2[k], m1[k], rtol=1e-5, atol=1e-6)
+    assert [s["epoch"] for s in one.snapshots] == [0, 1]
+    # snapshot_every=2: one snapshot, but every epoch's metrics, so best-validation stays exact
+    assert [s["epoch"] for s in two.snapshots] == [1]
+    assert [h["epoch"] for h in two.extra["history"]] == [0, 1]
+    assert two.best_epoch == one.best_epoch
+    assert two.test_acc_at_best == pytest.approx(one.test_acc_at_best, abs=1e-9)
+
+
+def test_rerun_with_same_name_resumes_from_last_checkpoint(one_worker):
+    tmp, straight = one_worker
+    _run(tmp, "resumed", workers=1, epochs=1)
+    resumed = _run(tmp, "resumed", workers=1, epochs=2)  # same name: continues at epoch 1
+    assert [s["epoch"] for s in resumed.snapshots] == [0, 1]
+    (ms, ws), (mr, wr) = _state(straight), _state(resumed)
+    torch.testing.assert_close(wr, ws)
+    for k in ms:
+        torch.testing.assert_close(mr[k], ms[k])
+    assert [h["epoch"] for h in resumed.extra["history"]] == [0, 1]
+    # a finished run is returned without training again
+    again = _run(tmp, "resumed", workers=1, epochs=2)
+    assert again.snapshots == resumed.snapshots
+    best = max(again.extra["history"], key=lambda h: (h["val_acc"], -h["epoch"]))
+    assert again.best_epoch == best["epoch"] and np.isfinite(again.final_test_acc)

@@ -1,0 +1,239 @@
+"""Data contract (architecture.md) and the paper's protocol (spec section 5) on real and synthetic data."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from pivotal_ray.config import ConfigError, DataConfig, NoiseConfig
+from pivotal_ray.core.data import build_data, crop_flip
+
+
+# ----------------------------------------------------------------------------- toy (Figure 1)
+def test_toy_split_sizes_disjoint_ids_and_clean_val_test():
+    b = build_data(DataConfig(), NoiseConfig(kind="uniform", rate=0.6), seed=0)
+    assert (len(b.train), len(b.test), len(b.val)) == (600, 240, 160)
+    ids = np.concatenate([b.train.sample_id, b.test.sample_id, b.val.sample_id])
+    assert np.array_equal(np.sort(ids), np.arange(1000))
+    assert b.num_classes == 2 and b.input_shape == (2,)
+    for s in (b.val, b.test):
+        assert np.array_equal(s.y_obs, s.y_true)
+    for s in (b.train, b.val, b.test):
+        assert s.sample_id.dtype == s.y_obs.dtype == s.y_true.dtype == np.int64
+    # two classes: every uniform flip goes to the other class, so the train flip rate is ~ 0.6
+    rate = (b.train.y_obs != b.train.y_true).mean()
+    assert abs(rate - 0.6) < 5 * np.sqrt(0.6 * 0.4 / 600)
+
+
+def test_toy_geometry_and_exactly_one_percent_base_flips():
+    # With a tiny std every point sits at its corner, so the generating class is sign(x_2) and
+    # y_true disagrees with it on exactly floor(1% of 1000) = 10 points (the paper's base noise).
+    b = build_data({"toy_std": 0.01}, {"kind": "none", "rate": 0.0}, seed=1)
+    x = torch.cat([s.inputs(np.arange(len(s))) for s in (b.train, b.val, b.test)]).numpy()  # (1000, 2)
+    y = np.concatenate([s.y_true for s in (b.train, b.val, b.test)])
+    assert x.dtype == np.float32 and np.all(np.abs(np.abs(x) - 1) < 0.1)
+    corners, counts = np.unique(np.sign(x), axis=0, return_counts=True)
+    assert corners.shape == (4, 2) and np.all(counts == 250)
+    assert ((x[:, 1] > 0).astype(np.int64) != y).sum() == 10
+    assert np.array_equal(b.train.y_obs, b.train.y_true)  # kind none
+
+
+def test_build_data_is_deterministic_in_cfg_and_seed_and_accepts_dicts():
+    a = build_data({"name": "toy"}, {"kind": "adversarial", "rate": 0.4}, seed=5)
+    b = build_data(DataConfig(name="toy"), NoiseConfig(kind="adversarial", rate=0.4), seed=5)
+    c = build_data({"name": "toy"}, {"kind": "adversarial", "rate": 0.4}, seed=6)
+    for s, t in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
+        assert np.array_equal(s.sample_id, t.sample_id) and np.array_equal(s.y_obs, t.y_obs)
+        assert torch.equal(s.inputs(np.arange(len(s))), t.inputs(np.arange(len(t))))
+    assert not np.array_equal(a.train.sample_id, c.train.sample_id)
+    assert (a.train.y_obs != a.train.y_true).sum() == 240  # adversarial: exactly floor(0.4 * 600)
+
+
+def test_positions_of_round_trips_and_names_unknown_ids():
+    s = build_data({}, {}, seed=0).train
+    pos = np.array([5, 0, 599, 17])
+    assert np.array_equal(s.positions_of(s.sample_id[pos]), pos)
+    missing = int(np.setdiff1d(np.arange(1000), s.sample_id)[0])
+    with pytest.raises(KeyError, match=str(missing)):
+        s.positions_of([s.sample_id[0], missing])
+    with pytest.raises(IndexError, match="positions_of"):
+        s.inputs([600])
+    with pytest.raises(ValueError, match="reweight.augment=false"):
+        s.inputs([0], augment=True, generator=torch.Generator())
+
+
+def test_imbalance_applies_to_train_by_true_label_before_noise():
+    b = build_data({"toy_std": 0.01}, {"kind": "uniform", "rate": 0.2, "imbalance_factor": 10}, seed=2)
+    counts = np.bincount(b.train.y_true, minlength=2)
+    assert counts[1] == counts[0] // 10  # class 1 keeps n_max / 10
+    assert len(b.val) == 160 and len(b.test) == 240  # val/test untouched
+
+
+# ----------------------------------------------------------------------------- MNIST (shared data)
+def _idx(path: Path) -> np.ndarray:
+    """Independent IDX reader: big-endian dims after a 4-byte magic whose last byte is the rank."""
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_data):
+    return build_data({"name": "mnist", "root": str(shared_data)}, {"kind": "adversarial", "rate": 0.6}, seed=0)
+
+
+def test_mnist_sizes_labels_and_exact_adversarial_count(mnist, shared_data):
+    assert len(mnist.train) == 60000 and len(mnist.val) + len(mnist.test) == 10000 and len(mnist.val) == 1000
+    assert np.array_equal(np.sort(np.concatenate([mnist.val.sample_id, mnist.test.sample_id])), np.arange(10000))
+    assert np.array_equal(mnist.train.sample_id, np.arange(60000))
+    assert np.bincount(mnist.train.y_true).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert (mnist.train.y_obs != mnist.train.y_true).sum() == 36000
+    ref = _idx(shared_data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz")
+    assert np.array_equal(mnist.test.y_true, ref[mnist.test.sample_id])
+
+
+def test_mnist_inputs_are_the_normalised_official_images(mnist, shared_data):
+    images = _idx(shared_data / "MNIST" / "raw" / "train-images-idx3-ubyte.gz")  # (60000, 28, 28)
+    pos = np.array([0, 1, 59999])
+    x = mnist.train.inputs(pos)
+    assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32 and mnist.input_shape == (1, 28, 28)
+    ref = (images[pos][:, None].astype(np.float32) / 255 - 0.1307) / 0.3081
+    np.testing.assert_allclose(x.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fashion_mnist_is_balanced_with_its_own_normalisation(shared_data):
+    b = build_data({"name": "fashion_mnist", "root": str(shared_data)}, {"kind": "none"}, seed=0)
+    assert np.bincount(b.train.y_true).tolist() == [6000] * 10
+    images = _idx(shared_data / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz")
+    sid = b.val.sample_id[:2]
+    ref = (images[sid][:, None].astype(np.float32) / 255 - 0.2860) / 0.3530
+    np.testing.assert_allclose(b.val.inputs([0, 1]).numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CIFAR (synthetic layout)
+def _write_cifar(root: Path, *, hundred: bool, n_train: int = 6, n_test: int = 10) -> dict[str, np.ndarray]:
+    """Tiny pickles in the python-version layout (cifar-10-batches-py / cifar-100-python)."""
+    rng = np.random.default_rng(0)
+    C = 100 if hundred else 10
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    files = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    key = "fine_labels" if hundred else "labels"
+    out: dict[str, list] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
+    for f in files:
+        split = "test" if f.startswith("test") else "train"
+        n = n_test if split == "test" else n_train
+        x = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)  # rows: R plane, G plane, B plane
+        y = rng.integers(0, C, n).tolist()
+        with open(folder / f, "wb") as fh:
+            pickle.dump({"data": x, key: y}, fh)
+        out[f"{split}_x"].append(x)
+        out[f"{split}_y"] += y
+    with open(folder / ("meta" if hundred else "batches.meta"), "wb") as fh:
+        pickle.dump({"fine_label_names" if hundred else "label_names": [f"c{i}" for i in range(C)]}, fh)
+    return {k: (np.concatenate(v) if k.endswith("x") else np.asarray(v)) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_synthetic_cifar_layout_loads_with_a_warning_and_normalises(tmp_path, hundred):
+    ref = _write_cifar(tmp_path, hundred=hundred)
+    name = "cifar100" if hundred else "cifar10"
+    with pytest.warns(UserWarning, match="md5"):
+        b = build_data({"name": name, "root": str(tmp_path)}, {"kind": "uniform", "rate": 0.5}, seed=0)
+    n_train = 6 if hundred else 30
+    assert len(b.train) == n_train and len(b.val) + len(b.test) == 10 and len(b.val) == 1
+    assert b.num_classes == (100 if hundred else 10) and b.input_shape == (3, 32, 32)
+    assert np.array_equal(b.train.y_true, ref["train_y"])
+    mean = np.array((0.5071, 0.4865, 0.4409) if hundred else (0.4914, 0.4822, 0.4465), np.float32)
+    std = np.array((0.2673, 0.2564, 0.2762) if hundred else (0.2470, 0.2435, 0.2616), np.float32)
+    sid = b.test.sample_id[:3]
+    raw = ref["test_x"][sid].reshape(3, 3, 32, 32).astype(np.float32) / 255
+    np.testing.assert_allclose(b.test.inputs([0, 1, 2]).numpy(), (raw - mean[:, None, None]) / std[:, None, None],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cifar_augmentation_is_deterministic_per_generator(tmp_path):
+    _write_cifar(tmp_path, hundred=False)
+    with pytest.warns(UserWarning):
+        s = build_data({"name": "cifar10", "root": str(tmp_path)}, {"kind": "none"}, seed=0).train
+    pos = np.arange(len(s))
+    a = s.inputs(pos, augment=True, generator=torch.Generator().manual_seed(1))
+    b = s.inputs(pos, augment=True, generator=torch.Generator().manual_seed(1))
+    c = s.inputs(pos, augment=True, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (len(s), 3, 32, 32)
+    with pytest.raises(ValueError, match="generator"):
+        s.inputs(pos, augment=True)
+
+
+def test_crop_flip_outputs_are_padded_crops_with_varied_offsets():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 2, 6, 6, generator=g) + 0.5  # strictly positive, so zero padding is visible
+    out = crop_flip(x, pad=2, generator=torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    seen = set()
+    for i in range(24):  # reference: search all (top, left, flip) candidates of torchvision's ops
+        matches = [(t, l_, f) for t in range(5) for l_ in range(5) for f in (False, True)
+                   if torch.equal(out[i], (lambda z: z.flip(-1) if f else z)(padded[i, :, t:t + 6, l_:l_ + 6]))]
+        assert matches, f"sample {i} is not a (flipped) crop of its padded image"
+        seen.add(matches[0])
+    assert len(seen) > 5 and {f for _, _, f in seen} == {False, True}
+
+
+# ----------------------------------------------------------------------------- ImageFolder (synthetic)
+def _write_tree(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 5)):
+        for c in ("ant", "bee"):
+            (root / split / c).mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / split / c / f"{k}.png")
+
+
+def test_synthetic_imagefolder_loads_lazily_with_imagenet_preprocessing(tmp_path):
+    _write_tree(tmp_path)
+    b = build_data({"name": "imagefolder", "root": str(tmp_path), "image_size": 16, "val_frac": 0.2},
+                   {"kind": "none"}, seed=0)
+    assert (len(b.train), len(b.val), len(b.test)) == (6, 2, 8)
+    assert b.num_classes == 2 and b.input_shape == (3, 16, 16)
+    assert b.train.y_true.tolist() == [0, 0, 0, 1, 1, 1]  # ImageFolder order: sorted class folders
+    ref_tf = T.Compose([T.Resize(18), T.CenterCrop(16), T.ToTensor(),
+                        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    sid = int(b.test.sample_id[3])
+    split_dir = tmp_path / "val" / ("ant" if sid < 5 else "bee")
+    ref = ref_tf(Image.open(split_dir / f"{sid % 5}.png").convert("RGB"))
+    torch.testing.assert_close(b.test.inputs([3])[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_imagefolder_augmentation_uses_only_the_given_generator(tmp_path):
+    _write_tree(tmp_path)
+    s = build_data({"name": "imagefolder", "root": str(tmp_path), "image_size": 12}, {"kind": "none"}, seed=0).train
+    state = torch.random.get_rng_state()
+    a = s.inputs(np.arange(6), augment=True, generator=torch.Generator().manual_seed(0))
+    b = s.inputs(np.arange(6), augment=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, b) and a.shape == (6, 3, 12, 12)
+    assert not torch.equal(a, s.inputs(np.arange(6)))  # really augmented
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_missing_or_empty_root_names_both_fixes(tmp_path, name):
+    for root in (tmp_path / "nowhere", tmp_path):
+        with pytest.raises(ConfigError, match="data.root=") as err:
+            build_data({"name": name, "root": str(root)}, {}, seed=0)
+        assert "data.download=true" in str(err.value)
+
+
+def test_unknown_dataset_and_unknown_keys_are_rejected():
+    with pytest.raises(ConfigError, match="choose one of"):
+        build_data({"name": "svhn", "root": "/tmp"}, {}, seed=0)
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_data({"name": "toy", "toy_nn": 3}, {}, seed=0)

@@ -1,0 +1,244 @@
+"""Weighted K-means and pivotal picks (spec section 4) against independent numpy / scikit-learn references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
+from pivotal_ray.core.kmeans import (INITS, DenseShard, FactorShard, LocalShardSet, assign, n_excluded, select_pivotal,
+                                     weighted_kmeans)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny GEMMs: thread wake-ups cost more than the work on a shared 2-core box
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def random_factor(n: int, *, K: int = 2, C: int = 3, d: int = 4, seed: int = 0, signed: bool = True) -> FactorFeatures:
+    rng = np.random.default_rng(seed)
+    A = rng.random((n, K, C)) if not signed else rng.standard_normal((n, K, C))
+    X = rng.standard_normal((n, K, d)) if signed else rng.random((n, K, d))
+    ids = np.sort(rng.choice(10 * n, size=n, replace=False)).astype(np.int64)
+    return FactorFeatures(ids, A.astype(np.float32), X.astype(np.float32))
+
+
+def planted(n_per: int = 30, M: int = 5, *, K: int = 2, C: int = 4, d: int = 8, seed: int = 0):
+    """RBC-like (non-negative) features: M directions, random magnitudes; returns (features, labels)."""
+    rng = np.random.default_rng(seed)
+    cls = np.arange(M) % C
+    base = rng.random((M, K, d)) ** 3  # spiky non-negative bases, well apart in angle
+    lab = np.repeat(np.arange(M), n_per)
+    logits = 6.0 * np.eye(C)[cls[lab]][:, None, :] + 0.05 * rng.standard_normal((lab.size, K, C))
+    A = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    X = np.abs(base[lab] + 0.01 * rng.standard_normal((lab.size, K, d)))
+    X *= rng.uniform(0.5, 2.0, size=(lab.size, 1, 1))  # magnitudes vary; directions carry the clusters
+    perm = rng.permutation(lab.size)
+    return FactorFeatures(np.arange(lab.size, dtype=np.int64), A[perm].astype(np.float32),
+                          X[perm].astype(np.float32)), lab[perm]
+
+
+def as_dense(F: FactorFeatures) -> DenseFeatures:
+    return DenseFeatures(F.sample_id, F.dense().astype(np.float32))
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+# ---- factorised == dense -------------------------------------------------------------------
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_factor_matches_dense(weighted):
+    F = random_factor(120, seed=1)
+    fac, den = LocalShardSet([FactorShard(F)]), LocalShardSet([DenseShard(as_dense(F))])
+    kf = weighted_kmeans(fac, n_clusters=6, weighted=weighted, seed=3, max_iter=50)
+    kd = weighted_kmeans(den, n_clusters=6, weighted=weighted, seed=3, max_iter=50)
+    assert kf.n_iter == kd.n_iter and kf.centroids.shape == kd.centroids.shape
+    np.testing.assert_allclose(kf.centroids, kd.centroids, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kf.objective, kd.objective, rtol=1e-5)
+    _, lf, sf = assign(fac, centroids=kf.centroids, weighted=weighted)
+    _, ld, sd = assign(den, centroids=kf.centroids, weighted=weighted)
+    np.testing.assert_array_equal(lf, ld)
+    np.testing.assert_allclose(sf, sd, rtol=1e-5, atol=1e-6)
+    kw = dict(budget=7, meta_ids=F.sample_id[:4], exclude_frac=0.4, weighted=weighted, seed=5)
+    sf, sd = select_pivotal(fac, **kw), select_pivotal(den, **kw)
+    np.testing.assert_array_equal(sf.sample_id, sd.sample_id)
+    np.testing.assert_array_equal(sf.excluded, sd.excluded)
+
+
+def test_inner_products_match_materialised():
+    F = random_factor(50, K=3, C=4, d=5, seed=2)
+    G = F.dense().astype(np.float64)
+    C = np.random.default_rng(0).standard_normal((7, G.shape[1]))
+    ids, lab, score = assign(FactorShard(F), centroids=C, weighted=True)
+    ref = np.abs(G @ C.T)  # (n, M)
+    np.testing.assert_array_equal(lab, ref.argmax(1))
+    np.testing.assert_allclose(score, ref.max(1) / np.linalg.norm(G, axis=1), rtol=1e-5)
+
+
+def test_shard_split_does_not_change_result():
+    F = random_factor(150, seed=4)
+    kw = dict(budget=8, meta_ids=F.sample_id[::30], exclude_frac=0.5, seed=9)
+    one = select_pivotal(FactorShard(F), **kw)
+    three = select_pivotal([FactorShard(f) for f in F.split(3)], **kw)
+    np.testing.assert_array_equal(one.sample_id, three.sample_id)
+    np.testing.assert_allclose(one.centroids, three.centroids, rtol=1e-9, atol=1e-12)
+    assert one.n_iter == three.n_iter
+
+
+# ---- the update step and the objective against direct numpy --------------------------------
+
+@pytest.mark.parametrize("signed,sign_align", [(False, True), (True, False), (True, True)])
+def test_weighted_update_is_eq_s2(signed, sign_align):
+    F = random_factor(40, seed=6, signed=signed)
+    G = F.dense().astype(np.float64)
+    C0 = G[[0, 5, 11]] / np.linalg.norm(G[[0, 5, 11]], axis=1, keepdims=True)
+    km = weighted_kmeans(FactorShard(F), n_clusters=3, init=C0, max_iter=1, seed=0, sign_align=sign_align)
+    inner = G @ C0.T  # (n, M)
+    lab = np.abs(inner).argmax(1)
+    s = np.sign(inner[np.arange(len(G)), lab]) if sign_align else np.ones(len(G))
+    norms = np.linalg.norm(G, axis=1)
+    ref = np.stack([(s[lab == i, None] * G[lab == i]).sum(0) / norms[lab == i].sum() for i in range(3)])  # eq. S2
+    np.testing.assert_allclose(km.centroids, ref, rtol=1e-5, atol=1e-7)
+    assert km.objective[0] == pytest.approx(np.abs(inner).max(1).sum(), rel=1e-6)  # MCO, eq. 9
+    np.testing.assert_array_equal(km.sizes, np.bincount(lab, minlength=3))
+
+
+def test_plain_kmeans_matches_sklearn():
+    from sklearn.cluster import KMeans
+
+    F, _ = planted(n_per=25, M=4, seed=3)
+    G = F.dense().astype(np.float64)
+    G += np.random.default_rng(1).normal(scale=0.05 * G.std(), size=G.shape)  # overlapping, so Lloyd moves
+    C0 = G[np.random.default_rng(2).choice(len(G), 4, replace=False)]
+    ours = weighted_kmeans(DenseFeatures(F.sample_id, G.astype(np.float32)), n_clusters=4, weighted=False,
+                           init=C0, max_iter=100, tol=0.0, seed=0)
+    sk = KMeans(n_clusters=4, init=C0, n_init=1, max_iter=100, tol=0.0, algorithm="lloyd").fit(G)
+    np.testing.assert_allclose(ours.centroids, sk.cluster_centers_, rtol=1e-4, atol=1e-5)
+    assert ours.objective[-1] == pytest.approx(sk.inertia_, rel=1e-4)
+    ids, lab, _ = assign(DenseFeatures(F.sample_id, G.astype(np.float32)), centroids=ours.centroids, weighted=False)
+    np.testing.assert_array_equal(lab, sk.labels_)
+
+
+# ---- planted clusters ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_clusters_recovered(seed):
+    F, truth = planted(seed=seed)
+    M = 5
+    km = weighted_kmeans(F, n_clusters=M, seed=seed)
+    _, lab, _ = assign(F, centroids=km.centroids)
+    assert km.centroids.shape[0] == M and same_partition(lab, truth)
+    # MCO can only fall in the first step (unit-norm seeds become weighted means, eq. S2);
+    # after that, on well-separated data, Algorithm 1 does not decrease it
+    assert np.all(np.diff(km.objective[1:]) >= -1e-9 * km.objective[-1])
+    assert km.objective[-1] <= np.linalg.norm(F.dense(), axis=1).sum() * (1 + 1e-6)  # ||C_i|| <= 1
+    sel = select_pivotal(F, budget=M, meta_ids=[], exclude_frac=0.0, seed=seed)
+    assert sorted(truth[sel.sample_id].tolist()) == list(range(M))  # one pick per planted cluster
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_seeds_are_distinct_rows(init, weighted):
+    F, truth = planted(seed=4)
+    shards = LocalShardSet([FactorShard(f) for f in F.split(2)])
+    G = F.dense().astype(np.float64)
+    seeds = INITS.get(init)(shards, ids=F.sample_id, n_clusters=5, weighted=weighted,
+                            rng=np.random.default_rng(11))
+    ref = G / np.linalg.norm(G, axis=1, keepdims=True) if weighted else G  # S2 scale: unit norm
+    rows = [int(np.flatnonzero(np.all(np.isclose(ref, c, rtol=1e-6, atol=1e-9), axis=1))[0]) for c in seeds]
+    assert len(set(rows)) == 5
+    if init == "kmeans++" and weighted:  # residual seeding lands once in each direction cluster
+        assert sorted(truth[rows].tolist()) == list(range(5))
+
+
+def test_exclusion_drops_the_cluster_of_the_meta_samples():
+    F, truth = planted(seed=1)
+    meta = F.sample_id[truth == 2][:3]
+    n_cand = len(F) - 3
+    sel = select_pivotal(F, budget=4, meta_ids=meta, exclude_frac=0.1, seed=0)
+    # 10% of 147 candidates = 14 excluded, all from the meta samples' own cluster (27 left there)
+    assert sel.excluded.size == n_excluded(n_cand, 0.1) == 14
+    assert set(truth[np.searchsorted(F.sample_id, sel.excluded)]) == {2}
+
+
+# ---- degenerate input -----------------------------------------------------------------------
+
+def test_empty_clusters_are_dropped_and_budget_topped_up():
+    rng = np.random.default_rng(0)
+    G = rng.random((3, 12))[np.arange(60) % 3]  # 3 distinct rows, 20 copies each: 3 clusters at most
+    feats = DenseFeatures(np.arange(60, dtype=np.int64), G.astype(np.float32))
+    sel = select_pivotal(feats, budget=6, meta_ids=[], exclude_frac=0.0, seed=1)
+    assert sel.n_clusters == 3 and sel.sample_id.size == 6 and np.unique(sel.sample_id).size == 6
+    assert np.all(np.isfinite(sel.centroids)) and np.all(np.isfinite(sel.score))
+
+
+def test_zero_rows_do_not_produce_nan():
+    F = random_factor(40, seed=8)
+    A = F.A.copy()
+    A[:10] = 0.0  # ten all-zero G_j
+    F = FactorFeatures(F.sample_id, A, F.X)
+    for weighted in (True, False):
+        sel = select_pivotal(F, budget=5, meta_ids=F.sample_id[:2], exclude_frac=0.5, seed=0, weighted=weighted)
+        assert np.all(np.isfinite(sel.centroids)) and np.all(np.isfinite(sel.objective))
+        assert np.all(np.isfinite(sel.score)) and np.unique(sel.sample_id).size == 5
+
+
+def test_errors_name_the_fix():
+    F = random_factor(20, seed=0)
+    with pytest.raises(ValueError, match="lower the budget or exclude_frac"):
+        select_pivotal(F, budget=10, meta_ids=F.sample_id[:2], exclude_frac=0.5, seed=0)
+    with pytest.raises(ValueError, match="extract features"):
+        select_pivotal(F, budget=3, meta_ids=[10**9], exclude_frac=0.5, seed=0)
+    with pytest.raises(ValueError, match="choose one of"):
+        select_pivotal(F, budget=3, meta_ids=[], exclude_frac=0.5, seed=0, init="farthest")
+    with pytest.raises(ValueError, match="exclude_frac"):
+        select_pivotal(F, budget=3, meta_ids=[], exclude_frac=1.0, seed=0)
+    with pytest.raises(TypeError, match="FactorFeatures"):
+        select_pivotal(F.dense(), budget=3, meta_ids=[], exclude_frac=0.5, seed=0)
+
+
+# ---- properties -------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(12, 60), budget=st.integers(1, 8), n_meta=st.integers(0, 5),
+       frac=st.sampled_from([0.0, 0.25, 0.5, 0.7]), seed=st.integers(0, 2**31 - 1),
+       weighted=st.booleans(), factor=st.booleans(), n_shards=st.integers(1, 3))
+def test_selection_properties(n, budget, n_meta, frac, seed, weighted, factor, n_shards):
+    F = random_factor(n, seed=seed % 1000)
+    feats = F if factor else as_dense(F)
+    meta = F.sample_id[np.random.default_rng(seed).choice(n, n_meta, replace=False)]
+    n_cand = n - n_meta
+    n_excl = n_excluded(n_cand, frac) if n_meta else 0
+    make = FactorShard if factor else DenseShard
+    shards = [make(f) for f in feats.split(n_shards)]
+    kw = dict(budget=budget, meta_ids=meta, exclude_frac=frac, weighted=weighted, seed=seed, max_iter=30)
+    if budget > n_cand - n_excl:
+        with pytest.raises(ValueError, match="exceeds"):
+            select_pivotal(shards, **kw)
+        return
+    sel = select_pivotal(shards, **kw)
+    picks = sel.sample_id
+    assert picks.shape == (budget,) and np.unique(picks).size == budget
+    assert not np.isin(picks, meta).any() and not np.isin(picks, sel.excluded).any()
+    assert np.isin(picks, F.sample_id).all()
+    assert sel.excluded.size == n_excl and not np.isin(sel.excluded, meta).any()
+    if n_excl:  # the excluded are the candidates most similar to the meta set (float64 reference)
+        G = F.dense().astype(np.float64)
+        U = G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), 1e-300)
+        sim = np.abs(U @ U[np.isin(F.sample_id, meta)].T).max(1)
+        cand = ~np.isin(F.sample_id, meta)
+        ex = np.isin(F.sample_id, sel.excluded)
+        assert sim[ex].min() >= sim[cand & ~ex].max(initial=-1.0) - 1e-5
+    assert sel.n_clusters <= budget and len(sel.objective) == sel.n_iter
+    again = select_pivotal(shards, **kw)  # same seed, same data -> same picks; shards left reusable
+    np.testing.assert_array_equal(again.sample_id, picks)
