@@ -61,6 +61,11 @@ def _autoscaling() -> bool:
     return os.environ.get("PIVOTAL_AUTOSCALING", "0") == "1"
 
 
+# Ray Train v2's controller takes one reported result per health-check poll (default 2 s), so a
+# per-epoch snapshot would cost 2 s; cluster/runtime_env.yaml sets the same for Ray jobs.
+RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
 def connect(cfg: ExperimentConfig) -> None:
     """Connect to ray.address / RAY_ADDRESS, or start local Ray (developing on one machine)."""
     import ray
@@ -69,7 +74,7 @@ def connect(cfg: ExperimentConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     repo = str(Path(__file__).resolve().parents[1])
-    env = {"env_vars": {"PYTHONPATH": repo}} if address is None else None
+    env = {"env_vars": {"PYTHONPATH": repo, **RAY_ENV_VARS}} if address is None else None
     kwargs: dict[str, Any] = {"log_to_driver": False}
     if address is None:
         kwargs.update(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
@@ -135,7 +140,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                  for i, c, s in zip(picks.sample_id, picks.cluster, picks.score)]
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         t0 = time.perf_counter()
-        run = _train(cfg, f"{cfg.selection.method}-round{r}", meta, np.array([oracle[int(i)] for i in meta]), storage)
+        name = f"{cfg.selection.method}-round{r}-{artifacts.config_fingerprint(to_dict(cfg))[:12]}"
+        run = _train(cfg, name, meta, np.array([oracle[int(i)] for i in meta]), storage)
         ctx.timings["train_s"] = time.perf_counter() - t0
         rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
 

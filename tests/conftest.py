@@ -16,13 +16,15 @@ def ray_session():
     """Start (once) a 2-CPU local Ray with a capped object store; shut it down at the end."""
     import ray
 
+    from pivotal_ray.pipeline import RAY_ENV_VARS
+
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
             object_store_memory=300 * 1024**2,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **RAY_ENV_VARS}},
         )
     yield ray
     ray.shutdown()

@@ -293,6 +293,23 @@ def _merge(cands: list[Candidates], *, k: int, n_best: int) -> Candidates:
                       b_ids[bt], b_sc[bt], b_cl[bt])
 
 
+TIE_RTOL = 1e-9  # pick scores this close count as tied; the smaller sample_id wins
+
+
+def _first_free(ids: np.ndarray, scores: np.ndarray, taken: set[int]) -> int | None:
+    """Position of the best not-yet-taken entry of a (-score, id)-sorted list, or None.
+
+    Scores within TIE_RTOL of the best free one are ties, broken by the smaller sample_id, so
+    rounding cannot decide between candidates that are equally close in exact arithmetic.
+    """
+    free = [p for p, j in enumerate(ids.tolist()) if j not in taken]
+    if not free:
+        return None
+    best = scores[free[0]]
+    tied = [p for p in free if scores[p] >= best - TIE_RTOL * abs(best)]
+    return min(tied, key=lambda p: ids[p])
+
+
 def _picks(c: Candidates, budget: int) -> tuple[list[int], list[int], list[float]]:
     """Per centroid (in index order) its most similar not-yet-picked candidate; then top up to the
     budget with the unpicked candidates closest to their own centroid."""
@@ -305,14 +322,14 @@ def _picks(c: Candidates, budget: int) -> tuple[list[int], list[int], list[float
         taken.add(j), ids.append(j), cl.append(i), sc.append(s)
 
     for i in range(c.ids.shape[0]):
-        free = next(((j, s) for j, s in zip(c.ids[i].tolist(), c.scores[i].tolist()) if j not in taken), None)
-        if free is not None:
-            take(free[0], i, free[1])
-    for j, s, i in zip(c.best_ids.tolist(), c.best_scores.tolist(), c.best_cluster.tolist()):
-        if len(ids) < budget and j not in taken:
-            take(j, i, s)
-    if len(ids) != budget:
-        raise RuntimeError(f"picked {len(ids)} samples for a budget of {budget}; this is a bug")
+        p = _first_free(c.ids[i], c.scores[i], taken)
+        if p is not None:
+            take(int(c.ids[i, p]), i, float(c.scores[i, p]))
+    while len(ids) < budget:
+        p = _first_free(c.best_ids, c.best_scores, taken)
+        if p is None:
+            raise RuntimeError(f"picked {len(ids)} samples for a budget of {budget}; this is a bug")
+        take(int(c.best_ids[p]), int(c.best_cluster[p]), float(c.best_scores[p]))
     return ids, cl, sc
 
 

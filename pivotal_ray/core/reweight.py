@@ -180,5 +180,46 @@ class DirectReweighter:
                           weight_grad=weight_grad.detach())
 
 
+@REWEIGHTERS.register("l2rw")
+class L2RWReweighter:
+    """Learning to Reweight (Ren et al. 2018; the paper's eqs. S9-S12).
+
+    At ``eps = 0`` the virtual step is the identity, so ``-dL_meta/d eps_j = a <v, grad f_j>``
+    with ``v = grad L_meta(theta)``; weights are ``max(., 0)`` normalised to sum 1 over the
+    global batch (all zero when every entry is clipped). No weight persists across steps; the
+    returned weights are rescaled by ``|B|`` (mean 1) so they are comparable across batches.
+    """
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             w: torch.Tensor, x_meta: torch.Tensor, y_meta: torch.Tensor, lr: float, global_batch: int,
+             reducer: Reducer) -> StepOutput:
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        losses = F.cross_entropy(model(x), y, reduction="none")  # (b,)
+        v, meta_loss = meta_gradient(model, {k: p.detach() for k, p in named}, x_meta, y_meta, reducer=reducer)
+        dots = per_sample_grad_dot(model, dict(named), x, y, _unflat(v, params))  # (b,) <v, grad f_j>
+        weight_grad = -lr * dots  # dL_meta/d eps_j at eps = 0 (eq. S10)
+        raw = (-weight_grad).clamp(min=0.0)  # (b,)
+        total = reducer.sum_(raw.sum().reshape(1).to(torch.float64))[0]
+        new_w = raw / total if total > 0 else torch.zeros_like(raw)  # eq. S11: sum over the global batch = 1
+        loss = (new_w * losses).sum()
+        grads = reducer.sum_(_flat(list(torch.autograd.grad(loss, params))))
+        for p, gp in zip(params, _unflat(grads, params)):
+            p.grad = gp.clone()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss=float(loss.detach()), meta_loss=meta_loss,
+                          weights=(new_w * global_batch).detach().to(w.dtype), weight_grad=weight_grad.detach())
+
+
 def build_reweighter(mode: str, **kwargs: object):
     return REWEIGHTERS.get(mode)(**kwargs)

@@ -130,6 +130,7 @@ class _ShardBase:
         self.device = torch.device(device)
         self.chunk_bytes = int(chunk_bytes)
         self._sq_all = sq  # (n,) float64 ||G_j||^2, all rows
+        self._order = np.argsort(self.sample_id)  # id -> row lookups
         self.set_active(exclude_ids=np.zeros(0, dtype=np.int64))
 
     # ---- primitives (subclasses) ---------------------------------------------------------
@@ -288,7 +289,24 @@ class _ShardBase:
             top = top_by_score(s_all[None], i_all, n_best)[0]
             b_ids, b_scores = i_all[top], s_all[top]
             b_cluster = np.concatenate([b_cluster, lab])[top]
-        return Candidates(ids, scores, b_ids, b_scores, b_cluster)
+        # the shortlists get exact float64 scores from the rows themselves: float32 GEMM error
+        # (and ||G||^2 - 2<G,C> + ||C||^2 cancellation) must not decide near-ties, e.g. the two
+        # members of a 2-sample cluster, equidistant from their mean
+        C64 = np.asarray(centroids, dtype=np.float64)
+        for i in range(M):
+            scores[i] = self._exact_scores(ids[i], C64[i], weighted)
+        b_scores = self._exact_scores(b_ids, C64[b_cluster], weighted) if M else b_scores
+        top, b_top = top_by_score(scores, ids, k), top_by_score(b_scores[None], b_ids, n_best)[0]
+        return Candidates(np.take_along_axis(ids, top, 1), np.take_along_axis(scores, top, 1),
+                          b_ids[b_top], b_scores[b_top], b_cluster[b_top])
+
+    def _exact_scores(self, ids: np.ndarray, C: np.ndarray, weighted: bool) -> np.ndarray:
+        """Scores of rows ``ids`` (r,) to centroid(s) C ((D,) or (r, D)) from dense float64 rows: (r,)."""
+        G = self._dense(self._order[np.searchsorted(self.sample_id[self._order], ids)])  # (r, D)
+        if weighted:  # S1
+            norm = np.linalg.norm(G, axis=1)
+            return np.divide(np.abs((G * C).sum(1)), norm, out=np.zeros(len(G)), where=norm > 0)
+        return -np.square(G - C).sum(1)
 
 
 class FactorShard(_ShardBase):

@@ -148,18 +148,21 @@ def train_loop(config: dict[str, Any]) -> None:
                    "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0}
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
         if (epoch + 1) % int(rw["snapshot_every"]) == 0 or epoch == epochs - 1:
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    torch.save(model.state_dict(), Path(tmp) / "model.pt")
-                    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                "reweighter": reweighter.state_dict(), "weights": weights.cpu(), "epoch": epoch,
-                                "history": history},
-                               Path(tmp) / "train_state.pt")
-                    (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-                    (Path(tmp) / "history.json").write_text(json.dumps(history))
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint)
+            checkpoint = None
+            if rank == 0:
+                tmp = Path(tempfile.mkdtemp(prefix="pivotal_ckpt_"))  # Ray deletes it after the upload
+                torch.save(model.state_dict(), tmp / "model.pt")
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "reweighter": reweighter.state_dict(), "weights": weights.cpu(), "epoch": epoch,
+                            "history": history}, tmp / "train_state.pt")
+                (tmp / "metrics.json").write_text(json.dumps(metrics))
+                (tmp / "history.json").write_text(json.dumps(history))
+                checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+            # ASYNC: a synchronous report is a ~2 s barrier; the upload runs in the background
+            # and fit() waits for every pending upload before it returns
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=checkpoint is not None)
 
 
 def _scan_snapshots(run_path: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ import pytest
 
 from pivotal_ray.core.featuretable import FactorFeatures, factor_schema, read_factor_table
 from pivotal_ray.core.kmeans import assign, select_pivotal, weighted_kmeans
-from pivotal_ray.distributed.kmeans import RayShardSet, select_pivotal_distributed, start_shard_actors
+from pivotal_ray.distributed.kmeans import (RayShardSet, select_on_actors, select_pivotal_distributed,
+                                            start_shard_actors)
 
 pytestmark = pytest.mark.integration
 
@@ -21,30 +22,36 @@ def features(n: int = 240, K: int = 2, C: int = 3, d: int = 5, seed: int = 0) ->
                           rng.standard_normal((n, K, d)).astype(np.float32))
 
 
-@pytest.mark.parametrize("num_shards", [1, 2, 3])
-def test_actors_match_in_memory(ray_session, num_shards):
+def check_shard_set(shards, F: FactorFeatures, meta: np.ndarray) -> None:
     """The Ray-free loop over shard actors (RayShardSet) == over one in-memory shard."""
-    ray = ray_session
+    assert sum(shards.call("count")) == len(F)
+    for weighted in (True, False):
+        km = weighted_kmeans(shards, n_clusters=5, weighted=weighted, seed=1, max_iter=40)
+        ref = weighted_kmeans(F, n_clusters=5, weighted=weighted, seed=1, max_iter=40)
+        assert km.n_iter == ref.n_iter
+        np.testing.assert_allclose(km.centroids, ref.centroids, rtol=1e-9, atol=1e-12)
+        ids, lab, _ = assign(shards, centroids=km.centroids, weighted=weighted)
+        ids_ref, lab_ref, _ = assign(F, centroids=ref.centroids, weighted=weighted)
+        np.testing.assert_array_equal(ids, ids_ref)
+        np.testing.assert_array_equal(lab, lab_ref)
+        kw = dict(budget=6, meta_ids=meta, exclude_frac=0.5, seed=3, max_iter=40, weighted=weighted)
+        same_selection(select_pivotal(shards, **kw), select_pivotal(F, **kw))
+
+
+def test_one_shard_actor_and_server(ray_session):
     F = features()
-    meta = F.sample_id[::40]
-    actors = start_shard_actors(F, num_shards=num_shards)
+    kw = dict(budget=6, meta_ids=F.sample_id[::40], exclude_frac=0.5, seed=3, max_iter=40)
+    same_selection(select_pivotal_distributed(F, num_shards=1, **kw), select_pivotal(F, **kw))
+
+
+def test_two_shard_actors_match_in_memory(ray_session):
+    F = features()
+    actors = start_shard_actors(F, num_shards=2)
     try:
-        shards = RayShardSet(actors)
-        assert sum(shards.call("count")) == len(F)
-        for weighted in (True, False):
-            km = weighted_kmeans(shards, n_clusters=5, weighted=weighted, seed=1, max_iter=40)
-            ref = weighted_kmeans(F, n_clusters=5, weighted=weighted, seed=1, max_iter=40)
-            assert km.n_iter == ref.n_iter
-            np.testing.assert_allclose(km.centroids, ref.centroids, rtol=1e-9, atol=1e-12)
-            ids, lab, _ = assign(shards, centroids=km.centroids, weighted=weighted)
-            ids_ref, lab_ref, _ = assign(F, centroids=ref.centroids, weighted=weighted)
-            np.testing.assert_array_equal(ids, ids_ref)
-            np.testing.assert_array_equal(lab, lab_ref)
-            kw = dict(budget=6, meta_ids=meta, exclude_frac=0.5, seed=3, max_iter=40, weighted=weighted)
-            same_selection(select_pivotal(shards, **kw), select_pivotal(F, **kw))
+        check_shard_set(RayShardSet(actors), F, F.sample_id[::40])
     finally:
         for a in actors:
-            ray.kill(a)
+            ray_session.kill(a)
 
 
 def same_selection(got, ref) -> None:
@@ -72,12 +79,17 @@ def write_table(F: FactorFeatures, root, *, seed: int = 0) -> None:
         pq.write_table(pa.table(cols, schema=schema), root / f"part-{k}.parquet")
 
 
-def test_parameter_server_from_parquet_directory(ray_session, tmp_path):
-    """select_pivotal_distributed: shard actors read their own samples; the server runs the loop."""
+def test_three_shard_actors_from_parquet_directory(ray_session, tmp_path):
+    """Actors read their own samples from the table; the loop at the driver and in the server agree."""
     F = features(n=200, seed=5)
     write_table(F, tmp_path)
-    kw = dict(budget=5, meta_ids=F.sample_id[:3], exclude_frac=0.3, seed=11, max_iter=40)
-    local = select_pivotal(read_factor_table(tmp_path), **kw)
-    same_selection(select_pivotal_distributed(tmp_path, num_shards=3, **kw), local)
-    # the table round-trips: the in-memory run on the original arrays picks the same
-    np.testing.assert_array_equal(select_pivotal(F, **kw).sample_id, local.sample_id)
+    table = read_factor_table(tmp_path)
+    np.testing.assert_array_equal(table.sample_id, F.sample_id)  # the table round-trips
+    actors = start_shard_actors(tmp_path, num_shards=3)
+    try:
+        check_shard_set(RayShardSet(actors), table, F.sample_id[:3])
+        kw = dict(budget=5, meta_ids=F.sample_id[:3], exclude_frac=0.3, seed=11, max_iter=40)
+        same_selection(select_on_actors(actors, **kw), select_pivotal(F, **kw))
+    finally:
+        for a in actors:
+            ray_session.kill(a)

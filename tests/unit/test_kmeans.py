@@ -68,7 +68,8 @@ def test_factor_matches_dense(weighted):
     _, lf, sf = assign(fac, centroids=kf.centroids, weighted=weighted)
     _, ld, sd = assign(den, centroids=kf.centroids, weighted=weighted)
     np.testing.assert_array_equal(lf, ld)
-    np.testing.assert_allclose(sf, sd, rtol=1e-5, atol=1e-6)
+    # plain scores -||G - C||^2 come from ||G||^2 - 2<G, C> + ||C||^2: float32 error ~ 1e-6 ||G||^2
+    np.testing.assert_allclose(sf, sd, rtol=1e-5, atol=1e-6 * np.abs(sd).max())
     kw = dict(budget=7, meta_ids=F.sample_id[:4], exclude_frac=0.4, weighted=weighted, seed=5)
     sf, sd = select_pivotal(fac, **kw), select_pivotal(den, **kw)
     np.testing.assert_array_equal(sf.sample_id, sd.sample_id)
@@ -209,7 +210,8 @@ def test_errors_name_the_fix():
 
 # ---- properties -------------------------------------------------------------------------------
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(12, 60), budget=st.integers(1, 8), n_meta=st.integers(0, 5),
        frac=st.sampled_from([0.0, 0.25, 0.5, 0.7]), seed=st.integers(0, 2**31 - 1),
        weighted=st.booleans(), factor=st.booleans(), n_shards=st.integers(1, 3))

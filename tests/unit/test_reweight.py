@@ -99,3 +99,27 @@ def test_meta_pass_does_not_touch_batchnorm_statistics():
 def test_unknown_mode_names_choices():
     with pytest.raises(KeyError, match="direct"):
         build_reweighter("nope", meta_lr=1.0)
+
+
+def test_l2rw_weights_match_autograd_at_zero_eps():
+    """Ren et al. 2018: w ~ max(-dL_meta(theta - a sum eps_j grad f_j)/d eps |_{eps=0}, 0), normalised."""
+    torch.manual_seed(3)
+    model = TinyNet().double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    xm, ym = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    grad_eps = reference_weight_grad(copy.deepcopy(model), x, y, torch.zeros(12, dtype=torch.float64), xm, ym,
+                                     lr=0.2, global_batch=1)
+    raw = (-grad_eps).clamp(min=0)
+    assert (raw == 0).any() and (raw > 0).any()  # both clipped and kept samples: not vacuous
+    expected = raw / raw.sum()
+    ref_model = copy.deepcopy(model)
+    out = build_reweighter("l2rw").step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2), x=x,
+                                        y=y, w=torch.ones(12, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.2,
+                                        global_batch=12, reducer=LocalReducer())
+    torch.testing.assert_close(out.weights / 12, expected)
+    # the real step is SGD on sum_j w_j f_j
+    loss = (expected * F.cross_entropy(ref_model(x), y, reduction="none")).sum()
+    loss.backward()
+    with torch.no_grad():
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p - 0.2 * p.grad)

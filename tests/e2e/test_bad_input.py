@@ -1,0 +1,165 @@
+"""Bad input fails before any work, with a clear error that names the fix, and writes nothing.
+
+Each case goes through the same path as ``python -m jobs.select``: Hydra composition ->
+``resolve_config`` -> ``run_experiment``. Starting Ray and training are replaced by tripwires, so
+a check that is missing (or runs too late) fails the test at once instead of starting a run.
+One case also goes through the real CLI to check its exit code and one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pivotal_ray import pipeline
+from pivotal_ray.config import ConfigError, to_dict
+from pivotal_ray.core.artifacts import OutputDirError, write_manifest
+from tests.e2e.conftest import TINY, compose_config, resolve
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class WorkStarted(AssertionError):
+    pass
+
+
+@pytest.fixture
+def tripwires(monkeypatch):
+    """Fail loudly if the pipeline gets as far as starting Ray or training."""
+
+    def no_connect(cfg):
+        raise WorkStarted("connect() ran: the bad input was not caught before starting Ray")
+
+    def no_train(*args, **kwargs):
+        raise WorkStarted("training started: the bad input was not caught before any work")
+
+    monkeypatch.setattr(pipeline, "connect", no_connect)
+    monkeypatch.setattr(pipeline, "_train", no_train)
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out"  # does not exist yet: every case must leave it that way
+
+
+def _run(*overrides: str):
+    return pipeline.run_experiment(resolve(*TINY, *overrides))
+
+
+def test_unknown_dataset_group_is_a_hydra_error_listing_the_choices(out):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as err:
+        compose_config("dataset=foo", f"output_dir={out}")
+    msg = str(err.value)
+    assert "dataset/foo" in msg and "toy" in msg and "mnist" in msg  # names the available options
+    assert not out.exists()
+
+
+def test_unknown_dataset_name(out, tripwires):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'foo': choose one of \[.*'mnist'.*'toy'.*\]"):
+        _run("data.name=foo", f"output_dir={out}")
+    assert not out.exists()
+
+
+def test_unknown_method(out, tripwires):
+    with pytest.raises(ConfigError, match=r"unknown method 'foo': choose one of .*random.*rbc") as err:
+        _run("method=foo", f"output_dir={out}")
+    assert "method=" in str(err.value)  # says which setting to change
+    assert not out.exists()
+
+
+def test_unknown_noise_kind(out, tripwires):
+    with pytest.raises(ConfigError, match=r"unknown noise kind 'foo': choose one of .*adversarial.*uniform"):
+        _run("noise.kind=foo", f"output_dir={out}")
+    assert not out.exists()
+
+
+def test_budget_not_larger_than_warmup(out, tripwires):
+    with pytest.raises(ConfigError, match=r"selection.budget=2 must be larger than selection.warmup=2") as err:
+        _run("selection.budget=2", "selection.warmup=2", f"output_dir={out}")
+    assert "raise the budget or lower the warm-up" in str(err.value)
+    assert not out.exists()
+
+
+def test_budget_larger_than_the_candidates(out, tripwires):
+    with pytest.raises(ConfigError, match=r"selection.budget=5000 is larger than the 600 training samples") as err:
+        _run("selection.budget=5000", f"output_dir={out}")
+    assert "lower the budget" in str(err.value)
+    assert not out.exists()
+
+
+def test_data_root_without_data_and_download_off(out, tripwires):
+    with pytest.raises(ConfigError, match=r"data.root=/nonexistent does not exist and data.download=false") as err:
+        _run("dataset=mnist", "data.root=/nonexistent", f"output_dir={out}")
+    msg = str(err.value)
+    assert "set data.root=" in msg and "data.download=true" in msg
+    assert not out.exists()
+    assert not Path("/nonexistent").exists()  # nothing was downloaded or created there
+
+
+def test_more_workers_than_the_cluster_has(out, ray_session, monkeypatch):
+    monkeypatch.delenv("PIVOTAL_AUTOSCALING", raising=False)
+    monkeypatch.setattr(pipeline, "_train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
+    cpus = ray_session.cluster_resources().get("CPU", 0)
+    assert cpus < 64
+    with pytest.raises(ConfigError, match=r"ray.num_workers=64 .* needs 64.0 CPUs but the cluster has") as err:
+        _run("ray.num_workers=64", f"output_dir={out}")
+    assert "lower ray.num_workers" in str(err.value)
+    assert not out.exists()
+
+
+def test_output_dir_holding_a_different_run(out, tripwires):
+    other = resolve(*TINY, "seed=1", f"output_dir={out}")
+    write_manifest(out, config=to_dict(other), seed=1, timings={})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OutputDirError, match="holds a different run") as err:
+        _run("seed=0", f"output_dir={out}")
+    msg = str(err.value)
+    assert "seed: 1 -> 0" in msg  # names what differs
+    assert f"choose another output_dir or delete {out}" in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # left exactly as it was
+    # the run that owns the directory may still use it (resume): it gets past the guard
+    with pytest.raises(WorkStarted):
+        _run("seed=1", f"output_dir={out}")
+
+
+def test_output_dir_holding_stray_files(out, tripwires):
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's file\n")
+    with pytest.raises(OutputDirError, match=r"already holds files \(notes.txt\) but no manifest.json") as err:
+        _run(f"output_dir={out}")
+    assert "choose another output_dir or delete" in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_output_dir_that_is_a_file(tmp_path, tripwires):
+    path = tmp_path / "out"
+    path.write_text("not a directory\n")
+    with pytest.raises(OutputDirError, match="is a file, not a directory"):
+        _run(f"output_dir={path}")
+    assert path.read_text() == "not a directory\n"
+
+
+def test_cli_exits_2_with_a_one_line_error_and_no_traceback(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HYDRA_FULL_ERROR")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.select", "method=foo", f"output_dir={out}",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],  # keep Hydra's own run dir out of the checkout
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: unknown method 'foo': choose one of"), lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "test accuracy" not in proc.stdout
+    assert not out.exists()

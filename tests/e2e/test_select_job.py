@@ -1,0 +1,154 @@
+"""End to end: Algorithm 2 on the embedded toy set, exactly as ``python -m jobs.select`` composes it.
+
+One module-scoped run per method (rbc, then random with the same seed and a shared Ray Train
+storage path), then the rbc command again. Tiny settings keep the whole module to a couple of
+minutes on 2 CPUs; the shared storage makes the second method reuse the warm-up run and the rerun
+reuse every finished training run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pivotal_ray.config import to_dict
+from pivotal_ray.core.artifacts import config_fingerprint
+from pivotal_ray.core.data import build_data
+from pivotal_ray.pipeline import run_experiment, warmup_name
+from tests.e2e.conftest import TINY, resolve
+
+pytestmark = pytest.mark.e2e
+
+SEED = 3
+COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "cluster", "score"]
+
+
+def _files_mtime_max(root: Path) -> float:
+    return max(p.stat().st_mtime for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    """rbc and random on the same seed and storage, then the rbc command a second time."""
+    tmp = tmp_path_factory.mktemp("select_job")
+    storage = tmp / "ray_train"
+
+    def cfg(method: str, out: str):
+        return resolve(*TINY, f"method={method}", f"seed={SEED}", f"output_dir={tmp / out}",
+                       f"ray.storage_path={storage}")
+
+    cfgs = {"rbc": cfg("rbc", "rbc"), "random": cfg("random", "random"), "rbc_again": cfg("rbc", "rbc_again")}
+    metrics = {"rbc": run_experiment(cfgs["rbc"])}
+    after_rbc = time.time()
+    runs_after_rbc = sorted(p.name for p in storage.iterdir())
+    metrics["random"] = run_experiment(cfgs["random"])
+    runs_after_random = sorted(p.name for p in storage.iterdir())
+    metrics["rbc_again"] = run_experiment(cfgs["rbc_again"])
+    return {"tmp": tmp, "storage": storage, "cfgs": cfgs, "metrics": metrics, "after_rbc": after_rbc,
+            "runs_after_rbc": runs_after_rbc, "runs_after_random": runs_after_random,
+            "runs_after_rerun": sorted(p.name for p in storage.iterdir())}
+
+
+def _selection(runs, key: str) -> pd.DataFrame:
+    return pd.read_csv(Path(runs["cfgs"][key].output_dir) / "selection.csv")
+
+
+def test_cli_composition_matches_the_overrides(runs):
+    c = runs["cfgs"]["rbc"]
+    assert (c.data.name, c.selection.method, c.seed) == ("toy", "rbc", SEED)
+    assert (c.selection.budget, c.selection.warmup, c.reweight.epochs) == (6, 2, 6)
+    assert (c.features.num_snapshots, c.features.stride) == (2, 2)
+    assert runs["cfgs"]["random"].selection.method == "random"
+
+
+@pytest.mark.parametrize("method", ["rbc", "random"])
+def test_artefacts_exist_and_are_well_formed(runs, method):
+    cfg = runs["cfgs"][method]
+    out = Path(cfg.output_dir)
+    assert {"selection.csv", "metrics.json", "manifest.json"} <= {p.name for p in out.iterdir()}
+    budget, warmup = cfg.selection.budget, cfg.selection.warmup
+
+    sel = _selection(runs, method)
+    assert list(sel.columns) == COLUMNS
+    assert len(sel) == budget
+    assert sel["sample_id"].is_unique
+    warm, picked = sel[sel["round"] == 0], sel[sel["round"] >= 1]
+    assert len(warm) == warmup and len(picked) == budget - warmup
+    assert sorted(sel["round"].unique()) == [0, 1]  # one round: per_round defaults to budget - warmup
+    assert (warm["cluster"] == -1).all() and warm["score"].isna().all()
+    if method == "rbc":
+        assert (picked["cluster"] >= 0).all() and picked["cluster"].is_unique  # one pick per centroid
+        assert np.isfinite(picked["score"]).all() and (picked["score"] > 0).all()
+    else:
+        assert (picked["cluster"] == -1).all() and picked["score"].isna().all()
+
+    # the oracle cleaned the picked labels: cleaned = true label, observed = the noisy one
+    bundle = build_data(cfg.data, cfg.noise, cfg.seed)
+    pos = bundle.train.positions_of(sel["sample_id"].to_numpy())
+    np.testing.assert_array_equal(sel["cleaned_label"].to_numpy(), bundle.train.y_true[pos])
+    np.testing.assert_array_equal(sel["observed_label"].to_numpy(), bundle.train.y_obs[pos])
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(runs["metrics"][method]))  # the returned dict is what was written
+    assert metrics["method"] == method and metrics["seed"] == SEED and metrics["dataset"] == "toy"
+    assert (metrics["budget"], metrics["warmup"]) == (budget, warmup)
+    assert 0.0 <= metrics["test_acc_at_best_val"] <= 1.0
+    assert 0.0 <= metrics["final_test_acc"] <= 1.0
+    assert 0 <= metrics["best_epoch"] < cfg.reweight.epochs
+    assert math.isfinite(metrics["weight_auc"]) and 0.0 <= metrics["weight_auc"] <= 1.0
+    assert metrics["meta_clean_frac_observed"] == pytest.approx(
+        float(np.mean(sel["observed_label"] == sel["cleaned_label"])))
+    assert {"warmup_train_s", "total_s"} <= set(metrics["timings"])
+    assert all(isinstance(v, float) and v >= 0 for v in metrics["timings"].values())
+    assert [r["round"] for r in metrics["rounds"]] == [1]
+    assert metrics["rounds"][0]["picked"] == budget - warmup
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"config", "seed", "versions", "fingerprint", "timings"} <= set(manifest)
+    assert manifest["seed"] == SEED
+    assert manifest["fingerprint"] == config_fingerprint(to_dict(cfg))
+    assert manifest["config"]["selection"]["method"] == method
+    assert manifest["config"]["output_dir"] == cfg.output_dir
+    assert manifest["versions"]["ray"].startswith("2.60") and manifest["versions"]["torch"]
+    assert manifest["extra"]["status"] == "complete"
+    assert manifest["timings"]["total_s"] == pytest.approx(metrics["timings"]["total_s"])
+
+
+def test_same_seed_gives_the_same_warmup_for_both_methods(runs):
+    rbc, rnd = _selection(runs, "rbc"), _selection(runs, "random")
+    pd.testing.assert_frame_equal(rbc[rbc["round"] == 0].reset_index(drop=True),
+                                  rnd[rnd["round"] == 0].reset_index(drop=True))
+    # the picks are new samples in both cases (never a warm-up sample again)
+    for sel in (rbc, rnd):
+        assert not set(sel.loc[sel["round"] == 1, "sample_id"]) & set(sel.loc[sel["round"] == 0, "sample_id"])
+
+
+def test_warmup_training_run_is_shared(runs):
+    storage = runs["storage"]
+    warmups = sorted(p.name for p in storage.iterdir() if p.name.startswith("warmup-"))
+    assert warmups == [warmup_name(runs["cfgs"]["rbc"])] == [warmup_name(runs["cfgs"]["random"])]
+    # random added only its own round-1 run, and did not touch the warm-up run's files
+    added = sorted(set(runs["runs_after_random"]) - set(runs["runs_after_rbc"]))
+    assert len(added) == 1 and added[0].startswith("random-round1-")
+    assert _files_mtime_max(storage / warmups[0]) <= runs["after_rbc"]
+    snaps = sorted((storage / warmups[0]).glob("checkpoint_*/model.pt"))
+    assert len(snaps) == runs["cfgs"]["rbc"].reweight.epochs  # snapshot_every=1: one per epoch
+
+
+def test_rerunning_the_rbc_command_gives_the_same_picks(runs):
+    # same seed, same config (only output_dir differs, which is not part of the run's identity)
+    first, again = _selection(runs, "rbc"), _selection(runs, "rbc_again")
+    pd.testing.assert_frame_equal(first, again)
+    m1, m2 = runs["metrics"]["rbc"], runs["metrics"]["rbc_again"]
+    for key in ("test_acc_at_best_val", "best_epoch", "final_test_acc", "weight_auc"):
+        assert m2[key] == m1[key], key
+    # every training run was reused: no new run directory, and the reused warm-up took no training
+    assert runs["runs_after_rerun"] == runs["runs_after_random"]
+    assert m2["timings"]["warmup_train_s"] < m1["timings"]["warmup_train_s"]
+    assert m2["rounds"][0]["objective"] == m1["rounds"][0]["objective"]

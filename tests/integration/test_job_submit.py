@@ -1,0 +1,179 @@
+"""``ray job submit`` of ``python -m jobs.select`` to a separate local Ray head that this test owns.
+
+The head runs in its own process group with its own temp dir (so no other ``ray.init()`` on this
+machine can find it through /tmp/ray/ray_current_cluster), its own ports and its own auth token
+(``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN_PATH`` to a private file: the shared ~/.ray/auth_token is
+neither read nor written). Teardown terminates exactly that process group; ``ray stop`` is never
+used because it would stop every Ray cluster on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+# tiny toy run: 2 random warm-up + 4 picked by RBC, a few epochs
+OVERRIDES = ["method=rbc", "seed=0", "reweight.epochs=4", "features.num_snapshots=2", "features.stride=1",
+             "selection.budget=6", "selection.warmup=2"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _get(url: str, token: str, timeout: float = 5.0) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line mentions ``text`` (our private temp dir): stragglers of our head."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A 2-CPU Ray head with the dashboard (job server) on free ports, torn down by process group."""
+    # short path: Ray puts unix sockets under <temp dir>/session_*/sockets (108-byte limit)
+    root = Path(tempfile.mkdtemp(prefix="prjs-", dir="/tmp"))
+    token_file = root / "auth_token"
+    token = secrets.token_hex(32)
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") or k in ("RAY_USAGE_STATS_ENABLED",)}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # the job's `python` is this venv's
+    env.pop("PYTHONPATH", None)  # the job must import the package from its uploaded working dir
+    log = open(root / "head.log", "wb")
+    cmd = [RAY, "start", "--head", "--block", "--num-cpus", "2", "--object-store-memory", "300000000",
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(rt_env),
+           "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+           "--temp-dir", str(root / "ray"), "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while _get(f"{address}/api/jobs/", token) != 200:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{(root / 'head.log').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"job server at {address} did not answer in 120 s:\n"
+                            f"{(root / 'head.log').read_text()[-3000:]}")
+            time.sleep(1.0)
+        # without the token the job server refuses: this cluster really uses token auth
+        assert _get(f"{address}/api/jobs/", "wrong-token") in (401, 403)
+        yield {"address": address, "env": env, "root": root, "token": token}
+    finally:
+        _terminate(proc, root)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _terminate(proc: subprocess.Popen, root: Path) -> None:
+    """SIGTERM our head's process group (ray start --block then stops its own processes); then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    # Ray processes that left the group (workers, agents) still name our private temp dir
+    deadline = time.monotonic() + 10
+    while (left := _pids_mentioning(str(root))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _pids_mentioning(str(root)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_ray_job_submit_runs_the_select_job(ray_head, tmp_path):
+    out = tmp_path / "job_out"  # absolute: the job runs from a temporary copy of the working dir
+    sub_id = f"pivotal-e2e-{secrets.token_hex(4)}"
+    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", sub_id,
+           "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+           "--", "python", "-m", "jobs.select", *OVERRIDES, f"output_dir={out}"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=420)
+    wall = time.monotonic() - t0
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"ray job submit failed ({proc.returncode}) after {wall:.0f}s:\n{logs[-6000:]}"
+    assert f"Job '{sub_id}' succeeded" in logs, logs[-3000:]
+    assert "test accuracy at best validation epoch" in logs  # the driver's summary, streamed back
+
+    # artefacts landed in the absolute output_dir
+    assert {"selection.csv", "metrics.json", "manifest.json"} <= {p.name for p in out.iterdir()}
+    sel = pd.read_csv(out / "selection.csv")
+    assert len(sel) == 6 and sel["sample_id"].is_unique
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "rbc" and 0.0 <= metrics["test_acc_at_best_val"] <= 1.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extra"]["status"] == "complete"
+    # the shipped .git/HEAD + refs let the job record the commit it ran
+    from pivotal_ray.core.artifacts import git_revision
+
+    assert manifest["git_revision"] == git_revision(REPO)
+    # Ray Train storage defaulted under output_dir (not inside the temporary working-dir copy)
+    assert any(p.name.startswith("warmup-") for p in (out / "ray_train").iterdir())
+
+    # the uploaded working dir left out what cluster/runtime_env.yaml excludes
+    pkgs = list((ray_head["root"] / "ray").glob("session_*/runtime_resources/working_dir_files/*"))
+    assert pkgs, "no unpacked working dir found in the head's session"
+    for pkg in pkgs:
+        names = {p.name for p in pkg.iterdir()}
+        assert {"pivotal_ray", "jobs", "configs"} <= names
+        assert not names & {".venv", "outputs", ".hypothesis", ".pytest_cache", "pivotal_ray.egg-info"}
+        assert (pkg / ".git" / "HEAD").is_file() and not (pkg / ".git" / "objects").exists()
