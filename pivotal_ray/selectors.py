@@ -71,35 +71,45 @@ def _snapshot_epochs(ctx: RoundContext) -> list[int]:
     return choose_snapshots(val, num_snapshots=f["num_snapshots"], stride=f["stride"])
 
 
-def extract_round_features(ctx: RoundContext) -> str:
-    """Ray Data feature extraction over every training sample at the chosen snapshots."""
+def extract_round_features(ctx: RoundContext, *, kind: str | None = None, epochs: list[int] | None = None,
+                           name: str = "features") -> str:
+    """Ray Data feature extraction over every training sample at the chosen snapshots.
+
+    With no keywords: ``features.kind`` at the K chosen snapshots into ``work_dir/features``.
+    ``kind`` forces an extractor whatever the config says (gbc, rbc_k, craig), ``epochs``
+    replaces the chosen snapshots, ``name`` is the directory under ``work_dir``.
+    """
     import time
 
     from .distributed.extract import extract_features
 
     t0 = time.perf_counter()
-    epochs = _snapshot_epochs(ctx)
+    epochs = _snapshot_epochs(ctx) if epochs is None else [int(e) for e in epochs]
     snapshots = [{"path": ctx.run.snapshot(e)["path"], "epoch": e} for e in epochs]
     cfg, r = ctx.cfg, ctx.cfg["ray"]
-    out = ctx.work_dir / "features"
+    feature_spec = cfg["features"] if kind is None else {**cfg["features"], "kind": kind}
+    out = ctx.work_dir / name
     if not out.exists():
         extract_features(
             data_spec={"data": cfg["data"], "noise": cfg["noise"], "seed": ctx.seed},
             model_spec=cfg["model"], snapshots=snapshots, sample_ids=ctx.bundle.train.sample_id,
-            feature_spec=cfg["features"], output_path=str(out), num_actors=r["extract_actors"],
+            feature_spec=feature_spec, output_path=str(out), num_actors=r["extract_actors"],
             num_cpus=r["extract_cpus"], num_gpus=r["extract_gpus"], batch_size=cfg["features"]["batch_size"])
     ctx.timings["features_s"] = time.perf_counter() - t0
     ctx.timings["snapshot_epochs"] = epochs  # type: ignore[assignment]
     return str(out)
 
 
-def _clustering(weighted: bool) -> Selector:
+def _clustering(weighted: bool, kind: str | None = None) -> Selector:
+    """Weighted (rbc, gbc) or plain (rbc_k) K-means on features of ``kind`` (None: features.kind)."""
+
     def select(ctx: RoundContext, k: int) -> Picks:
         import time
 
         from .distributed.kmeans import select_pivotal_distributed
 
-        path = extract_round_features(ctx)
+        path = extract_round_features(ctx) if kind is None else extract_round_features(ctx, kind=kind,
+                                                                                        name=f"features_{kind}")
         s, r = ctx.cfg["selection"], ctx.cfg["ray"]
         t0 = time.perf_counter()
         sel = select_pivotal_distributed(
@@ -116,3 +126,68 @@ def _clustering(weighted: bool) -> Selector:
 
 
 SELECTORS.register("rbc")(_clustering(weighted=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines (spec section 6): same warm-up, same budget per round, exactly k new candidates
+# ---------------------------------------------------------------------------------------------
+
+SELECTORS.register("rbc_k")(_clustering(weighted=False, kind="rbc"))  # plain K-means, RBC features
+SELECTORS.register("gbc")(_clustering(weighted=True, kind="gbc"))  # weighted K-means, GBC features
+
+CRAIG_COVERAGE = 1024  # coverage subsample of the facility-location term (core.baselines.select_craig)
+
+
+@SELECTORS.register("random_balanced")
+def select_random_balanced(ctx: RoundContext, k: int) -> Picks:
+    """k candidates, equally many per OBSERVED (noisy) class, drawn from the seed."""
+    from .core.baselines import balanced_random
+
+    cand, train = ctx.candidates(), ctx.bundle.train
+    ids = balanced_random(cand, train.y_obs[train.positions_of(cand)], k=k, num_classes=ctx.bundle.num_classes,
+                          seed=derive_seed(ctx.seed, "select", "random_balanced", ctx.round))
+    return _unscored(ids)
+
+
+def _best_model(ctx: RoundContext) -> Any:
+    """The model of the last run's best-validation snapshot, in eval mode on the CPU."""
+    import torch
+
+    from .core.models import build_model
+
+    snap = ctx.run.snapshot(ctx.run.best_epoch)
+    model = build_model(ctx.cfg["model"], ctx.bundle.num_classes, ctx.bundle.input_shape)
+    model.load_state_dict(torch.load(Path(snap["path"]) / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def _entropy(highest: bool) -> Selector:
+    def select(ctx: RoundContext, k: int) -> Picks:
+        """k candidates of highest (uncertain) / lowest (certain) predictive entropy at the best
+        snapshot; score = entropy, ties by the smaller sample_id."""
+        from .core.baselines import predict_probs, predictive_entropy, rank_by_entropy
+
+        cand = ctx.candidates()
+        probs = predict_probs(_best_model(ctx), ctx.bundle.train, ctx.bundle.train.positions_of(cand),
+                              batch_size=int(ctx.cfg["features"]["batch_size"]))  # (n, C)
+        ids, H = rank_by_entropy(cand, predictive_entropy(probs), k=k, highest=highest)
+        return Picks(ids, np.full(k, -1, dtype=np.int64), H, info={"best_epoch": int(ctx.run.best_epoch)})
+
+    return select
+
+
+SELECTORS.register("uncertain")(_entropy(highest=True))
+SELECTORS.register("certain")(_entropy(highest=False))
+
+
+@SELECTORS.register("craig")
+def select_craig(ctx: RoundContext, k: int) -> Picks:
+    """Facility-location greedy (CRAIG) on the RBC factors of the best snapshot (K = 1); score = gain."""
+    from .core.baselines import select_craig as craig
+    from .core.densetable import read_feature_table
+
+    path = extract_round_features(ctx, kind="rbc", epochs=[ctx.run.best_epoch], name="features_craig")
+    res = craig(read_feature_table(path), k=k, meta_ids=ctx.meta_ids, coverage_size=CRAIG_COVERAGE,
+                seed=derive_seed(ctx.seed, "select", "craig", ctx.round))
+    return Picks(res.sample_id, np.full(k, -1, dtype=np.int64), res.gain,
+                 info={"coverage_size": int(res.coverage_ids.size), "c_max": res.c_max})

@@ -5,7 +5,9 @@ actors. Each actor rebuilds the data bundle from the plain specs (``build_data``
 and loads all K snapshot models ONCE; every batch of n ids then becomes K x n rows
 ``(sample_id, snapshot, epoch, <feature columns>)``, written as parquet. For RBC that is the
 factor-table layout of :mod:`pivotal_ray.core.featuretable` (A: fixed_size_list<float32>[C],
-x: fixed_size_list<float32>[d]).
+x: fixed_size_list<float32>[d]); for GBC the dense layout of :mod:`pivotal_ray.core.densetable`
+(g: fixed_size_list<float32>[W]). GBC extractors are fitted in every actor over all candidates in
+the same order with the same seed, so every actor draws the same tensors (see core/gbc.py).
 
 The table is written to a temporary sibling directory and renamed into place only once every row
 is there, so a crash never leaves a partial table at ``output_path``.
@@ -37,8 +39,10 @@ import ray
 import torch
 
 from ..config import FeatureConfig, _build
+from ..core import gbc as _gbc  # noqa: F401  (registers EXTRACTORS "gbc")
+from ..core.densetable import read_feature_table
 from ..core.features import EXTRACTORS
-from ..core.featuretable import FactorFeatures, parquet_files, read_factor_table
+from ..core.featuretable import DenseFeatures, FactorFeatures, parquet_files
 from ..core.seeding import derive_seed
 
 
@@ -215,15 +219,17 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
     return str(final)
 
 
-def load_features(output_path: str | os.PathLike[str]) -> FactorFeatures:
-    """Read an RBC factor table written by :func:`extract_features` (rows sorted by sample_id).
+def load_features(output_path: str | os.PathLike[str]) -> FactorFeatures | DenseFeatures:
+    """Read a table written by :func:`extract_features` (rows sorted by sample_id).
 
     Returns
     -------
-    FactorFeatures
+    FactorFeatures (RBC)
         sample_id (N,), A (N, K, C), X (N, K, d).
+    DenseFeatures (GBC; :mod:`pivotal_ray.core.densetable` layout)
+        sample_id (N,), G (N, K*W): the K snapshot rows side by side.
     """
-    return read_factor_table(output_path)
+    return read_feature_table(output_path)
 
 
 __all__ = ["extract_features", "load_features"]

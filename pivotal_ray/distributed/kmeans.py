@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures, parquet_files, read_factor_table
+from pivotal_ray.core.densetable import read_feature_table
+from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures, parquet_files
 from pivotal_ray.core.kmeans import Selection, select_pivotal
 from pivotal_ray.core.shards import SHARD_OPS, make_shard
 
@@ -39,14 +40,14 @@ class ShardActor:
 
     ``source`` is a FactorFeatures/DenseFeatures (pass an object ref; Ray resolves it) or
     ``{"files": [...], "sample_ids": (n,) int64}``: this shard's samples read from the parquet
-    feature table with :func:`read_factor_table`.
+    feature table with :func:`read_feature_table` (A/x columns -> factor, g -> dense).
     """
 
     def __init__(self, source: Any, *, device: str = "cpu", chunk_bytes: int = 64 * 2**20,
                  num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)  # fractional-CPU actors share cores; don't oversubscribe
         if isinstance(source, dict):
-            source = read_factor_table(source["files"], sample_ids=source["sample_ids"])
+            source = read_feature_table(source["files"], sample_ids=source["sample_ids"])
         self.shard = make_shard(source, device=device, chunk_bytes=chunk_bytes)
 
     def call(self, method: str, /, **kwargs: Any) -> Any:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 # tiny toy run: 2 random warm-up + 4 picked by RBC, a few epochs
-OVERRIDES = ["method=rbc", "seed=0", "reweight.epochs=4", "features.num_snapshots=2", "features.stride=1",
+OVERRIDES = ["method=rbc", "seed=0", "reweight.epochs=3", "features.num_snapshots=2", "features.stride=1",
              "selection.budget=6", "selection.warmup=2"]
 
 
@@ -84,9 +84,9 @@ def ray_head():
     token_file.write_text(token)
     token_file.chmod(0o600)
     gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RAY_") or k in ("RAY_USAGE_STATS_ENABLED",)}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS etc. leaking in
+    env.update(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop at once, no 30 s drain
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # the job's `python` is this venv's
     env.pop("PYTHONPATH", None)  # the job must import the package from its uploaded working dir
     log = open(root / "head.log", "wb")
@@ -118,20 +118,20 @@ def ray_head():
 
 
 def _terminate(proc: subprocess.Popen, root: Path) -> None:
-    """SIGTERM our head's process group (ray start --block then stops its own processes); then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        break
+    """SIGTERM our ``ray start --block`` (it stops the processes it started), then SIGKILL its group."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of ours still in the group
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
     # Ray processes that left the group (workers, agents) still name our private temp dir
     deadline = time.monotonic() + 10
-    while (left := _pids_mentioning(str(root))) and time.monotonic() < deadline:
+    while _pids_mentioning(str(root)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in _pids_mentioning(str(root)):
         try:
@@ -140,40 +140,62 @@ def _terminate(proc: subprocess.Popen, root: Path) -> None:
             pass
 
 
-def test_ray_job_submit_runs_the_select_job(ray_head, tmp_path):
-    out = tmp_path / "job_out"  # absolute: the job runs from a temporary copy of the working dir
+@pytest.fixture(scope="module")
+def submitted(ray_head, tmp_path_factory):
+    """``ray job submit`` of a tiny toy run, waiting for it to finish (logs stream back)."""
+    out = tmp_path_factory.mktemp("job") / "out"  # absolute: the job runs from a temporary copy
     sub_id = f"pivotal-e2e-{secrets.token_hex(4)}"
     cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--submission-id", sub_id,
            "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
            "--", "python", "-m", "jobs.select", *OVERRIDES, f"output_dir={out}"]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=420)
-    wall = time.monotonic() - t0
-    logs = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"ray job submit failed ({proc.returncode}) after {wall:.0f}s:\n{logs[-6000:]}"
-    assert f"Job '{sub_id}' succeeded" in logs, logs[-3000:]
+    return {"proc": proc, "logs": proc.stdout + proc.stderr, "out": out, "id": sub_id,
+            "wall": time.monotonic() - t0, "root": ray_head["root"]}
+
+
+def test_ray_job_submit_runs_the_select_job(submitted):
+    proc, logs, out = submitted["proc"], submitted["logs"], submitted["out"]
+    assert proc.returncode == 0, (f"ray job submit failed ({proc.returncode}) after {submitted['wall']:.0f}s:\n"
+                                  f"{logs[-6000:]}")
+    assert f"Job '{submitted['id']}' succeeded" in logs, logs[-3000:]
     assert "test accuracy at best validation epoch" in logs  # the driver's summary, streamed back
 
     # artefacts landed in the absolute output_dir
     assert {"selection.csv", "metrics.json", "manifest.json"} <= {p.name for p in out.iterdir()}
     sel = pd.read_csv(out / "selection.csv")
     assert len(sel) == 6 and sel["sample_id"].is_unique
+    assert (sel["round"] == 0).sum() == 2 and (sel.loc[sel["round"] == 1, "cluster"] >= 0).all()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "rbc" and 0.0 <= metrics["test_acc_at_best_val"] <= 1.0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["extra"]["status"] == "complete"
-    # the shipped .git/HEAD + refs let the job record the commit it ran
-    from pivotal_ray.core.artifacts import git_revision
-
-    assert manifest["git_revision"] == git_revision(REPO)
     # Ray Train storage defaulted under output_dir (not inside the temporary working-dir copy)
     assert any(p.name.startswith("warmup-") for p in (out / "ray_train").iterdir())
 
-    # the uploaded working dir left out what cluster/runtime_env.yaml excludes
-    pkgs = list((ray_head["root"] / "ray").glob("session_*/runtime_resources/working_dir_files/*"))
+
+def _unpacked_working_dirs(root: Path) -> list[Path]:
+    found = (root / "ray").glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+    return sorted({p.resolve() for p in found if p.is_dir()})  # session_latest is a link; skip *.zip.lock
+
+
+def test_uploaded_working_dir_leaves_out_the_excludes(submitted):
+    assert submitted["proc"].returncode == 0
+    pkgs = _unpacked_working_dirs(submitted["root"])
     assert pkgs, "no unpacked working dir found in the head's session"
     for pkg in pkgs:
         names = {p.name for p in pkg.iterdir()}
-        assert {"pivotal_ray", "jobs", "configs"} <= names
+        assert {"pivotal_ray", "jobs", "configs", "cluster"} <= names
         assert not names & {".venv", "outputs", ".hypothesis", ".pytest_cache", "pivotal_ray.egg-info"}
-        assert (pkg / ".git" / "HEAD").is_file() and not (pkg / ".git" / "objects").exists()
+        assert not list(pkg.rglob("__pycache__"))
+        assert not (pkg / ".git" / "objects").exists() and not (pkg / ".git" / "index").exists()
+
+
+def test_job_manifest_names_the_commit_that_ran(submitted):
+    from pivotal_ray.core.artifacts import git_revision
+
+    assert submitted["proc"].returncode == 0
+    for pkg in _unpacked_working_dirs(submitted["root"]):
+        assert (pkg / ".git" / "HEAD").is_file()
+    manifest = json.loads((submitted["out"] / "manifest.json").read_text())
+    assert manifest["git_revision"] is not None and manifest["git_revision"] == git_revision(REPO)
