@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from .. import storage
 from ..config import FeatureConfig, _build
 from ..core import gbc as _gbc  # noqa: F401  (registers EXTRACTORS "gbc")
 from ..core.densetable import read_feature_table
@@ -84,7 +85,7 @@ class _ExtractWorker:
         for k, snap in enumerate(snapshots):
             model = build_model(model_spec, bundle.num_classes, bundle.input_shape)
             try:
-                state = torch.load(Path(snap["path"]) / "model.pt", map_location="cpu", weights_only=True)
+                state = storage.torch_load(storage.join(snap["path"], "model.pt"), map_location="cpu")
                 model.load_state_dict(state)
             except Exception as e:  # name the snapshot and the likely fix, keep torch's reason
                 raise RuntimeError(f"cannot load snapshot {k} ({snap['path']}/model.pt) into model {model_spec}: "
@@ -128,7 +129,7 @@ def _check_inputs(*, data_spec: dict, snapshots: list[dict], sample_ids: np.ndar
     for k, snap in enumerate(snapshots):
         if not {"path", "epoch"} <= set(snap):
             raise ValueError(f"snapshot {k} is {snap!r}: each snapshot must be {{'path': dir, 'epoch': int}}")
-        if not (Path(snap["path"]) / "model.pt").is_file():
+        if not storage.exists(storage.join(snap["path"], "model.pt")):
             raise FileNotFoundError(f"snapshot {k} has no model.pt under {snap['path']!r}: pass checkpoint "
                                     "directories written by the training stage")
     ids = np.asarray(sample_ids)

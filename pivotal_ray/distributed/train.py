@@ -28,6 +28,7 @@ from ..core.data import build_data
 from ..core.models import build_model
 from ..core.reweight import LocalReducer, TorchDistReducer, build_reweighter
 from ..core.seeding import derive_seed, numpy_rng, torch_generator
+from .. import storage
 
 
 @dataclass
@@ -52,8 +53,7 @@ class TrainRun:
 
     def final_weights(self) -> torch.Tensor:
         """(N_train,) per-sample weights of the last snapshot."""
-        state = torch.load(Path(self.snapshots[-1]["path"]) / "train_state.pt", weights_only=True)
-        return state["weights"]
+        return storage.torch_load(storage.join(self.snapshots[-1]["path"], "train_state.pt"))["weights"]
 
 
 def _evaluate(model: torch.nn.Module, split, positions: np.ndarray, device: torch.device, batch: int,
@@ -165,11 +165,12 @@ def train_loop(config: dict[str, Any]) -> None:
                              delete_local_checkpoint_after_upload=checkpoint is not None)
 
 
-def _scan_snapshots(run_path: Path) -> list[dict[str, Any]]:
+def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
+    """Every persisted snapshot of a run (local path or storage URI), by epoch."""
     snaps = []
-    for m in sorted(run_path.glob("checkpoint_*/metrics.json")):
-        rec = json.loads(m.read_text())
-        snaps.append({"path": str(m.parent), **rec})
+    for d in storage.list_dirs(run_path, prefix="checkpoint_"):
+        if storage.exists(storage.join(d, "metrics.json")):  # skip an upload still in flight
+            snaps.append({"path": d, **storage.read_json(storage.join(d, "metrics.json"))})
     snaps.sort(key=lambda s: s["epoch"])
     return snaps
 
@@ -187,8 +188,8 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    run_path = Path(storage_path) / name
-    done = _scan_snapshots(run_path) if run_path.exists() else []
+    run_path = storage.join(storage_path, name)
+    done = _scan_snapshots(run_path)
     if not (done and done[-1]["epoch"] == int(reweight["epochs"]) - 1):
         config = {"data": data, "noise": noise, "model": model, "reweight": reweight, "seed": int(seed),
                   "meta_ids": [int(i) for i in meta_ids], "meta_labels": [int(v) for v in meta_labels],
@@ -210,9 +211,9 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
     snaps = _scan_snapshots(run_path)
     if not snaps:
         raise RuntimeError(f"training run {name} at {run_path} produced no checkpoints")
-    history = json.loads((Path(snaps[-1]["path"]) / "history.json").read_text())
+    history = storage.read_json(storage.join(snaps[-1]["path"], "history.json"))
     best = max(history, key=lambda s: (s["val_acc"], -s["epoch"]))  # earliest epoch among ties
-    return TrainRun(name=name, path=str(run_path), snapshots=snaps, best_epoch=int(best["epoch"]),
+    return TrainRun(name=name, path=run_path, snapshots=snaps, best_epoch=int(best["epoch"]),
                     best_val_acc=float(best["val_acc"]), test_acc_at_best=float(best["test_acc"]),
                     final_test_acc=float(history[-1]["test_acc"]), wall_s=time.perf_counter() - t0,
                     extra={"history": history})

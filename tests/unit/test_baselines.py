@@ -1,0 +1,283 @@
+"""Baseline selectors' maths (core/baselines.py) and the Ray-free selectors (spec section 6).
+
+References: facility location by plain greedy that evaluates F(S) from scratch; distances from the
+materialised G; entropies of hand-built probabilities.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pivotal_ray.config import ExperimentConfig, ModelConfig, to_dict
+from pivotal_ray.core.baselines import (balanced_quotas, balanced_random, craig_similarity,
+                                        facility_location_greedy, predict_probs, predictive_entropy,
+                                        rank_by_entropy, select_craig)
+from pivotal_ray.core.data import build_data
+from pivotal_ray.core.features import rbc_factors
+from pivotal_ray.core.featuretable import (DenseFeatures, FactorFeatures, factor_columns, factor_schema,
+                                          read_factor_table)
+from pivotal_ray.core.kmeans import select_pivotal
+from pivotal_ray.core.models import build_model
+from pivotal_ray.core.seeding import derive_seed, numpy_rng
+from pivotal_ray.selectors import SELECTORS, RoundContext
+
+# ---------------------------------------------------------------------------------------------
+# random_balanced
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(avail=st.lists(st.integers(0, 12), min_size=1, max_size=6), data=st.data())
+def test_quotas_are_as_equal_as_the_classes_allow(avail, data) -> None:
+    n = np.array(avail)
+    if n.sum() == 0:
+        return
+    k = data.draw(st.integers(1, int(n.sum())))
+    prio = np.array(data.draw(st.permutations(range(len(n)))))
+    q = balanced_quotas(n, k=k, priority=prio)
+    assert q.sum() == k and (q >= 0).all() and (q <= n).all()
+    open_ = q < n  # classes that could have taken more
+    if open_.any():
+        # nobody below capacity has fewer than anyone else minus one, and no class holds more
+        # than one above a class that still had room
+        assert q[open_].max() - q[open_].min() <= 1
+        assert q.max() <= q[open_].min() + 1
+    # brute force: water-filling minimises sum_c q_c^2 over all feasible quota vectors (tiny cases)
+    if len(n) <= 4 and n.max() <= 6:
+        best = min(sum(v * v for v in c) for c in itertools.product(*(range(v + 1) for v in n)) if sum(c) == k)
+        assert int((q * q).sum()) == best
+
+
+def test_random_balanced_counts_by_observed_label() -> None:
+    ids = np.arange(1000, 1090)
+    y = np.repeat([0, 1, 2], 30)
+    pick = balanced_random(ids, y, k=7, num_classes=3, seed=0)
+    assert pick.size == 7 and np.unique(pick).size == 7 and np.isin(pick, ids).all()
+    counts = np.bincount(y[np.searchsorted(ids, pick)], minlength=3)
+    assert sorted(counts.tolist()) == [2, 2, 3]  # 7 = 2 + 2 + 3
+    assert np.array_equal(pick, balanced_random(ids, y, k=7, num_classes=3, seed=0))  # deterministic
+    perm = numpy_rng(1, "perm").permutation(90)
+    assert np.array_equal(pick, balanced_random(ids[perm], y[perm], k=7, num_classes=3, seed=0))  # order-free
+    assert any(not np.array_equal(pick, balanced_random(ids, y, k=7, num_classes=3, seed=s)) for s in (1, 2, 3))
+    # a class with fewer candidates than its share gives the rest to the others
+    y2 = np.r_[np.zeros(1, int), np.ones(44, int), np.full(45, 2)]
+    c2 = np.bincount(y2[np.searchsorted(ids, balanced_random(ids, y2, k=9, num_classes=3, seed=0))], minlength=3)
+    assert c2.tolist() == [1, 4, 4]
+    with pytest.raises(ValueError, match="lower the budget"):
+        balanced_random(ids, y, k=91, num_classes=3, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# uncertain / certain
+# ---------------------------------------------------------------------------------------------
+
+
+def test_entropy_and_its_ranking() -> None:
+    probs = np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0], [0.8, 0.1, 0.1],
+                      [0.5, 0.0, 0.5], [0.0, 1.0, 0.0]])
+    H = predictive_entropy(probs)
+    np.testing.assert_allclose(H, [0, math.log(3), math.log(2), -(0.8 * math.log(0.8) + 0.2 * math.log(0.1)),
+                                   math.log(2), 0], atol=1e-12)
+    ids = np.array([50, 10, 40, 30, 20, 5])
+    top, h = rank_by_entropy(ids, H, k=3, highest=True)
+    assert top.tolist() == [10, 20, 40]  # log 3, then the two log 2 ties by the smaller id
+    low, _ = rank_by_entropy(ids, H, k=3, highest=False)
+    assert low.tolist() == [5, 50, 30]  # the two zeros (ties by id), then 0.639
+    np.testing.assert_allclose(h, [math.log(3), math.log(2), math.log(2)])
+    with pytest.raises(ValueError, match="lower the budget"):
+        rank_by_entropy(ids, H, k=7, highest=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# craig
+# ---------------------------------------------------------------------------------------------
+
+
+def _brute_greedy(sim: np.ndarray, k: int, cover: np.ndarray | None) -> list[int]:
+    """Plain greedy, F(S) recomputed from scratch for every candidate; ties -> smaller index."""
+    base = np.zeros(sim.shape[1]) if cover is None else cover
+
+    def F(S: list[int]) -> float:
+        return float(np.maximum(base, sim[S].max(0) if S else 0.0).sum())
+
+    S: list[int] = []
+    for _ in range(k):
+        vals = [(F(S + [j]), -j) for j in range(sim.shape[0]) if j not in S]
+        S.append(-max(vals)[1])
+    return S
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), m=st.integers(1, 7), seed=st.integers(0, 10**6), with_cover=st.booleans(),
+       data=st.data())
+def test_lazy_greedy_equals_brute_force(n, m, seed, with_cover, data) -> None:
+    # small integer similarities: sums are exact, so ties are real and must break alike
+    rng = numpy_rng(seed, "sim")
+    sim = rng.integers(0, 5, size=(n, m)).astype(np.float32)
+    cover = rng.integers(0, 4, size=m).astype(np.float64) if with_cover else None
+    k = data.draw(st.integers(1, n))
+    picks, gains = facility_location_greedy(sim, k=k, cover=cover)
+    assert picks.tolist() == _brute_greedy(sim.astype(np.float64), k, cover)
+    assert np.unique(picks).size == k and (np.diff(gains) <= 1e-12).all()  # submodular: gains shrink
+
+
+def test_lazy_greedy_on_real_valued_similarities() -> None:
+    sim = numpy_rng(3, "real").random((25, 12)).astype(np.float32)
+    picks, _ = facility_location_greedy(sim, k=8)
+    assert picks.tolist() == _brute_greedy(sim.astype(np.float64), 8, None)
+
+
+def _factor(n: int, seed: int, *, K: int = 1, C: int = 3, d: int = 4) -> FactorFeatures:
+    rng = numpy_rng(seed, "factor")
+    return FactorFeatures(np.arange(n, dtype=np.int64) * 3 + 1, rng.random((n, K, C)).astype(np.float32),
+                          rng.standard_normal((n, K, d)).astype(np.float32))
+
+
+def test_craig_similarity_matches_dense_distances() -> None:
+    f = _factor(11, 0, K=2)
+    G = f.dense().astype(np.float64)
+    cov, cand = f.take(np.array([1, 4, 7])), f.take(np.arange(11))
+    sim, c_max = craig_similarity(cov, cand, chunk=4)
+    dist = np.linalg.norm(G[:, None] - G[None, [1, 4, 7]], axis=-1)  # (11, 3)
+    assert c_max == pytest.approx(dist.max(), rel=1e-5)
+    np.testing.assert_allclose(sim, dist.max() - dist, atol=1e-4)
+    dsim, _ = craig_similarity(DenseFeatures(cov.sample_id, cov.dense()), DenseFeatures(cand.sample_id, G))
+    np.testing.assert_allclose(dsim, sim, atol=1e-4)
+
+
+def test_select_craig_picks() -> None:
+    f = _factor(30, 1)
+    meta = f.sample_id[[2, 17]]
+    res = select_craig(f, k=5, meta_ids=meta, coverage_size=100, seed=0)  # coverage = every candidate
+    assert res.sample_id.size == 5 and np.unique(res.sample_id).size == 5
+    assert not np.isin(res.sample_id, meta).any() and np.isin(res.sample_id, f.sample_id).all()
+    # reference: brute-force greedy on F(meta + S) over all candidates, from dense distances
+    G = f.dense().astype(np.float64)
+    cand = np.setdiff1d(np.arange(30), [2, 17])
+    D = np.linalg.norm(G[:, None] - G[None, cand], axis=-1)  # (all, cand)
+    sim = D.max() - D
+    want = _brute_greedy(sim[cand], 5, sim[[2, 17]].max(0))
+    assert res.sample_id.tolist() == f.sample_id[cand[want]].tolist()
+    again = select_craig(f, k=5, meta_ids=meta, coverage_size=100, seed=0)
+    assert np.array_equal(again.sample_id, res.sample_id)
+    sub = select_craig(f, k=5, meta_ids=meta, coverage_size=7, seed=0)  # documented subsample
+    assert sub.coverage_ids.size == 7 and not np.isin(sub.coverage_ids, meta).any()
+    assert np.unique(sub.sample_id).size == 5 and not np.isin(sub.sample_id, meta).any()
+    with pytest.raises(ValueError, match="no feature rows"):
+        select_craig(f, k=2, meta_ids=[999], seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Ray-free selectors on a toy round
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_ctx(tmp_path_factory) -> RoundContext:
+    """A round over the toy set with a fake warm-up run whose best snapshot is a fixed MLP."""
+    cfg = to_dict(ExperimentConfig(model=ModelConfig(name="mlp", hidden=8, depth=2)))
+    bundle = build_data(cfg["data"], cfg["noise"], cfg["seed"])
+    snap = tmp_path_factory.mktemp("run") / "checkpoint_000003"
+    snap.mkdir()
+    model = build_model(cfg["model"], bundle.num_classes, bundle.input_shape, seed=7)
+    torch.save(model.state_dict(), snap / "model.pt")
+    (snap / "metrics.json").write_text(json.dumps({"epoch": 3, "val_acc": 0.5}))
+    snapshots = [{"path": str(snap), "epoch": 3}]
+    run = SimpleNamespace(best_epoch=3, snapshots=snapshots, extra={"history": [{"epoch": 3, "val_acc": 0.5}]},
+                          snapshot=lambda e: next(s for s in snapshots if s["epoch"] == e))
+    meta = np.sort(numpy_rng(0, "meta").choice(bundle.train.sample_id, size=4, replace=False))
+    return RoundContext(cfg=cfg, bundle=bundle, meta_ids=meta, run=run, round=1,
+                        work_dir=Path(tmp_path_factory.mktemp("round")))
+
+
+def test_random_balanced_selector(toy_ctx) -> None:
+    picks = SELECTORS.get("random_balanced")(toy_ctx, 6)
+    train = toy_ctx.bundle.train
+    assert picks.sample_id.size == 6 and not np.isin(picks.sample_id, toy_ctx.meta_ids).any()
+    assert np.bincount(train.y_obs[train.positions_of(picks.sample_id)], minlength=2).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("method", ["uncertain", "certain"])
+def test_entropy_selectors(toy_ctx, method) -> None:
+    picks = SELECTORS.get(method)(toy_ctx, 5)
+    ids = picks.sample_id
+    assert ids.size == 5 and np.unique(ids).size == 5 and not np.isin(ids, toy_ctx.meta_ids).any()
+    # reference: entropies of every candidate straight from the snapshot's logits
+    train, cand = toy_ctx.bundle.train, toy_ctx.candidates()
+    model = build_model(toy_ctx.cfg["model"], 2, toy_ctx.bundle.input_shape)
+    model.load_state_dict(torch.load(Path(toy_ctx.run.snapshots[0]["path"]) / "model.pt", weights_only=True))
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(train.inputs(train.positions_of(cand))).double(), 1)
+    H = -(logp.exp() * logp).sum(1).numpy()
+    np.testing.assert_allclose(picks.score, H[np.searchsorted(cand, ids)], rtol=1e-9)
+    rest = np.delete(H, np.searchsorted(cand, ids))
+    if method == "uncertain":
+        assert picks.score.min() >= rest.max() and (np.diff(picks.score) <= 0).all()
+    else:
+        assert picks.score.max() <= rest.min() and (np.diff(picks.score) >= 0).all()
+
+
+def test_predict_probs_restores_mode(toy_ctx) -> None:
+    model = build_model(toy_ctx.cfg["model"], 2, toy_ctx.bundle.input_shape, seed=1).train()
+    p = predict_probs(model, toy_ctx.bundle.train, np.arange(10), batch_size=3)
+    assert model.training and p.shape == (10, 2)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+
+
+def _write_rbc_table(ctx: RoundContext, name: str) -> FactorFeatures:
+    """What extract_features would write for the best snapshot (K = 1), made in-process so that the
+    selector finds it and skips the Ray stage."""
+    train = ctx.bundle.train
+    model = build_model(ctx.cfg["model"], 2, ctx.bundle.input_shape)
+    model.load_state_dict(torch.load(Path(ctx.run.snapshots[0]["path"]) / "model.pt", weights_only=True))
+    A, X = rbc_factors(model, train.inputs(np.arange(len(train))), label_aware=False)
+    cols = factor_columns(train.sample_id, 0, 3, A.numpy(), X.numpy())
+    out = ctx.work_dir / name
+    out.mkdir()
+    pq.write_table(pa.table({c: (pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)),
+                                                                   type=pa.list_(pa.float32(), v.shape[1]))
+                                 if v.ndim == 2 else pa.array(v)) for c, v in cols.items()},
+                            schema=factor_schema(A.shape[1], X.shape[1])), out / "part-0.parquet")
+    return read_factor_table(out)
+
+
+def test_craig_selector_reads_the_best_snapshot_factors(toy_ctx) -> None:
+    feats = _write_rbc_table(toy_ctx, "features_craig")
+    picks = SELECTORS.get("craig")(toy_ctx, 4)
+    assert picks.sample_id.size == 4 and np.unique(picks.sample_id).size == 4
+    assert not np.isin(picks.sample_id, toy_ctx.meta_ids).any()
+    want = select_craig(feats, k=4, meta_ids=toy_ctx.meta_ids, coverage_size=1024,
+                        seed=derive_seed(toy_ctx.seed, "select", "craig", toy_ctx.round))
+    np.testing.assert_array_equal(picks.sample_id, want.sample_id)
+    np.testing.assert_allclose(picks.score, want.gain)
+
+
+def test_rbc_k_selector_runs_plain_kmeans_on_rbc_features(toy_ctx, monkeypatch) -> None:
+    import pivotal_ray.distributed.kmeans as dk
+
+    feats = _write_rbc_table(toy_ctx, "features_rbc")
+    seen = {}
+
+    def local(path, *, num_shards, shard_cpus, **kw):  # the in-memory run of the same algorithm
+        seen.update(path=path, **kw)
+        return select_pivotal(read_factor_table(path), **kw)
+
+    monkeypatch.setattr(dk, "select_pivotal_distributed", local)
+    picks = SELECTORS.get("rbc_k")(toy_ctx, 3)
+    assert seen["weighted"] is False and Path(seen["path"]).name == "features_rbc"
+    assert picks.sample_id.size == 3 and not np.isin(picks.sample_id, toy_ctx.meta_ids).any()
+    plain = select_pivotal(feats, budget=3, meta_ids=toy_ctx.meta_ids, exclude_frac=0.5, weighted=False,
+                           seed=seen["seed"], max_iter=seen["max_iter"])
+    np.testing.assert_array_equal(picks.sample_id, plain.sample_id)

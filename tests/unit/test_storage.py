@@ -1,0 +1,21 @@
+import torch
+
+from pivotal_ray import storage
+
+
+def test_local_path_and_file_uri_read_the_same_snapshot(tmp_path):
+    run = tmp_path / "run"
+    for i in (1, 0):
+        d = run / f"checkpoint_{i}"
+        d.mkdir(parents=True)
+        torch.save({"w": torch.full((3,), float(i))}, d / "model.pt")
+        (d / "metrics.json").write_text(f'{{"epoch": {i}}}')
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # a file, not a snapshot dir
+    for base in (str(run), f"file://{run}"):
+        dirs = storage.list_dirs(base, prefix="checkpoint_")
+        assert [d.rsplit("/", 1)[1] for d in dirs] == ["checkpoint_0", "checkpoint_1"]
+        assert storage.read_json(storage.join(dirs[1], "metrics.json")) == {"epoch": 1}
+        torch.testing.assert_close(storage.torch_load(storage.join(dirs[1], "model.pt"))["w"], torch.ones(3))
+        assert storage.exists(storage.join(dirs[0], "model.pt"))
+        assert not storage.exists(storage.join(dirs[0], "missing.pt"))
+    assert storage.list_dirs(str(tmp_path / "nope"), prefix="checkpoint_") == []
