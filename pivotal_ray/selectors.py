@@ -150,14 +150,13 @@ def select_random_balanced(ctx: RoundContext, k: int) -> Picks:
 
 
 def _best_model(ctx: RoundContext) -> Any:
-    """The model of the last run's best-validation snapshot, in eval mode on the CPU."""
-    import torch
-
+    """The model of the last run's best-validation snapshot (local path or storage URI), eval mode, CPU."""
+    from . import storage
     from .core.models import build_model
 
     snap = ctx.run.snapshot(ctx.run.best_epoch)
     model = build_model(ctx.cfg["model"], ctx.bundle.num_classes, ctx.bundle.input_shape)
-    model.load_state_dict(torch.load(Path(snap["path"]) / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(storage.torch_load(storage.join(str(snap["path"]), "model.pt"), map_location="cpu"))
     return model.eval()
 
 

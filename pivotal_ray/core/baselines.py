@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from torch import nn
 
 from .featuretable import DenseFeatures, FactorFeatures
 from .seeding import numpy_rng
+
+if TYPE_CHECKING:
+    from .data import Split
 
 __all__ = [
     "balanced_quotas", "balanced_random", "predict_probs", "predictive_entropy", "rank_by_entropy",
@@ -118,7 +121,7 @@ def balanced_random(sample_id: Sequence[int] | np.ndarray, labels: Sequence[int]
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, split: object, positions: np.ndarray, *, batch_size: int = 1024,
+def predict_probs(model: nn.Module, split: Split, positions: np.ndarray, *, batch_size: int = 1024,
                   device: str | torch.device = "cpu") -> np.ndarray:
     """Softmax probabilities of the samples at ``positions`` of a data Split, eval mode, batched.
 

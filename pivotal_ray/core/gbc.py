@@ -46,9 +46,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -105,18 +106,15 @@ def _params_and_buffers(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict
             {n: b.detach() for n, b in model.named_buffers()})
 
 
-class _eval_mode:
-    """Eval mode inside the block (BatchNorm running stats, no dropout), the caller's mode after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was = model, model.training
-
-    def __enter__(self) -> nn.Module:
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was)
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block (BatchNorm running statistics, no dropout), the caller's mode after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +322,7 @@ class GBCExtractor:
         self.seed = int(seed)
         self.chunk_bytes = int(chunk_bytes)
         self.names = trainable_tensors(model)
-        numel = dict((n, p.numel()) for n, p in model.named_parameters())
+        numel = {n: p.numel() for n, p in model.named_parameters()}
         self._numel = np.array([numel[n] for n in self.names], dtype=np.int64)  # (L,)
         self.block = int(min(self._numel.max(), self.proj_dim))  # B: every block padded to it
         self.width = self.num_draws * self.block  # W = R B per snapshot row
