@@ -110,7 +110,7 @@ def test_more_workers_than_the_cluster_has(out, ray_session, monkeypatch):
     monkeypatch.setattr(pipeline, "_train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
     cpus = ray_session.cluster_resources().get("CPU", 0)
     assert cpus < 64
-    with pytest.raises(ConfigError, match=r"ray.num_workers=64 .* needs 64.0 CPUs but the cluster has") as err:
+    with pytest.raises(ConfigError, match=r"ray.num_workers=64 .* needs [0-9.]+ CPUs but the cluster has") as err:
         _run("ray.num_workers=64", f"output_dir={out}")
     assert "lower ray.num_workers" in str(err.value)
     assert not out.exists()
