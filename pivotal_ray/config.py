@@ -168,6 +168,22 @@ class SelectionConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """The ``finetune`` baseline (spec section 6): fine-tune the best warm-up snapshot on the meta
+    set alone (plain SGD, every weight 1) instead of re-weighting."""
+
+    epochs: int = 30
+    lr: float | None = None  # None: reweight.lr
+    batch_size: int | None = None  # None: reweight.batch_size (the whole meta set when it is smaller)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"finetune.epochs={self.epochs} must be >= 1")
+        _check(self.lr is None or self.lr > 0, f"finetune.lr={self.lr} must be > 0 (or null: reweight.lr)")
+        _check(self.batch_size is None or self.batch_size >= 1,
+               f"finetune.batch_size={self.batch_size} must be >= 1 (or null: reweight.batch_size)")
+
+
+@dataclass
 class RayConfig:
     """Where and with what resources each stage runs."""
 
@@ -202,6 +218,7 @@ class ExperimentConfig:
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -215,6 +232,7 @@ _SECTIONS = {
     "reweight": ReweightConfig,
     "features": FeatureConfig,
     "selection": SelectionConfig,
+    "finetune": FinetuneConfig,
     "ray": RayConfig,
 }
 
