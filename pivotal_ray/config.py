@@ -28,6 +28,7 @@ def _one_of(name: str, value: str, allowed: Any) -> None:
 
 DATASETS = ("toy", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 NOISE_KINDS = ("none", "uniform", "uniform_mix", "adversarial")
+PROJECTION_KINDS = ("countsketch", "gaussian")  # the names registered in core.gbc.PROJECTIONS
 
 
 @dataclass
@@ -125,8 +126,10 @@ class FeatureConfig:
     # GBC
     num_layers: int = 5  # R
     proj_dim: int = 4096
+    projection: str = "countsketch"  # random projection of blocks longer than proj_dim (core.gbc.PROJECTIONS)
 
     def __post_init__(self) -> None:
+        _one_of("features.projection", self.projection, PROJECTION_KINDS)
         _check(self.num_snapshots >= 1, f"features.num_snapshots={self.num_snapshots} must be >= 1")
         _check(self.stride >= 1, f"features.stride={self.stride} must be >= 1")
         _check(self.batch_size > 0, "features.batch_size must be > 0")
