@@ -33,6 +33,7 @@ def resolve_config(cfg: DictConfig):
     """DictConfig -> validated ExperimentConfig with absolute paths (they cross into Ray workers)."""
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("method", None)  # already interpolated into selection.method
+    values.pop("compare", None)  # jobs.compare's own settings (CompareConfig)
     values["output_dir"] = os.path.abspath(values["output_dir"])
     data = values.get("data") or {}
     if data.get("root") and "://" not in data["root"]:

@@ -28,6 +28,7 @@ def _one_of(name: str, value: str, allowed: Any) -> None:
 
 DATASETS = ("toy", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 NOISE_KINDS = ("none", "uniform", "uniform_mix", "adversarial")
+PROJECTION_KINDS = ("countsketch", "gaussian")  # the names registered in core.gbc.PROJECTIONS
 
 
 @dataclass
@@ -125,8 +126,10 @@ class FeatureConfig:
     # GBC
     num_layers: int = 5  # R
     proj_dim: int = 4096
+    projection: str = "countsketch"  # random projection of blocks longer than proj_dim (core.gbc.PROJECTIONS)
 
     def __post_init__(self) -> None:
+        _one_of("features.projection", self.projection, PROJECTION_KINDS)
         _check(self.num_snapshots >= 1, f"features.num_snapshots={self.num_snapshots} must be >= 1")
         _check(self.stride >= 1, f"features.stride={self.stride} must be >= 1")
         _check(self.batch_size > 0, "features.batch_size must be > 0")
@@ -168,6 +171,22 @@ class SelectionConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """The ``finetune`` baseline (spec section 6): fine-tune the best warm-up snapshot on the meta
+    set alone (plain SGD, every weight 1) instead of re-weighting."""
+
+    epochs: int = 30
+    lr: float | None = None  # None: reweight.lr
+    batch_size: int | None = None  # None: reweight.batch_size (the whole meta set when it is smaller)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"finetune.epochs={self.epochs} must be >= 1")
+        _check(self.lr is None or self.lr > 0, f"finetune.lr={self.lr} must be > 0 (or null: reweight.lr)")
+        _check(self.batch_size is None or self.batch_size >= 1,
+               f"finetune.batch_size={self.batch_size} must be >= 1 (or null: reweight.batch_size)")
+
+
+@dataclass
 class RayConfig:
     """Where and with what resources each stage runs."""
 
@@ -202,6 +221,7 @@ class ExperimentConfig:
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
@@ -215,6 +235,7 @@ _SECTIONS = {
     "reweight": ReweightConfig,
     "features": FeatureConfig,
     "selection": SelectionConfig,
+    "finetune": FinetuneConfig,
     "ray": RayConfig,
 }
 
@@ -246,3 +267,37 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return fix(out)
+
+
+@dataclass
+class CompareConfig:
+    """``jobs.compare``: one experiment for methods x seeds (x the values of one varied key).
+
+    ``vary_key`` is a dotted config key (``noise.rate``, ``features.num_snapshots``) and
+    ``vary_values`` its values; every (value, method, seed) is one run of Algorithm 2.
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["random", "rbc"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    output_root: str | None = None
+    vary_key: str | None = None
+    vary_values: list[Any] = field(default_factory=list)
+    boundary_frac: float = 0.1  # boundary AUC: this fraction of samples nearest the decision boundary
+    tsne_max: int = 1500  # samples in the t-SNE plot (subsampled, seeded)
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        self.methods, self.seeds, self.vary_values = list(self.methods), list(self.seeds), list(self.vary_values)
+        _check(bool(self.methods), "compare.methods is empty: e.g. 'compare.methods=[random,rbc]'")
+        _check(len(set(self.methods)) == len(self.methods), f"compare.methods={self.methods} lists a method twice")
+        _check(bool(self.seeds) and all(isinstance(s, int) and s >= 0 for s in self.seeds),
+               f"compare.seeds={self.seeds} must be non-empty non-negative ints, e.g. 'compare.seeds=[0,1,2]'")
+        _check(len(set(self.seeds)) == len(self.seeds), f"compare.seeds={self.seeds} lists a seed twice")
+        _check(self.output_root is not None, "compare.output_root is required: compare.output_root=/abs/path")
+        _check(self.vary_key is None or "." in self.vary_key and bool(self.vary_values),
+               f"compare.vary_key={self.vary_key!r} needs a dotted config key (e.g. noise.rate) and a non-empty "
+               "compare.vary_values list, e.g. 'compare.vary_values=[0.2,0.4]'")
+        _check(self.vary_key is not None or not self.vary_values,
+               "compare.vary_values is set but compare.vary_key is not: set compare.vary_key=noise.rate (say)")
+        _check(0.0 < self.boundary_frac <= 1.0, f"compare.boundary_frac={self.boundary_frac} must be in (0, 1]")
+        _check(self.tsne_max >= 10, f"compare.tsne_max={self.tsne_max} must be >= 10")

@@ -4,6 +4,10 @@ warm-up (M0 random meta samples, meta re-weighting in Ray Train, a snapshot per 
 -> rounds: snapshots -> features (Ray Data) -> exclusion + weighted K-means (parameter server)
    -> picks -> oracle cleaning -> re-train
 -> final metrics and artefacts (selection.csv, metrics.json, manifest.json) in ``output_dir``.
+
+Which runs a method trains is its training plan's business (``training.PLANS``, named when the
+method is registered in ``selectors.SELECTORS``): the paper's methods re-weight after each round,
+``base`` trains once on the noisy set, ``finetune`` fine-tunes on the meta set alone.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from .config import ConfigError, ExperimentConfig, to_dict
 from .core import artifacts
 from .core.data import build_data
 from .core.metrics import weight_auc
-from .core.seeding import numpy_rng
-from .selectors import SELECTORS, Picks, RoundContext
+from .selectors import SELECTORS, Picks, RoundContext, plan_of
+from .training import PLANS, TrainEnv, train, warmup_ids, warmup_name  # noqa: F401  (re-exported)
+
+SELECTION_COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "cluster", "score"]
 
 
 def validate(cfg: ExperimentConfig) -> Any:
@@ -82,29 +88,6 @@ def connect(cfg: ExperimentConfig) -> None:
     ray.init(address=address, **kwargs)
 
 
-def _train(cfg: ExperimentConfig, name: str, meta_ids: np.ndarray, meta_labels: np.ndarray, storage: str):
-    from .distributed.train import run_training
-
-    c = to_dict(cfg)
-    return run_training(name=name, storage_path=storage, data=c["data"], noise=c["noise"], model=c["model"],
-                        reweight=c["reweight"], seed=cfg.seed, meta_ids=meta_ids, meta_labels=meta_labels,
-                        num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                        cpus_per_worker=cfg.ray.cpus_per_worker)
-
-
-def warmup_ids(cfg: ExperimentConfig, bundle: Any) -> np.ndarray:
-    """M0 random meta samples (shared by every method with the same seed)."""
-    rng = numpy_rng(cfg.seed, "warmup")
-    return np.sort(rng.choice(bundle.train.sample_id, size=cfg.selection.warmup, replace=False))
-
-
-def warmup_name(cfg: ExperimentConfig) -> str:
-    """Runs with the same data, noise, model, training and M0 share one warm-up run."""
-    c = to_dict(cfg)
-    key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
-    return f"warmup-{artifacts.config_fingerprint(key)[:12]}"
-
-
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run Algorithm 2 end to end and write the artefacts; returns metrics.json's content."""
     t_start = time.perf_counter()
@@ -119,20 +102,24 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     oracle = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_true.tolist()))
     observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
     timings: dict[str, Any] = {}
+    selector = SELECTORS.get(cfg.selection.method)
+    plan = PLANS.get(plan_of(selector))()
+    env = TrainEnv(cfg=cfg, storage=storage)
+    cleaned = lambda ids: np.array([oracle[int(i)] for i in ids], dtype=np.int64)  # noqa: E731
 
-    meta = warmup_ids(cfg, bundle)
+    meta = plan.warmup_ids(cfg, bundle)
     rows = [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
              "round": 0, "cluster": -1, "score": float("nan")} for i in meta]
     t0 = time.perf_counter()
-    run = _train(cfg, warmup_name(cfg), meta, np.array([oracle[int(i)] for i in meta]), storage)
-    timings["warmup_train_s"] = time.perf_counter() - t0
+    run = env.warmup = plan.first(env, meta_ids=meta, meta_labels=cleaned(meta))
+    timings[f"{plan.first_stage}_train_s"] = time.perf_counter() - t0
     rounds_info = []
-    for r, k in enumerate(cfg.selection.round_sizes, start=1):
+    for r, k in enumerate(plan.round_sizes(cfg), start=1):
         ctx = RoundContext(cfg=to_dict(cfg), bundle=bundle, meta_ids=meta, run=run, round=r,
                            work_dir=out / "rounds" / f"round_{r}")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        picks: Picks = SELECTORS.get(cfg.selection.method)(ctx, k)
+        picks: Picks = selector(ctx, k)
         ctx.timings["select_s"] = time.perf_counter() - t0
         _check_picks(picks, k, meta, bundle)
         rows += [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
@@ -141,7 +128,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         t0 = time.perf_counter()
         name = f"{cfg.selection.method}-round{r}-{artifacts.config_fingerprint(to_dict(cfg))[:12]}"
-        run = _train(cfg, name, meta, np.array([oracle[int(i)] for i in meta]), storage)
+        run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
         ctx.timings["train_s"] = time.perf_counter() - t0
         rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
 
@@ -156,11 +143,15 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "test_acc_at_best_val": run.test_acc_at_best, "best_val_acc": run.best_val_acc,
         "best_epoch": run.best_epoch, "final_test_acc": run.final_test_acc,
         "weight_auc": weight_auc(weights[noisy_mask], clean[noisy_mask]),
-        "meta_clean_frac_observed": float(np.mean([observed[int(i)] == oracle[int(i)] for i in meta])),
+        "meta_size": int(len(meta)),
+        "meta_clean_frac_observed": (float(np.mean([observed[int(i)] == oracle[int(i)] for i in meta]))
+                                     if len(meta) else None),
         "rounds": rounds_info,
+        "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),
+                      "best_snapshot": str(max(run.snapshots, key=lambda s: (s["val_acc"], -s["epoch"]))["path"])},
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
-    selection = pd.DataFrame(rows)
+    selection = pd.DataFrame(rows, columns=SELECTION_COLUMNS)
     artifacts.write_csv(out / "selection.csv", selection)
     artifacts.write_json(out / "metrics.json", metrics)
     artifacts.write_manifest(out, config=to_dict(cfg), seed=cfg.seed, timings=metrics["timings"],

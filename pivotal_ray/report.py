@@ -37,14 +37,22 @@ def _markdown(df: pd.DataFrame, *, index: bool) -> str:
     return "\n".join([head, rule, *body])
 
 
-def summary_markdown(df: pd.DataFrame) -> str:
-    """Per-seed rows and mean +- std per method, as markdown tables."""
-    per_seed = _markdown(df[COLUMNS], index=False)
-    g = df.groupby("method")
-    agg = pd.DataFrame({
-        "seeds": g["seed"].count(),
-        "test acc @ best val (%)": g["test_acc_at_best_val"].agg(lambda s: f"{s.mean():.2f} +- {s.std(ddof=0):.2f}"),
-        "weight AUC": g["weight_auc"].agg(lambda s: f"{s.mean():.3f} +- {s.std(ddof=0):.3f}"),
-        "wall time (s)": g["total_s"].agg(lambda s: f"{s.mean():.0f}"),
-    })
-    return _markdown(agg, index=True) + "\n\n" + per_seed + "\n"
+def summary_markdown(df: pd.DataFrame, *, by: tuple[str, ...] = ("method",)) -> str:
+    """Mean +- std per group (``by``: method, or e.g. (noise.rate, method)) and one row per run.
+
+    The boundary AUC column appears when ``df`` has ``boundary_auc`` (``jobs.compare`` rows).
+    """
+    by = list(by)
+    cols = by + [c for c in COLUMNS if c not in by]
+    if "boundary_auc" in df:
+        cols.insert(cols.index("weight_auc") + 1, "boundary_auc")
+    per_seed = _markdown(df[cols], index=False)
+    g = df.groupby(by)
+    pm = lambda fmt: (lambda s: f"{s.mean():{fmt}} +- {s.std(ddof=0):{fmt}}")  # noqa: E731
+    agg = {"seeds": g["seed"].count(),
+           "test acc @ best val (%)": g["test_acc_at_best_val"].agg(pm(".2f")),
+           "weight AUC": g["weight_auc"].agg(pm(".3f"))}
+    if "boundary_auc" in df:
+        agg["boundary AUC"] = g["boundary_auc"].agg(pm(".3f"))
+    agg["wall time (s)"] = g["total_s"].agg(lambda s: f"{s.mean():.0f}")
+    return _markdown(pd.DataFrame(agg), index=True) + "\n\n" + per_seed + "\n"

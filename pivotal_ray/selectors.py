@@ -47,6 +47,22 @@ class Picks:
 
 Selector = Callable[[RoundContext, int], Picks]
 SELECTORS: Registry[Selector] = Registry("selection method")
+DEFAULT_PLAN = "reweight"
+
+
+def method(name: str, *, plan: str = DEFAULT_PLAN) -> Callable[[Selector], Selector]:
+    """Register a selector under ``name`` with the training plan (``training.PLANS``) it needs."""
+
+    def deco(fn: Selector) -> Selector:
+        fn.plan = plan  # type: ignore[attr-defined]
+        return SELECTORS.register(name)(fn)
+
+    return deco
+
+
+def plan_of(selector: Selector) -> str:
+    """The training plan of a registered selector (``reweight`` unless it was registered with another)."""
+    return getattr(selector, "plan", DEFAULT_PLAN)
 
 
 def _unscored(ids: np.ndarray) -> Picks:
@@ -117,6 +133,9 @@ def _clustering(weighted: bool, kind: str | None = None) -> Selector:
             meta_ids=ctx.meta_ids, exclude_frac=s["exclude_frac"], weighted=weighted, init=s["kmeans_init"],
             max_iter=s["kmeans_max_iter"], tol=s["kmeans_tol"], seed=derive_seed(ctx.seed, "kmeans", ctx.round))
         ctx.timings["kmeans_s"] = time.perf_counter() - t0
+        if sel.centroids is not None:  # for plots (the paper's Figure 4); float64 (n_clusters, D), no pickle
+            np.save(ctx.work_dir / f"centroids_{kind or ctx.cfg['features']['kind']}.npy",
+                    np.asarray(sel.centroids, dtype=np.float64), allow_pickle=False)
         return Picks(np.asarray(sel.sample_id, dtype=np.int64), np.asarray(sel.cluster, dtype=np.int64),
                      np.asarray(sel.score, dtype=np.float64),
                      info={"objective": [float(v) for v in sel.objective], "n_iter": int(sel.n_iter),
@@ -190,3 +209,16 @@ def select_craig(ctx: RoundContext, k: int) -> Picks:
                 seed=derive_seed(ctx.seed, "select", "craig", ctx.round))
     return Picks(res.sample_id, np.full(k, -1, dtype=np.int64), res.gain,
                  info={"coverage_size": int(res.coverage_ids.size), "c_max": res.c_max})
+
+
+@method("finetune", plan="finetune")
+def select_finetune(ctx: RoundContext, k: int) -> Picks:
+    """Random picks (the same draw as ``random``); the ``finetune`` plan then fine-tunes the best
+    warm-up snapshot on the meta set alone instead of re-weighting."""
+    return select_random(ctx, k)
+
+
+@method("base", plan="plain")
+def select_base(ctx: RoundContext, k: int) -> Picks:
+    """``base`` trains on the noisy set without a meta set: its plan has no rounds."""
+    raise RuntimeError("base selects no meta samples; its training plan ('plain') runs no selection round")

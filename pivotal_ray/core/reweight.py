@@ -17,6 +17,10 @@ are updated by the real forward only: the virtual/meta and JVP passes run on cop
 
 Data parallel: each worker passes its own slice of the global batch and a ``Reducer`` that sums
 over workers; the result equals the single-process algorithm on the union batch.
+
+Modes (``REWEIGHTERS``): ``direct`` (above), ``l2rw`` (Ren et al. 2018), ``mwnet`` (Shu et al.
+2019, :mod:`pivotal_ray.core.mwnet`) and ``none`` (plain training with fixed weights, no meta
+pass). A mode with ``needs_meta = False`` is stepped with ``x_meta = y_meta = None``.
 """
 
 from __future__ import annotations
@@ -221,5 +225,48 @@ class L2RWReweighter:
                           weights=(new_w * global_batch).detach().to(w.dtype), weight_grad=weight_grad.detach())
 
 
+@REWEIGHTERS.register("none")
+class NoReweighter:
+    """Plain training (the ``base`` method and fine-tuning): fixed weights, no meta pass.
+
+    The real step is SGD on ``(1/|B|) sum_j w_j f_j`` with the weights as given (1 for every
+    sample unless ``reweight.init_weight`` says otherwise); the meta batch is never touched.
+    """
+
+    needs_meta = False
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             w: torch.Tensor, x_meta: torch.Tensor | None, y_meta: torch.Tensor | None, lr: float,
+             global_batch: int, reducer: Reducer) -> StepOutput:
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses = F.cross_entropy(model(x), y, reduction="none")  # (b,)
+        loss = (w.to(losses.dtype) * losses).sum() / global_batch
+        _apply_step(loss, params, optimizer, reducer)
+        return StepOutput(loss=float(loss.detach()), meta_loss=float("nan"), weights=w.detach(),
+                          weight_grad=torch.zeros_like(w))
+
+
+def _apply_step(loss: torch.Tensor, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                reducer: Reducer) -> None:
+    """The real step: gradients of this worker's share of the loss, summed over workers."""
+    grads = reducer.sum_(_flat(list(torch.autograd.grad(loss, params))))
+    for p, gp in zip(params, _unflat(grads, params)):
+        p.grad = gp.clone()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def build_reweighter(mode: str, **kwargs: object):
     return REWEIGHTERS.get(mode)(**kwargs)
+
+
+from . import mwnet as _mwnet  # noqa: E402,F401  registers "mwnet" (it builds on the helpers above)

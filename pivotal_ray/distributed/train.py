@@ -8,6 +8,10 @@ process computes on the union batch (spec section 2, "Data parallel").
 Each checkpoint (every ``snapshot_every`` epochs, and the last) is a snapshot: ``model.pt``,
 ``train_state.pt`` (optimizer, scheduler, per-sample weights, epoch) and ``metrics.json``.
 Re-running with the same ``RunConfig(name, storage_path)`` resumes from the last one.
+
+Two options serve the fine-tune baseline: ``train_ids`` restricts the epochs to a subset of the
+training split (the meta set alone), and ``init_from`` starts from another run's snapshot (its
+model only: optimizer, scheduler and weights start fresh).
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def train_loop(config: dict[str, Any]) -> None:
     start_epoch, history = 0, []
 
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("init_from"):
+        model.load_state_dict(storage.torch_load(storage.join(config["init_from"], "model.pt"), map_location=device))
     if ckpt is not None:
         with ckpt.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / "model.pt", map_location=device, weights_only=True))
@@ -118,23 +124,31 @@ def train_loop(config: dict[str, Any]) -> None:
     val_pos, test_pos = (np.array_split(np.arange(len(s)), world)[rank] for s in (bundle.val, bundle.test))
     B, epochs = int(rw["batch_size"]), int(rw["epochs"])
     meta_all = torch.as_tensor(meta_pos)
+    needs_meta = getattr(reweighter, "needs_meta", True)
+    subset = None if config.get("train_ids") is None else train.positions_of(
+        np.asarray(config["train_ids"], dtype=np.int64))
+    n_epoch = n if subset is None else len(subset)  # samples walked per epoch
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        order = numpy_rng(seed, tag, "epoch", epoch).permutation(n)
+        order = numpy_rng(seed, tag, "epoch", epoch).permutation(n_epoch)
+        if subset is not None:
+            order = subset[order]
         aug_gen = torch_generator(seed, tag, "augment", epoch, rank)
         meta_gen = numpy_rng(seed, tag, "meta", epoch)
         total_loss = 0.0
-        for b0 in range(0, n, B):
+        for b0 in range(0, n_epoch, B):
             gidx = order[b0 : b0 + B]
             parts = np.array_split(gidx, world)
             lidx = parts[rank]
             x = train.inputs(lidx, augment=rw["augment"], generator=aug_gen).to(device)
-            mpos = meta_all.numpy()
-            if len(mpos) > rw["meta_batch_size"]:
-                mpos = np.sort(meta_gen.choice(mpos, rw["meta_batch_size"], replace=False))
-            xm = train.inputs(mpos).to(device)
+            xm = ym = None
+            if needs_meta:
+                mpos = meta_all.numpy()
+                if len(mpos) > rw["meta_batch_size"]:
+                    mpos = np.sort(meta_gen.choice(mpos, rw["meta_batch_size"], replace=False))
+                xm, ym = train.inputs(mpos).to(device), labels[mpos]
             out = reweighter.step(model=model, optimizer=opt, x=x, y=labels[lidx], w=weights[lidx],
-                                  x_meta=xm, y_meta=labels[mpos], lr=opt.param_groups[0]["lr"],
+                                  x_meta=xm, y_meta=ym, lr=opt.param_groups[0]["lr"],
                                   global_batch=len(gidx), reducer=reducer)
             weights[torch.as_tensor(gidx, device=device)] = reducer.gather(out.weights.float(),
                                                                           [len(p) for p in parts])
@@ -144,7 +158,7 @@ def train_loop(config: dict[str, Any]) -> None:
         val_acc = _evaluate(model, bundle.val, val_pos, device, 2048, reducer)
         test_acc = _evaluate(model, bundle.test, test_pos, device, 2048, reducer)
         metrics = {"epoch": epoch, "val_acc": val_acc, "test_acc": test_acc,
-                   "train_loss": total_loss / max(1, math.ceil(n / B)),
+                   "train_loss": total_loss / max(1, math.ceil(n_epoch / B)),
                    "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0}
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
         if (epoch + 1) % int(rw["snapshot_every"]) == 0 or epoch == epochs - 1:
@@ -177,12 +191,15 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
 
 def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model: dict, reweight: dict,
                  seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int = 1,
-                 use_gpu: bool = False, cpus_per_worker: float = 1.0, run_tag: str = "train") -> TrainRun:
+                 use_gpu: bool = False, cpus_per_worker: float = 1.0, run_tag: str = "train",
+                 train_ids: np.ndarray | None = None, init_from: str | None = None) -> TrainRun:
     """Train (or resume) one meta re-weighting run with Ray Train and return its snapshots.
 
     ``name`` + ``storage_path`` identify the run: calling again with the same pair resumes from the
     last checkpoint, and returns at once when the run had finished. The batch order depends only
     on ``seed`` and ``run_tag`` (not on the name), so identical configs give identical runs.
+    ``train_ids`` (sample ids) restricts training to those samples; ``init_from`` (a snapshot
+    path) starts from that snapshot's model instead of the seeded initialisation.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -193,7 +210,9 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
     if not (done and done[-1]["epoch"] == int(reweight["epochs"]) - 1):
         config = {"data": data, "noise": noise, "model": model, "reweight": reweight, "seed": int(seed),
                   "meta_ids": [int(i) for i in meta_ids], "meta_labels": [int(v) for v in meta_labels],
-                  "cpus_per_worker": float(cpus_per_worker), "run_tag": run_tag}
+                  "cpus_per_worker": float(cpus_per_worker), "run_tag": run_tag,
+                  "train_ids": None if train_ids is None else [int(i) for i in train_ids],
+                  "init_from": None if init_from is None else str(init_from)}
         resources = {"CPU": float(cpus_per_worker)}
         if use_gpu:
             resources["GPU"] = 1.0

@@ -1,0 +1,50 @@
+"""Compare methods x seeds on one experiment (sharing warm-ups), then tabulate and plot.
+
+Local (one Ray session for every run; finished runs are read, not rerun)::
+
+    python -m jobs.compare experiment=toy_fig1 'compare.methods=[random,rbc,gbc]' \
+        'compare.seeds=[0,1,2]' compare.output_root=$PWD/outputs/compare/toy_fig1
+    python -m jobs.compare experiment=mnist_noise_rates compare.output_root=$PWD/outputs/compare/fig3
+
+Experiment configs set their own ``compare.methods``/``seeds`` (and ``vary_key``/``vary_values``
+for sweeps such as the noise rate); overrides on the command line win. Prints one line per run
+and writes, under ``compare.output_root``: ``results.json``, ``results.csv``, ``results.md``
+(mean +- std per method), the PNG figures, ``runs/<variant>/<method>/seed<s>/`` (each run's
+artefacts) and ``ray_train/`` (the shared Ray Train storage).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from jobs.select import CONFIGS, resolve_config
+from pivotal_ray.config import CompareConfig, ConfigError, _build
+
+
+def compare_config(cfg: DictConfig) -> CompareConfig:
+    return _build(CompareConfig, OmegaConf.to_container(cfg.compare, resolve=True), "compare")
+
+
+@hydra.main(config_path=CONFIGS, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from pivotal_ray.compare import run_compare
+    from pivotal_ray.pipeline import connect
+
+    try:
+        cc = compare_config(cfg)
+        base = resolve_config(cfg)
+        connect(base)
+        df = run_compare(base=base, cc=cc)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print((Path(cc.output_root).resolve() / "results.md").read_text())
+    print(f"{len(df)} runs; outputs: {cc.output_root}")
+
+
+if __name__ == "__main__":
+    main()

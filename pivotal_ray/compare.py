@@ -1,0 +1,210 @@
+"""One experiment for methods x seeds (x the values of one varied key): runs, table, figures.
+
+Used by ``jobs/compare.py``. Every run is Algorithm 2 (``pipeline.run_experiment``) in its own
+``<output_root>/runs/<variant>/<method>/seed<seed>``; all share one Ray session and one Ray Train
+storage (``<output_root>/ray_train`` unless ``ray.storage_path`` is set), so methods with the same
+seed reuse one warm-up run (named by its fingerprint). A run whose ``metrics.json`` exists is read,
+not rerun. After the runs: ``results.json`` / ``results.csv`` (one row per run),
+``results.md`` (mean +- std) and the PNGs of :mod:`pivotal_ray.plots`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import CompareConfig, ConfigError, ExperimentConfig, from_dict, to_dict
+from .core import artifacts
+
+STAGE_TIMES = ("warmup_train_s", "base_train_s", "features_s", "kmeans_s", "select_s", "train_s", "total_s")
+
+
+@dataclass
+class RunSpec:
+    method: str
+    seed: int
+    variant: dict[str, Any]  # {vary_key: value} or {}
+    cfg: ExperimentConfig
+
+
+def _set(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = values
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"compare.vary_key={dotted!r}: {key!r} is not a config section; "
+                              "use a key such as noise.rate or features.num_snapshots")
+        node = node[key]
+    if leaf not in node:
+        raise ConfigError(f"compare.vary_key={dotted!r}: no key {leaf!r} there (known: {sorted(node)})")
+    node[leaf] = value
+
+
+def variant_tag(variant: dict[str, Any]) -> str:
+    return "default" if not variant else ",".join(f"{k}={v}" for k, v in variant.items())
+
+
+def expand(*, base: ExperimentConfig, cc: CompareConfig) -> list[RunSpec]:
+    """Every (variant, method, seed) as a validated config with its own output_dir.
+
+    Raises ConfigError for an unknown method (listing the known ones) or a bad ``vary_key``.
+    """
+    from .selectors import SELECTORS
+
+    unknown = [m for m in cc.methods if m not in SELECTORS]
+    if unknown:
+        raise ConfigError(f"compare.methods lists unknown method(s) {unknown}: choose from {SELECTORS.names()}")
+    root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
+    plain = to_dict(base)
+    storage = plain["ray"]["storage_path"] or str(root / "ray_train")
+    variants = [{}] if cc.vary_key is None else [{cc.vary_key: v} for v in cc.vary_values]
+    specs = []
+    for variant in variants:
+        for method in cc.methods:
+            for seed in cc.seeds:
+                values = copy.deepcopy(plain)
+                for k, v in variant.items():
+                    _set(values, k, v)
+                values["seed"] = int(seed)
+                values["selection"]["method"] = method
+                values["output_dir"] = str(root / "runs" / variant_tag(variant) / method / f"seed{seed}")
+                values["ray"]["storage_path"] = storage
+                specs.append(RunSpec(method, int(seed), dict(variant), from_dict(values)))
+    return specs
+
+
+def finished_metrics(output_dir: str | Path) -> dict[str, Any] | None:
+    """metrics.json of a completed run in ``output_dir`` (manifest status complete), else None."""
+    out = Path(output_dir)
+    try:
+        manifest = json.loads((out / artifacts.MANIFEST_NAME).read_text())
+        if manifest.get("extra", {}).get("status") == "complete":
+            return json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def result_row(*, metrics: dict[str, Any], variant: dict[str, Any], boundary_auc: float) -> dict[str, Any]:
+    """One results.json row: accuracies in %, AUCs, the best epoch and per-stage wall times (s).
+
+    Stage times summed over rounds: ``features_s``, ``kmeans_s``, ``select_s``, ``train_s``;
+    ``warmup_train_s`` (or ``base_train_s``) and ``total_s`` once per run; absent stages are 0.
+    """
+    times = {k: 0.0 for k in STAGE_TIMES}
+    for k, v in metrics.get("timings", {}).items():
+        if k in times:
+            times[k] += float(v)
+    for r in metrics.get("rounds", []):
+        for k in ("features_s", "kmeans_s", "select_s", "train_s"):
+            times[k] += float(r.get(k, 0.0))
+    nan = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    return {"method": metrics["method"], "seed": int(metrics["seed"]), **variant,
+            "test_acc_at_best_val": 100 * float(metrics["test_acc_at_best_val"]),
+            "final_test_acc": 100 * float(metrics["final_test_acc"]),
+            "weight_auc": nan(metrics["weight_auc"]), "boundary_auc": nan(boundary_auc),
+            "best_epoch": int(metrics["best_epoch"]), "meta_size": int(metrics.get("meta_size", -1)), **times}
+
+
+def write_results(*, rows: list[dict[str, Any]], out: str | Path, by: tuple[str, ...] = ("method",)) -> pd.DataFrame:
+    """results.json (rows), results.csv and results.md (mean +- std per ``by`` group, then per run)."""
+    from .report import summary_markdown
+
+    if not rows:
+        raise ValueError("write_results needs at least one row")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows).sort_values([*by, "seed"]).reset_index(drop=True)
+    artifacts.write_json(out / "results.json", df.to_dict(orient="records"))
+    artifacts.write_csv(out / "results.csv", df)
+    artifacts.write_text(out / "results.md", summary_markdown(df, by=by))
+    return df
+
+
+# --------------------------------------------------------------------------- per-run analysis
+
+
+@dataclass
+class RunAnalysis:
+    """What the figures need from one finished run (train split order)."""
+
+    weights: np.ndarray  # (N,) final per-sample weights
+    clean: np.ndarray  # (N,) bool, observed label == true label
+    candidate: np.ndarray  # (N,) bool, not a meta sample
+    margin: np.ndarray  # (N,) top-1 minus top-2 softmax probability of the final model
+    boundary_auc: float
+
+
+def analyse_run(*, cfg: ExperimentConfig, metrics: dict[str, Any], bundle: Any, frac: float) -> RunAnalysis:
+    """Final weights and margins of a run; the boundary AUC over its non-meta training samples."""
+    from . import storage
+    from .core.baselines import predict_probs
+    from .core.metrics import boundary_auc
+
+    train = bundle.train
+    snap = metrics["final_run"]["snapshot"]
+    weights = storage.torch_load(storage.join(snap, "train_state.pt"), map_location="cpu")["weights"].numpy()
+    probs = predict_probs(_load_model(cfg, bundle, snap), train, np.arange(len(train)),
+                          batch_size=cfg.features.batch_size)  # (N, C)
+    top2 = np.sort(probs, axis=1)[:, -2:]  # (N, 2)
+    margin = top2[:, 1] - top2[:, 0]
+    meta = pd.read_csv(Path(cfg.output_dir) / "selection.csv")["sample_id"].to_numpy()
+    cand = ~np.isin(train.sample_id, meta)
+    clean = train.y_obs == train.y_true
+    b = boundary_auc(weights[cand], clean[cand], margin[cand], frac=frac)
+    return RunAnalysis(weights, clean, cand, margin, b)
+
+
+def _load_model(cfg: ExperimentConfig, bundle: Any, snapshot: str) -> Any:
+    from . import storage
+    from .core.models import build_model
+
+    model = build_model(to_dict(cfg)["model"], bundle.num_classes, bundle.input_shape)
+    model.load_state_dict(storage.torch_load(storage.join(snapshot, "model.pt"), map_location="cpu"))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
+                run: Callable[[ExperimentConfig], dict[str, Any]] | None = None,
+                log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run (or read) every spec, write the results and the figures; returns the results table."""
+    from .core.data import build_data
+    from .pipeline import run_experiment
+
+    run = run or run_experiment
+    specs = expand(base=base, cc=cc)
+    root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
+    rows, done = [], []
+    bundles: dict[str, Any] = {}
+    for i, spec in enumerate(specs, 1):
+        metrics = finished_metrics(spec.cfg.output_dir)
+        status = "read"
+        if metrics is None:
+            metrics, status = run(spec.cfg), "ran"
+        key = artifacts.config_fingerprint({"d": to_dict(spec.cfg.data), "n": to_dict(spec.cfg.noise),
+                                            "s": spec.cfg.seed})
+        if key not in bundles:
+            bundles = {key: build_data(spec.cfg.data, spec.cfg.noise, spec.cfg.seed)}  # keep one at a time
+        analysis = analyse_run(cfg=spec.cfg, metrics=metrics, bundle=bundles[key], frac=cc.boundary_frac)
+        rows.append(result_row(metrics=metrics, variant=spec.variant, boundary_auc=analysis.boundary_auc))
+        done.append((spec, analysis))
+        log(f"[{i}/{len(specs)}] {status} {spec.method} seed {spec.seed} {variant_tag(spec.variant)}: "
+            f"test acc {rows[-1]['test_acc_at_best_val']:.2f}%, weight AUC {rows[-1]['weight_auc']:.3f}")
+    by = ("method",) if cc.vary_key is None else (cc.vary_key, "method")
+    df = write_results(rows=rows, out=root, by=by)
+    if cc.plots:
+        from .compare_figures import draw_figures
+
+        for path in draw_figures(done=done, df=df, cc=cc, root=root):
+            log(f"figure: {path}")
+    return df

@@ -1,0 +1,163 @@
+"""jobs.compare's assembly (specs, rows, results files) and figures, without Ray.
+
+The end-to-end test replaces Algorithm 2 by a fake that writes a finished run's artefacts (a real
+toy MLP snapshot, weights, selection.csv), so the analysis (boundary AUC from the final model's
+margins) and every figure run on real files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pivotal_ray.compare import expand, finished_metrics, result_row, run_compare, write_results
+from pivotal_ray.config import CompareConfig, ConfigError, from_dict, to_dict
+from pivotal_ray.core import artifacts
+from pivotal_ray.core.data import build_data
+from pivotal_ray.core.metrics import weight_auc
+from pivotal_ray.core.models import build_model
+
+
+def _base(tmp_path: Path, **extra):
+    return from_dict({"output_dir": str(tmp_path / "unused"), "noise": {"rate": 0.6}, **extra})
+
+
+def _metrics(method: str, seed: int, acc: float, **kw) -> dict:
+    return {"method": method, "seed": seed, "test_acc_at_best_val": acc, "final_test_acc": acc - 0.01,
+            "weight_auc": 0.9, "best_epoch": 3, "meta_size": 6,
+            "timings": {"warmup_train_s": 5.0, "total_s": 20.0},
+            "rounds": [{"round": 1, "features_s": 1.0, "kmeans_s": 2.0, "select_s": 3.5, "train_s": 4.0},
+                       {"round": 2, "features_s": 1.5, "kmeans_s": 0.5, "select_s": 2.0, "train_s": 1.0}], **kw}
+
+
+def test_expand_covers_variants_methods_seeds_with_one_storage(tmp_path):
+    cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 2], output_root=str(tmp_path / "cmp"),
+                       vary_key="noise.rate", vary_values=[0.2, 0.8])
+    specs = expand(base=_base(tmp_path), cc=cc)
+    assert len(specs) == 2 * 2 * 2
+    assert {(s.variant["noise.rate"], s.method, s.seed) for s in specs} == {
+        (r, m, s) for r in (0.2, 0.8) for m in ("random", "rbc") for s in (0, 2)}
+    for s in specs:
+        assert s.cfg.noise.rate == s.variant["noise.rate"] and s.cfg.selection.method == s.method
+        assert s.cfg.seed == s.seed and s.cfg.ray.storage_path == str((tmp_path / "cmp" / "ray_train").resolve())
+    assert len({s.cfg.output_dir for s in specs}) == len(specs)
+
+
+def test_expand_keeps_a_configured_storage_and_rejects_bad_input(tmp_path):
+    base = _base(tmp_path, ray={"storage_path": "/shared/store"})
+    (spec,) = expand(base=base, cc=CompareConfig(methods=["base"], output_root=str(tmp_path)))
+    assert spec.cfg.ray.storage_path == "/shared/store" and spec.variant == {}
+    with pytest.raises(ConfigError, match="unknown method.*'nope'.*choose from"):
+        expand(base=base, cc=CompareConfig(methods=["rbc", "nope"], output_root=str(tmp_path)))
+    with pytest.raises(ConfigError, match="no key 'rat'"):
+        expand(base=base, cc=CompareConfig(output_root=str(tmp_path), vary_key="noise.rat", vary_values=[0.2]))
+    with pytest.raises(ConfigError, match="noise.rate"):  # a varied value is validated like any config
+        expand(base=base, cc=CompareConfig(output_root=str(tmp_path), vary_key="noise.rate", vary_values=[1.5]))
+
+
+@pytest.mark.parametrize("bad, match", [({"methods": []}, "compare.methods"), ({"seeds": [-1]}, "compare.seeds"),
+                                        ({"output_root": None}, "output_root is required"),
+                                        ({"vary_key": "noise.rate"}, "vary_values"),
+                                        ({"vary_values": [1]}, "vary_key")])
+def test_compare_config_names_the_fix(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        CompareConfig(**{"output_root": "/x", **bad})
+
+
+def test_result_row_converts_units_and_sums_stage_times():
+    row = result_row(metrics=_metrics("rbc", 1, 0.9), variant={"noise.rate": 0.4}, boundary_auc=0.7)
+    assert row["method"] == "rbc" and row["seed"] == 1 and row["noise.rate"] == 0.4
+    assert row["test_acc_at_best_val"] == pytest.approx(90.0) and row["final_test_acc"] == pytest.approx(89.0)
+    assert (row["weight_auc"], row["boundary_auc"], row["best_epoch"], row["meta_size"]) == (0.9, 0.7, 3, 6)
+    assert (row["warmup_train_s"], row["total_s"], row["base_train_s"]) == (5.0, 20.0, 0.0)
+    assert (row["features_s"], row["kmeans_s"], row["select_s"], row["train_s"]) == (2.5, 2.5, 5.5, 5.0)
+    assert math.isnan(result_row(metrics=_metrics("base", 0, 0.5), variant={}, boundary_auc=None)["boundary_auc"])
+
+
+def test_write_results_json_csv_and_markdown(tmp_path):
+    rows = [result_row(metrics=_metrics(m, s, a), variant={}, boundary_auc=b)
+            for m, s, a, b in (("rbc", 0, 0.90, 0.6), ("rbc", 1, 0.94, 0.8), ("random", 0, 0.80, 0.5))]
+    df = write_results(rows=rows, out=tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(df.to_json(orient="records"))
+    csv = pd.read_csv(tmp_path / "results.csv")
+    assert list(csv["method"]) == ["random", "rbc", "rbc"] and list(csv["seed"]) == [0, 0, 1]
+    md = (tmp_path / "results.md").read_text()
+    assert "| rbc | 2 | 92.00 +- 2.00 | 0.900 +- 0.000 | 0.700 +- 0.100 |" in md
+    assert "boundary AUC" in md and "| random | 1 | 80.00 +- 0.00 |" in md
+
+
+def test_write_results_groups_by_the_varied_key(tmp_path):
+    rows = [result_row(metrics=_metrics("rbc", s, a), variant={"noise.rate": r}, boundary_auc=0.5)
+            for r, s, a in ((0.2, 0, 0.99), (0.2, 1, 0.97), (0.8, 0, 0.70))]
+    write_results(rows=rows, out=tmp_path, by=("noise.rate", "method"))
+    md = (tmp_path / "results.md").read_text()
+    assert "| 0.20 | rbc | 2 | 98.00 +- 1.00 |" in md and "| 0.80 | rbc | 1 | 70.00 +- 0.00 |" in md
+
+
+def test_finished_metrics_needs_a_complete_manifest(tmp_path):
+    assert finished_metrics(tmp_path / "missing") is None
+    artifacts.write_manifest(tmp_path, config={"a": 1}, seed=0, timings={}, extra={"status": "running"})
+    artifacts.write_json(tmp_path / "metrics.json", {"method": "rbc"})
+    assert finished_metrics(tmp_path) is None
+    artifacts.write_manifest(tmp_path, config={"a": 1}, seed=0, timings={}, extra={"status": "complete"})
+    assert finished_metrics(tmp_path) == {"method": "rbc"}
+
+
+def _fake_pipeline(calls: list):
+    """Writes what run_experiment writes for a finished toy run: snapshot, selection, metrics."""
+
+    def run(cfg):
+        calls.append(cfg)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True)
+        bundle = build_data(cfg.data, cfg.noise, cfg.seed)
+        train = bundle.train
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_model(to_dict(cfg)["model"], bundle.num_classes, bundle.input_shape)
+        snap = out / "snap"
+        snap.mkdir()
+        torch.save(model.state_dict(), snap / "model.pt")
+        rng = np.random.default_rng(cfg.seed)
+        clean = train.y_obs == train.y_true
+        weights = np.clip(clean * 0.6 + rng.random(len(train)) * 0.5, 0, 1)  # clean samples weigh more
+        torch.save({"weights": torch.as_tensor(weights, dtype=torch.float32)}, snap / "train_state.pt")
+        ids = rng.choice(train.sample_id, 6, replace=False)
+        pd.DataFrame({"sample_id": ids, "observed_label": 0, "cleaned_label": 0, "round": [0, 0, 1, 1, 1, 1],
+                      "cluster": -1, "score": np.nan}).to_csv(out / "selection.csv", index=False)
+        metrics = _metrics(cfg.selection.method, cfg.seed, 0.8 + 0.1 * (cfg.selection.method == "rbc"),
+                           weight_auc=weight_auc(weights, clean),
+                           final_run={"name": "fake", "snapshot": str(snap), "best_snapshot": str(snap)})
+        artifacts.write_json(out / "metrics.json", metrics)
+        artifacts.write_manifest(out, config=to_dict(cfg), seed=cfg.seed, timings={}, extra={"status": "complete"})
+        return metrics
+
+    return run
+
+
+def test_run_compare_end_to_end_with_a_fake_pipeline(tmp_path):
+    calls: list = []
+    root = tmp_path / "cmp"
+    cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(root), vary_key="noise.rate",
+                       vary_values=[0.2, 0.6])
+    logs: list[str] = []
+    df = run_compare(base=_base(tmp_path), cc=cc, run=_fake_pipeline(calls), log=logs.append)
+    assert len(calls) == 8 and len(df) == 8
+    assert {"results.json", "results.csv", "results.md", "decision_regions.png", "weight_histograms.png",
+            "accuracy_vs_noise.rate.png"} <= {p.name for p in root.iterdir()}
+    for png in root.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    # the boundary AUC is the weight AUC on the 10% of non-meta samples nearest the final model's boundary
+    assert df["boundary_auc"].between(0, 1).all() and df["weight_auc"].gt(0.5).all()
+    assert (df["test_acc_at_best_val"].round(6) == np.where(df["method"] == "rbc", 90.0, 80.0)).all()
+    # a second call reads every finished run instead of running it
+    again = run_compare(base=_base(tmp_path), cc=cc, run=_fake_pipeline(calls), log=logs.append)
+    assert len(calls) == 8
+    pd.testing.assert_frame_equal(df, again)
+    assert sum(line.split("] ")[1].startswith("read") for line in logs if line.startswith("[")) == 8
