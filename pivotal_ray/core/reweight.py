@@ -137,18 +137,22 @@ def per_sample_grad_dot(model: nn.Module, params: dict[str, torch.Tensor], x: to
 REWEIGHTERS: Registry[type] = Registry("re-weighting mode")
 
 
-@REWEIGHTERS.register("direct")
-class DirectReweighter:
-    """Per-sample weights updated by the exact meta gradient (spec section 2, 'direct')."""
-
-    def __init__(self, *, meta_lr: float, **_: object) -> None:
-        self.meta_lr = meta_lr
+class _Stateless:
+    """Modes whose only state is the per-sample weight vector the train loop already keeps."""
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+@REWEIGHTERS.register("direct")
+class DirectReweighter(_Stateless):
+    """Per-sample weights updated by the exact meta gradient (spec section 2, 'direct')."""
+
+    def __init__(self, *, meta_lr: float, **_: object) -> None:
+        self.meta_lr = meta_lr
 
     def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              w: torch.Tensor, x_meta: torch.Tensor, y_meta: torch.Tensor, lr: float, global_batch: int,
@@ -174,18 +178,13 @@ class DirectReweighter:
 
         # (6) the real step with the new weights, on the retained graph
         loss = (new_w * losses).sum() / global_batch
-        grads = _flat(list(torch.autograd.grad(loss, params)))
-        grads = reducer.sum_(grads)
-        for p, gp in zip(params, _unflat(grads, params)):
-            p.grad = gp.clone()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _apply_step(loss, params, optimizer, reducer)
         return StepOutput(loss=float(loss.detach()), meta_loss=meta_loss, weights=new_w.detach(),
                           weight_grad=weight_grad.detach())
 
 
 @REWEIGHTERS.register("l2rw")
-class L2RWReweighter:
+class L2RWReweighter(_Stateless):
     """Learning to Reweight (Ren et al. 2018; the paper's eqs. S9-S12).
 
     At ``eps = 0`` the virtual step is the identity, so ``-dL_meta/d eps_j = a <v, grad f_j>``
@@ -195,12 +194,6 @@ class L2RWReweighter:
     """
 
     def __init__(self, **_: object) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
         pass
 
     def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -216,17 +209,13 @@ class L2RWReweighter:
         total = reducer.sum_(raw.sum().reshape(1).to(torch.float64))[0]
         new_w = raw / total if total > 0 else torch.zeros_like(raw)  # eq. S11: sum over the global batch = 1
         loss = (new_w * losses).sum()
-        grads = reducer.sum_(_flat(list(torch.autograd.grad(loss, params))))
-        for p, gp in zip(params, _unflat(grads, params)):
-            p.grad = gp.clone()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _apply_step(loss, params, optimizer, reducer)
         return StepOutput(loss=float(loss.detach()), meta_loss=meta_loss,
                           weights=(new_w * global_batch).detach().to(w.dtype), weight_grad=weight_grad.detach())
 
 
 @REWEIGHTERS.register("none")
-class NoReweighter:
+class NoReweighter(_Stateless):
     """Plain training (the ``base`` method and fine-tuning): fixed weights, no meta pass.
 
     The real step is SGD on ``(1/|B|) sum_j w_j f_j`` with the weights as given (1 for every
@@ -236,12 +225,6 @@ class NoReweighter:
     needs_meta = False
 
     def __init__(self, **_: object) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
         pass
 
     def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
