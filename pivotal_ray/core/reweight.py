@@ -25,6 +25,7 @@ pass). A mode with ``needs_meta = False`` is stepped with ``x_meta = y_meta = No
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,6 +120,9 @@ def meta_gradient(model: nn.Module, params_hat: dict[str, torch.Tensor], x_meta:
     return v, float(meta_loss.detach())
 
 
+_FORWARD_AD_LOCK = threading.Lock()
+
+
 def per_sample_grad_dot(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                         v: list[torch.Tensor]) -> torch.Tensor:
     """(b,) inner products <v, grad_theta f_j(theta)> from one forward-mode JVP (eq. S4).
@@ -127,7 +131,7 @@ def per_sample_grad_dot(model: nn.Module, params: dict[str, torch.Tensor], x: to
     in-place update of its (copied) running statistics is legal here and forbidden under a
     functorch transform.
     """
-    with fwAD.dual_level():
+    with _FORWARD_AD_LOCK, fwAD.dual_level():  # dual levels are process-global: one thread at a time
         duals = {k: fwAD.make_dual(p.detach(), t) for (k, p), t in zip(params.items(), v)}
         logits = functional_call(model, (duals, _buffer_copies(model)), (x,))  # (b, C)
         losses = F.cross_entropy(logits, y, reduction="none")  # (b,)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pivotal_ray import pipeline
+from pivotal_ray import pipeline, training
 from pivotal_ray.config import ConfigError, to_dict
 from pivotal_ray.core.artifacts import OutputDirError, write_manifest
 from tests.e2e.conftest import TINY, compose_config, resolve
@@ -41,7 +41,7 @@ def tripwires(monkeypatch):
         raise WorkStarted("training started: the bad input was not caught before any work")
 
     monkeypatch.setattr(pipeline, "connect", no_connect)
-    monkeypatch.setattr(pipeline, "_train", no_train)
+    monkeypatch.setattr(training, "train", no_train)
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_data_root_without_data_and_download_off(out, tripwires):
 
 def test_more_workers_than_the_cluster_has(out, ray_session, monkeypatch):
     monkeypatch.delenv("PIVOTAL_AUTOSCALING", raising=False)
-    monkeypatch.setattr(pipeline, "_train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
+    monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
     cpus = ray_session.cluster_resources().get("CPU", 0)
     assert cpus < 64
     with pytest.raises(ConfigError, match=r"ray.num_workers=64 .* needs [0-9.]+ CPUs but the cluster has") as err:
