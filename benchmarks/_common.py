@@ -161,3 +161,21 @@ def write_result(args: argparse.Namespace, name: str, device: torch.device, resu
 
 def fmt_ratio(name: str, value: float, target: str) -> str:
     return f"{name}: {value:.3f} (target {target})"
+
+
+# ---- Ray ---------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ray_init(num_cpus: int = 2, object_store_mb: int = 600) -> bool:
+    """Start a local Ray session unless one is up (e.g. the tests' session); True if started here."""
+    import ray
+
+    from pivotal_ray.pipeline import RAY_ENV_VARS
+
+    if ray.is_initialized():
+        return False
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **RAY_ENV_VARS}})
+    return True
