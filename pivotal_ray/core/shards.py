@@ -414,7 +414,10 @@ class DenseShard(_ShardBase):
 
     def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
         num = torch.zeros(M, self._D, dtype=torch.float64, device=self.device)
-        return num.index_add_(0, labels, self.G[sl].double() * sign.unsqueeze(1))  # (M, D)
+        rows = self.G[sl].double()  # (n, D), a fresh copy: the sign is applied in place, and only if
+        if not bool((sign == 1).all()):  # some row needs it (plain K-means never does); same values
+            rows.mul_(sign.unsqueeze(1))
+        return num.index_add_(0, labels, rows)  # (M, D)
 
     def _dense(self, rows: np.ndarray) -> np.ndarray:
         return self.G_all[torch.as_tensor(rows, dtype=torch.int64, device=self.G_all.device)].double().cpu().numpy()

@@ -18,6 +18,7 @@ Example (inside a Ray session; the parquet layout is :mod:`pivotal_ray.core.feat
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,12 +56,24 @@ class ShardActor:
             raise ValueError(f"unknown shard method {method!r}: choose one of {list(SHARD_OPS)}")
         return getattr(self.shard, method)(**kwargs)
 
+    def call_timed(self, method: str, /, **kwargs: Any) -> tuple[Any, float]:
+        """``call`` and the seconds it took inside this actor (for benchmarks)."""
+        t0 = time.perf_counter()
+        out = self.call(method, **kwargs)
+        return out, time.perf_counter() - t0
+
 
 class RayShardSet:
-    """A shard set over shard actors: each call runs on all actors in parallel; results in actor order."""
+    """A shard set over shard actors: each call runs on all actors in parallel; results in actor order.
 
-    def __init__(self, actors: Sequence[Any]) -> None:
+    ``record``: a list to which every call appends ``{"method", "start", "wall_s", "shard_s"}``
+    (dispatch time ``time.perf_counter()`` in this process, seconds until all results are back,
+    and each actor's seconds inside the call); results are the same with or without it.
+    """
+
+    def __init__(self, actors: Sequence[Any], *, record: list[dict[str, Any]] | None = None) -> None:
         self.actors = list(actors)
+        self.record = record
         if not self.actors:
             raise ValueError("a shard set needs at least one shard actor")
 
@@ -68,20 +81,34 @@ class RayShardSet:
         return len(self.actors)
 
     def call(self, method: str, /, **kwargs: Any) -> list[Any]:
+        t0 = time.perf_counter()
         kwargs = {k: ray.put(v) if isinstance(v, np.ndarray) and v.nbytes >= _INLINE_BYTES else v
                   for k, v in kwargs.items()}  # top-level refs are resolved in the actor
-        return ray.get([a.call.remote(method, **kwargs) for a in self.actors])
+        if self.record is None:
+            return ray.get([a.call.remote(method, **kwargs) for a in self.actors])
+        got = ray.get([a.call_timed.remote(method, **kwargs) for a in self.actors])
+        self.record.append({"method": method, "start": t0, "wall_s": time.perf_counter() - t0,
+                            "shard_s": [s for _, s in got]})
+        return [r for r, _ in got]
 
 
 @ray.remote
 class ParameterServer:
-    """Runs the Ray-free selection loop over the shard actors and reduces their partial results."""
+    """Runs the Ray-free selection loop over the shard actors and reduces their partial results.
 
-    def __init__(self, actors: list[Any]) -> None:
-        self.shards = RayShardSet(actors)
+    ``record_timings=True`` keeps a per-call timing log of the shard calls (see
+    :class:`RayShardSet`), returned by ``timings()``; the selection is unchanged.
+    """
+
+    def __init__(self, actors: list[Any], *, record_timings: bool = False) -> None:
+        self._log: list[dict[str, Any]] | None = [] if record_timings else None
+        self.shards = RayShardSet(actors, record=self._log)
 
     def select(self, kwargs: dict[str, Any]) -> Selection:
         return select_pivotal(self.shards, **kwargs)
+
+    def timings(self) -> list[dict[str, Any]]:
+        return list(self._log or [])
 
 
 def _parquet_sources(path: str | Path, num_shards: int) -> list[dict[str, Any]]:

@@ -9,8 +9,8 @@ import pytest
 
 from pivotal_ray.core.featuretable import FactorFeatures, factor_schema, read_factor_table
 from pivotal_ray.core.kmeans import assign, select_pivotal, weighted_kmeans
-from pivotal_ray.distributed.kmeans import (RayShardSet, select_on_actors, select_pivotal_distributed,
-                                            start_shard_actors)
+from pivotal_ray.distributed.kmeans import (ParameterServer, RayShardSet, select_on_actors,
+                                            select_pivotal_distributed, start_shard_actors)
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +93,24 @@ def test_three_shard_actors_from_parquet_directory(ray_session, tmp_path):
     finally:
         for a in actors:
             ray_session.kill(a)
+
+
+def test_timing_log_leaves_the_selection_unchanged(ray_session):
+    """record_timings (benchmarks) logs every shard call and changes no result."""
+    F = features(n=120, seed=7)
+    kw = dict(budget=4, meta_ids=F.sample_id[:2], exclude_frac=0.25, seed=5, max_iter=30)
+    actors = start_shard_actors(F, num_shards=2)
+    try:
+        server = ParameterServer.options(num_cpus=0).remote(actors, record_timings=True)
+        got = ray_session.get(server.select.remote(kw))
+        log = ray_session.get(server.timings.remote())
+        ray_session.kill(server)
+    finally:
+        for a in actors:
+            ray_session.kill(a)
+    same_selection(got, select_pivotal(F, **kw))
+    lloyd = [e for e in log if e["method"] == "assign_sums"]
+    assert len(lloyd) == got.n_iter
+    for e in log:
+        assert len(e["shard_s"]) == 2 and e["wall_s"] >= max(e["shard_s"]) >= 0.0
+    assert [e["start"] for e in log] == sorted(e["start"] for e in log)

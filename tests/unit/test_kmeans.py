@@ -244,3 +244,19 @@ def test_selection_properties(n, budget, n_meta, frac, seed, weighted, factor, n
     assert sel.n_clusters <= budget and len(sel.objective) == sel.n_iter
     again = select_pivotal(shards, **kw)  # same seed, same data -> same picks; shards left reusable
     np.testing.assert_array_equal(again.sample_id, picks)
+
+
+@pytest.mark.parametrize("signs", ["all_plus", "mixed"])
+def test_dense_numerator_is_signed_sum_per_label(signs):
+    """DenseShard._numerator == index_add of sign_j G_j in float64, bit for bit (signs applied only when needed)."""
+    rng = np.random.default_rng(4)
+    G = rng.standard_normal((30, 7)).astype(np.float32)
+    shard = DenseShard(DenseFeatures(np.arange(30, dtype=np.int64), G))
+    labels = torch.as_tensor(rng.integers(0, 4, 30))
+    sign = torch.ones(30, dtype=torch.float64)
+    if signs == "mixed":
+        sign[::3] = -1.0
+    got = shard._numerator(slice(0, 30), labels, sign, 4)
+    ref = torch.zeros(4, 7, dtype=torch.float64).index_add_(0, labels, torch.as_tensor(G).double() * sign[:, None])
+    assert torch.equal(got, ref)
+    assert torch.equal(shard.G_all, torch.as_tensor(G))  # the shard's rows are untouched

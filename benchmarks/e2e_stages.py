@@ -1,0 +1,80 @@
+"""Benchmark 7: end-to-end protocol wall time per stage, read from finished runs (issue 4, item 7).
+
+No new run: every ``metrics.json`` of a finished run under the given roots (written by
+:func:`pivotal_ray.pipeline.run_experiment`) gives one row: warm-up training, and summed over the
+selection rounds feature extraction, K-means, the rest of the selection (``select_s`` minus the
+two), re-training; then the total. Target (issue 4, MNIST, budget 20): total <= 20 minutes per
+method on a 2-core CPU machine.
+
+    python -m benchmarks.e2e_stages --root outputs/mnist_adv60 --out benchmarks/results/e2e_stages.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _common
+
+TARGET_S = 20 * 60
+STAGES = ("warmup_train_s", "features_s", "kmeans_s", "select_other_s", "train_s", "total_s")
+
+
+def stage_row(m: dict[str, Any]) -> dict[str, Any]:
+    """Per-stage seconds of one run's metrics.json content."""
+    rounds = m.get("rounds", [])
+    feat = sum(float(r.get("features_s", 0.0)) for r in rounds)
+    km = sum(float(r.get("kmeans_s", 0.0)) for r in rounds)
+    sel = sum(float(r.get("select_s", 0.0)) for r in rounds)
+    return {"method": m["method"], "seed": m.get("seed"), "dataset": m.get("dataset"), "budget": m.get("budget"),
+            "warmup_train_s": float(m["timings"].get("warmup_train_s", 0.0)), "features_s": feat, "kmeans_s": km,
+            "select_other_s": max(sel - feat - km, 0.0), "train_s": sum(float(r.get("train_s", 0.0)) for r in rounds),
+            "total_s": float(m["timings"]["total_s"]), "rounds": len(rounds)}
+
+
+def collect(roots: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for root in roots:
+        for path in sorted(Path(root).rglob("metrics.json")):
+            try:
+                m = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if "method" not in m or "timings" not in m:  # snapshot metrics.json files, unfinished runs
+                continue
+            rows.append({**stage_row(m), "path": str(path)})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["method", "seed", *STAGES, "<= 20 min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([str(r["method"]), str(r["seed"]), *(f"{r[s]:.0f}" for s in STAGES),
+                                        "pass" if r["total_s"] <= TARGET_S else "miss"]) + " |")
+    return "\n".join(lines)
+
+
+def run(args) -> dict[str, Any]:
+    device = _common.setup(args)
+    rows = collect(args.root)
+    if not rows:
+        print(f"no metrics.json of a finished run under {args.root}: nothing to tabulate")
+    else:
+        print(markdown(rows))
+    return _common.write_result(args, "e2e_stages", device, {"rows": rows, "target_total_s": TARGET_S},
+                                roots=list(args.root))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = _common.parser(__doc__.splitlines()[0], default_out="benchmarks/results/e2e_stages.jsonl")
+    p.add_argument("--root", nargs="+", default=["outputs/mnist_adv60"],
+                   help="directories searched recursively for metrics.json of finished runs")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Benchmark 1: meta re-weighting step / plain SGD step, same model, same batch (issue 4, item 1).
+
+LeNet-5 (1x28x28, 10 classes) at batch 4096 and the CIFAR ResNet-18 (3x32x32, 100 classes) at
+batch 128; meta batch 100 (``reweight.meta_batch_size``); modes ``direct`` and ``l2rw``
+(:mod:`pivotal_ray.core.reweight`). The plain step is what a trainer without re-weighting does:
+train-mode forward, mean cross-entropy, backward, ``SGD.step``. Time: median of interleaved
+repeats. Memory: peak above the resting state during one step (see ``_common.peak_memory``).
+Also timed, to locate the cost: an eval forward (no grad) and the forward-mode JVP of eq. S4
+(``per_sample_grad_dot``) alone.
+
+    python -m benchmarks.reweight_step --size full --out benchmarks/results/reweight_step.jsonl
+
+Target (issue 4): time ratio <= 2.0 (published implementations take about 3x).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pivotal_ray.core.models import build_model
+from pivotal_ray.core.reweight import LocalReducer, _unflat, build_reweighter, per_sample_grad_dot
+
+from . import _common
+
+MODELS = {  # name -> (model spec, classes, {size: (input shape, batch)})
+    "lenet5": ({"name": "lenet5"}, 10, {"full": ((1, 28, 28), 4096), "tiny": ((1, 28, 28), 64)}),
+    # tiny: 8x8 inputs reach layer4 at 1x1 (the CIFAR stem has no stride), 1/16 of the 32x32 cost
+    "resnet18_cifar": ({"name": "resnet18_cifar"}, 100, {"full": ((3, 32, 32), 128), "tiny": ((3, 8, 8), 2)}),
+}
+META_BATCH = {"full": 100, "tiny": 4}
+
+
+def _setup(name: str, size: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    spec, C, sizes = MODELS[name]
+    shape, b = sizes[size]
+    m = META_BATCH[size]
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(spec, C, shape, seed=seed).to(device).train()
+    return {
+        "model": model, "batch": b, "meta_batch": m,
+        "opt": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.8 if name.startswith("resnet") else 0.0),
+        "x": torch.randn((b, *shape), generator=g).to(device),
+        "y": torch.randint(0, C, (b,), generator=g).to(device),
+        "w": torch.ones(b, device=device),
+        "xm": torch.randn((m, *shape), generator=g).to(device),
+        "ym": torch.randint(0, C, (m,), generator=g).to(device),
+    }
+
+
+def _steps(s: dict[str, Any]) -> dict[str, Any]:
+    model, opt = s["model"], s["opt"]
+    rw = {mode: build_reweighter(mode, meta_lr=100.0) for mode in ("direct", "l2rw")}
+
+    def plain() -> None:
+        loss = F.cross_entropy(model(s["x"]), s["y"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def meta(mode: str):
+        def step() -> None:
+            rw[mode].step(model=model, optimizer=opt, x=s["x"], y=s["y"], w=s["w"], x_meta=s["xm"], y_meta=s["ym"],
+                          lr=0.1, global_batch=s["batch"], reducer=LocalReducer())
+        return step
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    v = _unflat(torch.randn(sum(p.numel() for p in params), device=s["x"].device), params)
+
+    @torch.no_grad()
+    def forward() -> None:
+        model(s["x"])
+
+    def jvp() -> None:
+        per_sample_grad_dot(model, named, s["x"], s["y"], v)
+
+    return {"sgd": plain, "direct": meta("direct"), "l2rw": meta("l2rw"), "eval_forward": forward, "jvp": jvp}
+
+
+def run(args) -> dict[str, Any]:
+    device = _common.setup(args)
+    repeats = args.repeats or (5 if args.size == "full" else 1)
+    results: dict[str, Any] = {}
+    for name in args.models:
+        s = _setup(name, args.size, device)
+        fns = _steps(s)
+        t = _common.interleaved(fns, repeats=repeats, device=device, warmup=1 if args.size == "full" else 0)
+        mem = {}
+        for k in ("sgd", "direct", "l2rw"):  # one step each, after the warm-up steps above
+            with _common.peak_memory(device) as pm:
+                fns[k]()
+                _common.sync(device)
+            mem[k] = pm["peak"]
+        r = {"batch": s["batch"], "meta_batch": s["meta_batch"], "seconds": t, "peak_bytes": mem,
+             "memory_method": pm["method"],
+             "time_ratio_direct": t["direct"] / t["sgd"], "time_ratio_l2rw": t["l2rw"] / t["sgd"],
+             "mem_ratio_direct": mem["direct"] / max(mem["sgd"], 1), "mem_ratio_l2rw": mem["l2rw"] / max(mem["sgd"], 1),
+             "jvp_over_eval_forward": t["jvp"] / t["eval_forward"],
+             "sgd_over_eval_forward": t["sgd"] / t["eval_forward"]}
+        results[name] = r
+        print(f"{name} batch {s['batch']}: sgd {t['sgd']*1e3:.1f} ms, direct {t['direct']*1e3:.1f} ms, "
+              f"l2rw {t['l2rw']*1e3:.1f} ms, eval fwd {t['eval_forward']*1e3:.1f} ms, jvp {t['jvp']*1e3:.1f} ms")
+        print("  " + _common.fmt_ratio("time direct/sgd", r["time_ratio_direct"], "<= 2.0") + "; "
+              + _common.fmt_ratio("time l2rw/sgd", r["time_ratio_l2rw"], "<= 2.0"))
+        print(f"  peak memory (MiB) sgd {mem['sgd']/2**20:.1f}, direct {mem['direct']/2**20:.1f}, "
+              f"l2rw {mem['l2rw']/2**20:.1f}; ratio direct {r['mem_ratio_direct']:.2f}, l2rw {r['mem_ratio_l2rw']:.2f}")
+        del s, fns
+    return _common.write_result(args, "reweight_step", device, results, repeats=repeats)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = _common.parser(__doc__.splitlines()[0], default_out="benchmarks/results/reweight_step.jsonl")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

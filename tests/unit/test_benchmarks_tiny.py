@@ -1,0 +1,79 @@
+"""Every Ray-free benchmark runs at --size tiny and writes its result keys (no timing assertions).
+
+The Ray-based ones (extract_ray, kmeans_distributed) are in tests/integration/test_benchmarks_tiny.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import e2e_stages, gbc_extract, kmeans_throughput, kmeans_vs_sklearn, reweight_step
+
+
+def run(module, tmp_path, *extra: str) -> dict:
+    out = tmp_path / "result.jsonl"
+    rec = module.main(["--size", "tiny", "--threads", "1", "--out", str(out), *extra])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["benchmark"] == rec["benchmark"]
+    assert rec["size"] == "tiny" and rec["machine"]["cpu_count"] >= 1
+    return rec["results"]
+
+
+def test_reweight_step(tmp_path, capsys):
+    res = run(reweight_step, tmp_path)
+    for model in ("lenet5", "resnet18_cifar"):
+        r = res[model]
+        assert {"time_ratio_direct", "time_ratio_l2rw", "mem_ratio_direct", "mem_ratio_l2rw",
+                "jvp_over_eval_forward"} <= set(r)
+        assert set(r["seconds"]) == {"sgd", "direct", "l2rw", "eval_forward", "jvp"}
+        assert all(v > 0 for v in r["seconds"].values())
+    assert "time direct/sgd" in capsys.readouterr().out
+
+
+def test_kmeans_throughput(tmp_path, capsys):
+    res = run(kmeans_throughput, tmp_path)
+    for shape in ("mnist", "cifar100"):
+        r = res[shape]
+        assert r["gflops_ratio"] > 0 and r["time_ratio_factor_over_dense"] > 0
+        K, C, d = r["K"], r["C"], r["d"]
+        # held bytes: K (C + d) float32 + 2 float64 per row, against K C d float32 + 2 float64
+        assert r["mem_ratio_factor_over_dense"] == pytest.approx((4 * K * (C + d) + 16) / (4 * K * C * d + 16))
+    assert "GFLOP/s ratio" in capsys.readouterr().out
+
+
+def test_kmeans_throughput_flop_count():
+    fl = kmeans_throughput.iteration_flops(n=3, K=2, C=4, d=5, M=6)
+    assert fl == {"gemm": 2 * 2 * 3 * 5 * 6 * 4, "contract": 2 * 2 * 3 * 6 * 4, "numerator": 2 * 2 * 3 * 4 * 5}
+
+
+def test_kmeans_vs_sklearn(tmp_path, capsys):
+    res = run(kmeans_vs_sklearn, tmp_path)
+    assert {"ours", "sklearn"} <= set(res["seconds"]) and res["time_ratio_vs_sklearn"] > 0
+    # same init, same iterations: the same local optimum (not a timing assertion)
+    assert abs(res["objective_rel_diff_vs_sklearn"]) < 0.01
+    assert "time ours/sklearn" in capsys.readouterr().out
+
+
+def test_gbc_extract(tmp_path, capsys):
+    res = run(gbc_extract, tmp_path)
+    assert res["ratio_extract_over_backward"] > 0 and 0 <= res["projection_share"] <= 1
+    assert len(res["drawn"]) == 5
+    assert "extract/backward" in capsys.readouterr().out
+
+
+def test_e2e_stages(tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "rbc" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "method": "rbc", "seed": 0, "dataset": "mnist", "budget": 20,
+        "rounds": [{"round": 1, "features_s": 10.0, "kmeans_s": 5.0, "select_s": 16.0, "train_s": 100.0}],
+        "timings": {"warmup_train_s": 200.0, "total_s": 320.0}}))
+    (run_dir / "checkpoint_metrics").mkdir()
+    (run_dir / "checkpoint_metrics" / "metrics.json").write_text(json.dumps({"epoch": 3, "val_acc": 0.5}))
+    res = run(e2e_stages, tmp_path, "--root", str(tmp_path / "runs"))
+    (row,) = res["rows"]
+    assert row["warmup_train_s"] == 200.0 and row["features_s"] == 10.0 and row["kmeans_s"] == 5.0
+    assert row["select_other_s"] == pytest.approx(1.0) and row["train_s"] == 100.0 and row["total_s"] == 320.0
+    assert "| rbc | 0 |" in capsys.readouterr().out
