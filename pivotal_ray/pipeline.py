@@ -25,7 +25,7 @@ from .core import artifacts
 from .core.data import build_data
 from .core.metrics import weight_auc
 from .selectors import SELECTORS, Picks, RoundContext, plan_of
-from .training import PLANS, TrainEnv, train, warmup_ids, warmup_name  # noqa: F401  (re-exported)
+from .training import PLANS, TrainEnv, warmup_ids, warmup_name  # noqa: F401  (warmup_* re-exported)
 
 SELECTION_COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "cluster", "score"]
 
@@ -133,9 +133,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
 
     weights = run.final_weights().numpy()
-    train = bundle.train
-    noisy_mask = ~np.isin(train.sample_id, meta)
-    clean = train.y_obs == train.y_true
+    split = bundle.train
+    noisy_mask = ~np.isin(split.sample_id, meta)
+    clean = split.y_obs == split.y_true
     metrics = {
         "method": cfg.selection.method, "seed": cfg.seed, "dataset": cfg.data.name,
         "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate},

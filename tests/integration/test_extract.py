@@ -23,6 +23,8 @@ from pivotal_ray.core.models import build_model
 from pivotal_ray.core.seeding import numpy_rng
 from pivotal_ray.distributed.extract import extract_features, load_features
 
+from .snapshot_dirs import write_snapshots
+
 pytestmark = pytest.mark.integration
 
 SEED = 3
@@ -39,17 +41,9 @@ def bundle():
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory, bundle) -> list[dict]:
     """Two checkpoint dirs with different weights (different init seeds stand in for training)."""
-    root = tmp_path_factory.mktemp("run")
-    out = []
-    for k, epoch in enumerate(EPOCHS):
-        model = build_model(MODEL_SPEC, bundle.num_classes, bundle.input_shape, seed=100 + k)
-        d = root / f"checkpoint_{k:06d}"
-        d.mkdir()
-        torch.save(model.state_dict(), d / "model.pt")
-        (d / "metrics.json").write_text(json.dumps({"epoch": epoch, "val_acc": 0.5, "test_acc": 0.5,
-                                                    "train_loss": 1.0}))
-        out.append({"path": str(d), "epoch": epoch})
-    return out
+    snaps = write_snapshots(tmp_path_factory.mktemp("run"), model_spec=MODEL_SPEC, bundle=bundle, epochs=EPOCHS,
+                            seed_base=100, val_accs=(0.5, 0.5))
+    return [{"path": s["path"], "epoch": s["epoch"]} for s in snaps]
 
 
 def _reference(bundle, snapshots, ids: np.ndarray, *, label_aware: bool) -> tuple[np.ndarray, np.ndarray]:

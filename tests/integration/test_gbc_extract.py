@@ -28,6 +28,8 @@ from pivotal_ray.core.seeding import derive_seed, numpy_rng
 from pivotal_ray.distributed.extract import load_features
 from pivotal_ray.selectors import SELECTORS, RoundContext
 
+from .snapshot_dirs import write_snapshots
+
 pytestmark = pytest.mark.integration
 
 SEED = 5
@@ -45,16 +47,9 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory, bundle) -> list[dict]:
-    root = tmp_path_factory.mktemp("run")
-    out = []
-    for k, epoch in enumerate(EPOCHS):
-        model = build_model(MODEL_SPEC, bundle.num_classes, bundle.input_shape, seed=200 + k)
-        d = root / f"checkpoint_{k:06d}"
-        d.mkdir()
-        torch.save(model.state_dict(), d / "model.pt")
-        (d / "metrics.json").write_text(json.dumps({"epoch": epoch, "val_acc": 0.6 - 0.1 * k}))
-        out.append({"path": str(d), "epoch": epoch, "val_acc": 0.6 - 0.1 * k})  # best first: K = 2 chosen
-    return out
+    # best first: K = 2 chosen
+    return write_snapshots(tmp_path_factory.mktemp("run"), model_spec=MODEL_SPEC, bundle=bundle, epochs=EPOCHS,
+                           seed_base=200, val_accs=(0.6, 0.5))
 
 
 def _reference(bundle, snapshots, ids_in_order: np.ndarray) -> np.ndarray:
