@@ -25,7 +25,7 @@ from .core import artifacts
 from .core.data import build_data
 from .core.metrics import weight_auc
 from .selectors import SELECTORS, Picks, RoundContext, plan_of
-from .training import PLANS, TrainEnv, warmup_ids, warmup_name  # noqa: F401  (warmup_* re-exported)
+from .training import PLANS, TrainEnv, best_snapshot, warmup_ids, warmup_name  # noqa: F401  (warmup_* re-exported)
 
 SELECTION_COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "cluster", "score"]
 
@@ -96,8 +96,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     _check_cluster(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = to_dict(cfg)
+    fingerprint = artifacts.config_fingerprint(cfg_dict)[:12]
     # claim the directory first: a crashed run can then be resumed in place (same fingerprint)
-    artifacts.write_manifest(out, config=to_dict(cfg), seed=cfg.seed, timings={}, extra={"status": "running"})
+    artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra={"status": "running"})
     storage = cfg.ray.storage_path or str(out / "ray_train")
     oracle = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_true.tolist()))
     observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
@@ -107,27 +109,28 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     env = TrainEnv(cfg=cfg, storage=storage)
     cleaned = lambda ids: np.array([oracle[int(i)] for i in ids], dtype=np.int64)  # noqa: E731
 
+    def selection_rows(ids: np.ndarray, rnd: int, clusters: Any, scores: Any) -> list[dict[str, Any]]:
+        return [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
+                 "round": rnd, "cluster": int(c), "score": float(sc)} for i, c, sc in zip(ids, clusters, scores)]
+
     meta = plan.warmup_ids(cfg, bundle)
-    rows = [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
-             "round": 0, "cluster": -1, "score": float("nan")} for i in meta]
+    rows = selection_rows(meta, 0, [-1] * len(meta), [float("nan")] * len(meta))
     t0 = time.perf_counter()
     run = env.warmup = plan.first(env, meta_ids=meta, meta_labels=cleaned(meta))
     timings[f"{plan.first_stage}_train_s"] = time.perf_counter() - t0
     rounds_info = []
     for r, k in enumerate(plan.round_sizes(cfg), start=1):
-        ctx = RoundContext(cfg=to_dict(cfg), bundle=bundle, meta_ids=meta, run=run, round=r,
+        ctx = RoundContext(cfg=cfg_dict, bundle=bundle, meta_ids=meta, run=run, round=r,
                            work_dir=out / "rounds" / f"round_{r}")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         picks: Picks = selector(ctx, k)
         ctx.timings["select_s"] = time.perf_counter() - t0
         _check_picks(picks, k, meta, bundle)
-        rows += [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
-                  "round": r, "cluster": int(c), "score": float(s)}
-                 for i, c, s in zip(picks.sample_id, picks.cluster, picks.score)]
+        rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         t0 = time.perf_counter()
-        name = f"{cfg.selection.method}-round{r}-{artifacts.config_fingerprint(to_dict(cfg))[:12]}"
+        name = f"{cfg.selection.method}-round{r}-{fingerprint}"
         run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
         ctx.timings["train_s"] = time.perf_counter() - t0
         rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
@@ -148,13 +151,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                                      if len(meta) else None),
         "rounds": rounds_info,
         "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),
-                      "best_snapshot": str(max(run.snapshots, key=lambda s: (s["val_acc"], -s["epoch"]))["path"])},
+                      "best_snapshot": str(best_snapshot(run)["path"])},
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     selection = pd.DataFrame(rows, columns=SELECTION_COLUMNS)
     artifacts.write_csv(out / "selection.csv", selection)
     artifacts.write_json(out / "metrics.json", metrics)
-    artifacts.write_manifest(out, config=to_dict(cfg), seed=cfg.seed, timings=metrics["timings"],
+    artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings=metrics["timings"],
                              extra={"status": "complete"})
     return metrics
 

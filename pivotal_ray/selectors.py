@@ -124,8 +124,7 @@ def _clustering(weighted: bool, kind: str | None = None) -> Selector:
 
         from .distributed.kmeans import select_pivotal_distributed
 
-        path = extract_round_features(ctx) if kind is None else extract_round_features(ctx, kind=kind,
-                                                                                        name=f"features_{kind}")
+        path = extract_round_features(ctx, kind=kind, name="features" if kind is None else f"features_{kind}")
         s, r = ctx.cfg["selection"], ctx.cfg["ray"]
         t0 = time.perf_counter()
         sel = select_pivotal_distributed(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -236,8 +235,3 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
                     best_val_acc=float(best["val_acc"]), test_acc_at_best=float(best["test_acc"]),
                     final_test_acc=float(history[-1]["test_acc"]), wall_s=time.perf_counter() - t0,
                     extra={"history": history})
-
-
-def local_storage(path: str) -> str:
-    """Absolute storage path (Ray jobs run from a temporary copy of the working dir)."""
-    return path if "://" in path else os.path.abspath(path)
