@@ -168,14 +168,17 @@ def select_random_balanced(ctx: RoundContext, k: int) -> Picks:
 
 
 def _best_model(ctx: RoundContext) -> Any:
-    """The model of the last run's best-validation snapshot (local path or storage URI), eval mode, CPU."""
+    """The model of the last run's best-validation persisted snapshot (local path or storage URI),
+    eval mode, CPU, and that snapshot's epoch."""
     from . import storage
     from .core.models import build_model
 
-    snap = ctx.run.snapshot(ctx.run.best_epoch)
+    from .training import best_snapshot
+
+    snap = best_snapshot(ctx.run)  # best among persisted snapshots (snapshot_every may skip t*)
     model = build_model(ctx.cfg["model"], ctx.bundle.num_classes, ctx.bundle.input_shape)
     model.load_state_dict(storage.torch_load(storage.join(str(snap["path"]), "model.pt"), map_location="cpu"))
-    return model.eval()
+    return model.eval(), int(snap["epoch"])
 
 
 def _entropy(highest: bool) -> Selector:
@@ -185,10 +188,11 @@ def _entropy(highest: bool) -> Selector:
         from .core.baselines import predict_probs, predictive_entropy, rank_by_entropy
 
         cand = ctx.candidates()
-        probs = predict_probs(_best_model(ctx), ctx.bundle.train, ctx.bundle.train.positions_of(cand),
+        model, epoch = _best_model(ctx)
+        probs = predict_probs(model, ctx.bundle.train, ctx.bundle.train.positions_of(cand),
                               batch_size=int(ctx.cfg["features"]["batch_size"]))  # (n, C)
         ids, H = rank_by_entropy(cand, predictive_entropy(probs), k=k, highest=highest)
-        return Picks(ids, np.full(k, -1, dtype=np.int64), H, info={"best_epoch": int(ctx.run.best_epoch)})
+        return Picks(ids, np.full(k, -1, dtype=np.int64), H, info={"snapshot_epoch": epoch})
 
     return select
 
@@ -203,11 +207,14 @@ def select_craig(ctx: RoundContext, k: int) -> Picks:
     from .core.baselines import select_craig as craig
     from .core.densetable import read_feature_table
 
-    path = extract_round_features(ctx, kind="rbc", epochs=[ctx.run.best_epoch], name="features_craig")
+    from .training import best_snapshot
+
+    epoch = int(best_snapshot(ctx.run)["epoch"])
+    path = extract_round_features(ctx, kind="rbc", epochs=[epoch], name="features_craig")
     res = craig(read_feature_table(path), k=k, meta_ids=ctx.meta_ids, coverage_size=CRAIG_COVERAGE,
                 seed=derive_seed(ctx.seed, "select", "craig", ctx.round))
     return Picks(res.sample_id, np.full(k, -1, dtype=np.int64), res.gain,
-                 info={"coverage_size": int(res.coverage_ids.size), "c_max": res.c_max})
+                 info={"coverage_size": int(res.coverage_ids.size), "c_max": res.c_max, "snapshot_epoch": epoch})
 
 
 @method("finetune", plan="finetune")

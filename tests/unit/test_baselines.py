@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +30,7 @@ from pivotal_ray.core.featuretable import (DenseFeatures, FactorFeatures, factor
 from pivotal_ray.core.kmeans import select_pivotal
 from pivotal_ray.core.models import build_model
 from pivotal_ray.core.seeding import derive_seed, numpy_rng
+from pivotal_ray.distributed.train import TrainRun
 from pivotal_ray.selectors import SELECTORS, RoundContext
 
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +194,12 @@ def toy_ctx(tmp_path_factory) -> RoundContext:
     model = build_model(cfg["model"], bundle.num_classes, bundle.input_shape, seed=7)
     torch.save(model.state_dict(), snap / "model.pt")
     (snap / "metrics.json").write_text(json.dumps({"epoch": 3, "val_acc": 0.5}))
-    snapshots = [{"path": str(snap), "epoch": 3}]
-    run = SimpleNamespace(best_epoch=3, snapshots=snapshots, extra={"history": [{"epoch": 3, "val_acc": 0.5}]},
-                          snapshot=lambda e: next(s for s in snapshots if s["epoch"] == e))
+    snapshots = [{"path": str(snap), "epoch": 3, "val_acc": 0.5}]
+    # as with reweight.snapshot_every=3: the best-validation epoch (4) has no snapshot, so selectors
+    # must use the best persisted one (epoch 3): TrainRun.snapshot(4) raises KeyError
+    run = TrainRun(name="warmup", path=str(snap.parent), snapshots=snapshots, best_epoch=4, best_val_acc=0.6,
+                   test_acc_at_best=0.6, final_test_acc=0.6,
+                   extra={"history": [{"epoch": 3, "val_acc": 0.5}, {"epoch": 4, "val_acc": 0.6}]})
     meta = np.sort(numpy_rng(0, "meta").choice(bundle.train.sample_id, size=4, replace=False))
     return RoundContext(cfg=cfg, bundle=bundle, meta_ids=meta, run=run, round=1,
                         work_dir=Path(tmp_path_factory.mktemp("round")))
