@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--momentum", type=float, default=0.0)
     ap.add_argument("--meta-lr", type=float, default=300.0)
+    ap.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs where lr is cut by 10")
     ap.add_argument("--root", default="../shared/data")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -47,6 +48,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     model = build_model(ModelConfig(name="lenet5"), 10, (1, 28, 28))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=a.momentum)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=a.milestones, gamma=0.1)
     w = torch.ones(n)
     rw = build_reweighter(a.mode, meta_lr=a.meta_lr)
     for ep in range(a.epochs):
@@ -55,8 +57,9 @@ def main() -> None:
         for s in range(0, n, a.batch):
             idx = order[s : s + a.batch]
             out = rw.step(model=model, optimizer=opt, x=X[idx], y=y[idx], w=w[idx], x_meta=X[meta], y_meta=y[meta],
-                          lr=0.1, global_batch=len(idx), reducer=LocalReducer())
+                          lr=sched.get_last_lr()[0], global_batch=len(idx), reducer=LocalReducer())
             w[idx] = out.weights.float()
+        sched.step()
         model.eval()
         with torch.no_grad():
             acc = (model(Xt).argmax(1) == torch.as_tensor(b.test.y_true)).float().mean()
