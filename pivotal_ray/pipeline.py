@@ -48,10 +48,39 @@ def validate(cfg: ExperimentConfig) -> Any:
     return bundle
 
 
-def _check_cluster(cfg: ExperimentConfig) -> None:
+def gbc_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
+    """Bytes of the dense GBC feature table a round would write and cluster (0 when the method
+    clusters no GBC features): N samples x K snapshots x R blocks x B float32, with
+    B = min(largest parameter tensor, features.proj_dim) as in :class:`core.gbc.GBCExtractor`."""
+    method, f = cfg.selection.method, cfg.features
+    if not (method == "gbc" or (method in ("rbc", "rbc_k") and f.kind == "gbc")):
+        return 0
+    from .core.models import build_model
+
+    model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
+    largest = max(p.numel() for p in model.parameters() if p.requires_grad)
+    return len(bundle.train) * f.num_snapshots * f.num_layers * min(largest, f.proj_dim) * 4
+
+
+def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
+    """ConfigError when the GBC table (held by the K-means shard actors, read through one more
+    copy) cannot fit twice in the cluster's memory; names the knobs that shrink it."""
+    need = gbc_table_bytes(cfg, bundle)
+    if need and 2 * need > memory_bytes:
+        f = cfg.features
+        raise ConfigError(
+            f"GBC features would take {need / 2**30:.1f} GiB ({len(bundle.train)} samples x K={f.num_snapshots} "
+            f"snapshots x R={f.num_layers} blocks of up to {f.proj_dim} floats) and K-means holds them in "
+            f"memory, but the Ray cluster has {memory_bytes / 2**30:.1f} GiB: lower features.proj_dim (e.g. 256), "
+            "features.num_layers or features.num_snapshots, or add nodes")
+
+
+def _check_cluster(cfg: ExperimentConfig, bundle: Any) -> None:
     import ray
 
     res = ray.cluster_resources()
+    if not _autoscaling():
+        check_feature_memory(cfg, bundle, float(res.get("memory", 0.0)))
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if need_cpu > res.get("CPU", 0) and not _autoscaling():
         raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
@@ -93,7 +122,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     bundle = validate(cfg)
     connect(cfg)
-    _check_cluster(cfg)
+    _check_cluster(cfg, bundle)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = to_dict(cfg)

@@ -56,7 +56,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(training, "train", fake_train)
     monkeypatch.setattr(pipeline, "connect", lambda cfg: None)
-    monkeypatch.setattr(pipeline, "_check_cluster", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "_check_cluster", lambda cfg, bundle: None)
     return log
 
 

@@ -1,0 +1,45 @@
+"""The pre-flight GBC memory check: the dense table's size from the config, and a ConfigError that
+names the fix when K-means could not hold it (no Ray: the cluster's memory is an argument)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pivotal_ray.config import ConfigError, ExperimentConfig, FeatureConfig, ModelConfig, SelectionConfig
+from pivotal_ray.pipeline import check_feature_memory, gbc_table_bytes
+
+# MNIST as the pipeline sees it: 60,000 training samples, LeNet-5 whose largest tensor is the
+# 400 -> 120 fully connected weight (48,000 floats)
+MNIST = SimpleNamespace(train=range(60000), num_classes=10, input_shape=(1, 28, 28))
+GiB = 2**30
+
+
+def _cfg(method: str = "gbc", **features) -> ExperimentConfig:
+    return ExperimentConfig(model=ModelConfig(name="lenet5"), selection=SelectionConfig(method=method),
+                            features=FeatureConfig(num_snapshots=5, num_layers=5, **features))
+
+
+def test_table_size_is_samples_snapshots_blocks_floats() -> None:
+    # the 22.9 GiB that Ray Data wrote for MNIST at proj_dim=4096 (docs/results.md)
+    assert gbc_table_bytes(_cfg(proj_dim=4096), MNIST) == 60000 * 5 * 5 * 4096 * 4
+    assert gbc_table_bytes(_cfg(proj_dim=256), MNIST) == 60000 * 5 * 5 * 256 * 4
+    # a block is never wider than the largest tensor
+    assert gbc_table_bytes(_cfg(proj_dim=10**6), MNIST) == 60000 * 5 * 5 * 48000 * 4
+
+
+@pytest.mark.parametrize("method, kind", [("random", "rbc"), ("rbc", "rbc"), ("craig", "gbc"), ("base", "gbc")])
+def test_no_gbc_table_for_methods_that_cluster_none(method, kind) -> None:
+    assert gbc_table_bytes(_cfg(method, kind=kind), MNIST) == 0
+    check_feature_memory(_cfg(method, kind=kind), MNIST, memory_bytes=0.0)
+
+
+def test_rbc_on_gbc_features_is_checked_too() -> None:
+    assert gbc_table_bytes(_cfg("rbc", kind="gbc", proj_dim=256), MNIST) > 0
+
+
+def test_too_large_a_table_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"22\.9 GiB.*features\.proj_dim \(e\.g\. 256\)"):
+        check_feature_memory(_cfg(proj_dim=4096), MNIST, memory_bytes=15 * GiB)
+    check_feature_memory(_cfg(proj_dim=256), MNIST, memory_bytes=15 * GiB)  # 1.4 GiB: fits
