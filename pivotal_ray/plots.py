@@ -146,11 +146,15 @@ def weight_histograms(*, weights: dict[str, tuple[np.ndarray, np.ndarray]], path
     fig, axes = plt.subplots(1, len(weights), figsize=(3.6 * len(weights), 3.0), squeeze=False)
     for ax, (method, (w, clean)) in zip(axes[0], weights.items()):
         w, clean = np.asarray(w, dtype=np.float64), np.asarray(clean, dtype=bool)
-        lo, hi = (float(w.min()), float(w.max())) if w.size else (0.0, 1.0)
-        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
-        ax.hist(w[clean], bins=edges, alpha=0.6, label=f"clean ({int(clean.sum())})", density=True)
-        ax.hist(w[~clean], bins=edges, alpha=0.6, label=f"noisy ({int((~clean).sum())})", density=True)
+        # heavy right tails (l2rw weights reach 100 x the mean): bins up to the 99th percentile,
+        # larger weights counted in the last bin
+        lo, hi = (float(w.min()), float(np.percentile(w, 99))) if w.size else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        edges = np.linspace(lo, hi, bins + 1)
+        wc = np.clip(w, lo, hi)
+        ax.hist(wc[clean], bins=edges, alpha=0.6, label=f"clean ({int(clean.sum())})", density=True)
+        ax.hist(wc[~clean], bins=edges, alpha=0.6, label=f"noisy ({int((~clean).sum())})", density=True)
         ax.set_title(method)
-        ax.set_xlabel("learned weight")
+        ax.set_xlabel("learned weight (last bin: >= 99th percentile)")
         ax.legend(fontsize=7)
     return _save(fig, path)
