@@ -50,16 +50,17 @@ def validate(cfg: ExperimentConfig) -> Any:
 
 def gbc_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
     """Bytes of the dense GBC feature table a round would write and cluster (0 when the method
-    clusters no GBC features): N samples x K snapshots x R blocks x B float32, with
-    B = min(largest parameter tensor, features.proj_dim) as in :class:`core.gbc.GBCExtractor`."""
+    clusters no GBC features): N samples x K snapshots x one row of the extractor's width
+    (R blocks of B = min(largest parameter tensor, features.proj_dim) float32)."""
     method, f = cfg.selection.method, cfg.features
     if not (method == "gbc" or (method in ("rbc", "rbc_k") and f.kind == "gbc")):
         return 0
+    from .core.gbc import GBCExtractor
     from .core.models import build_model
 
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
-    largest = max(p.numel() for p in model.parameters() if p.requires_grad)
-    return len(bundle.train) * f.num_snapshots * f.num_layers * min(largest, f.proj_dim) * 4
+    width = GBCExtractor(model=model, cfg=f, seed=cfg.seed).width  # no fit: just the row layout
+    return len(bundle.train) * f.num_snapshots * width * 4
 
 
 def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:

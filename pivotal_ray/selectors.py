@@ -16,6 +16,7 @@ import numpy as np
 
 from .core.registry import Registry
 from .core.seeding import derive_seed, numpy_rng
+from .training import best_snapshot
 
 
 @dataclass
@@ -173,8 +174,6 @@ def _best_model(ctx: RoundContext) -> Any:
     from . import storage
     from .core.models import build_model
 
-    from .training import best_snapshot
-
     snap = best_snapshot(ctx.run)  # best among persisted snapshots (snapshot_every may skip t*)
     model = build_model(ctx.cfg["model"], ctx.bundle.num_classes, ctx.bundle.input_shape)
     model.load_state_dict(storage.torch_load(storage.join(str(snap["path"]), "model.pt"), map_location="cpu"))
@@ -206,8 +205,6 @@ def select_craig(ctx: RoundContext, k: int) -> Picks:
     """Facility-location greedy (CRAIG) on the RBC factors of the best snapshot (K = 1); score = gain."""
     from .core.baselines import select_craig as craig
     from .core.densetable import read_feature_table
-
-    from .training import best_snapshot
 
     epoch = int(best_snapshot(ctx.run)["epoch"])
     path = extract_round_features(ctx, kind="rbc", epochs=[epoch], name="features_craig")
