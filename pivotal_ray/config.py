@@ -202,6 +202,7 @@ class RayConfig:
     kmeans_shards: int = 2
     kmeans_shard_cpus: float = 0.25
     storage_path: str | None = None  # Ray Train storage; default <output_dir>/ray_train
+    log_to_driver: bool = False  # true: actors' stdout (per-epoch progress, Ray Train chatter) in the driver / `ray job logs`
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")

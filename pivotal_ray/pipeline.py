@@ -12,6 +12,7 @@ method is registered in ``selectors.SELECTORS``): the paper's methods re-weight 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from .core.data import build_data
 from .core.metrics import weight_auc
 from .selectors import SELECTORS, Picks, RoundContext, plan_of
 from .training import PLANS, TrainEnv, best_snapshot, warmup_ids, warmup_name  # noqa: F401  (warmup_* re-exported)
+
+log = logging.getLogger(__name__)  # stage lines in the driver, i.e. in `ray job logs`
 
 SELECTION_COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "cluster", "score"]
 
@@ -111,7 +114,7 @@ def connect(cfg: ExperimentConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     repo = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": repo, **RAY_ENV_VARS}} if address is None else None
-    kwargs: dict[str, Any] = {"log_to_driver": False}
+    kwargs: dict[str, Any] = {"log_to_driver": cfg.ray.log_to_driver}
     if address is None:
         kwargs.update(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                       include_dashboard=False, runtime_env=env)
@@ -146,23 +149,30 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     meta = plan.warmup_ids(cfg, bundle)
     rows = selection_rows(meta, 0, [-1] * len(meta), [float("nan")] * len(meta))
     t0 = time.perf_counter()
+    log.info("%s: %s training, %d meta samples, %d epochs", cfg.selection.method, plan.first_stage, len(meta),
+             cfg.reweight.epochs)
     run = env.warmup = plan.first(env, meta_ids=meta, meta_labels=cleaned(meta))
     timings[f"{plan.first_stage}_train_s"] = time.perf_counter() - t0
+    _log_run(run, timings[f"{plan.first_stage}_train_s"])
     rounds_info = []
     for r, k in enumerate(plan.round_sizes(cfg), start=1):
         ctx = RoundContext(cfg=cfg_dict, bundle=bundle, meta_ids=meta, run=run, round=r,
                            work_dir=out / "rounds" / f"round_{r}")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        log.info("round %d: selecting %d with %s", r, k, cfg.selection.method)
         picks: Picks = selector(ctx, k)
         ctx.timings["select_s"] = time.perf_counter() - t0
         _check_picks(picks, k, meta, bundle)
+        log.info("round %d: picked %s in %.1f s; re-training with %d meta samples", r,
+                 picks.sample_id.tolist(), ctx.timings["select_s"], len(meta) + k)
         rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         t0 = time.perf_counter()
         name = f"{cfg.selection.method}-round{r}-{fingerprint}"
         run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
         ctx.timings["train_s"] = time.perf_counter() - t0
+        _log_run(run, ctx.timings["train_s"])
         rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
 
     weights = run.final_weights().numpy()
@@ -190,6 +200,11 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings=metrics["timings"],
                              extra={"status": "complete"})
     return metrics
+
+
+def _log_run(run: Any, seconds: float) -> None:
+    log.info("%s: %.1f s, best validation %.4f at epoch %d (test %.4f)", run.name, seconds, run.best_val_acc,
+             run.best_epoch, run.test_acc_at_best)
 
 
 def _check_picks(picks: Picks, k: int, meta: np.ndarray, bundle: Any) -> None:

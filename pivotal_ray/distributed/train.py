@@ -160,7 +160,7 @@ def train_loop(config: dict[str, Any]) -> None:
                    "train_loss": total_loss / max(1, math.ceil(n_epoch / B)),
                    "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0}
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
-        if rank == 0:  # progress line in the worker's log (the pipeline starts Ray with log_to_driver=False)
+        if rank == 0:  # progress line: the worker log, and the driver / `ray job logs` when ray.log_to_driver
             print(f"[{tag}] epoch {epoch + 1}/{epochs}: val {val_acc:.4f} test {test_acc:.4f} "
                   f"loss {metrics['train_loss']:.4f} ({metrics['epoch_s']:.1f} s)", flush=True)
         if (epoch + 1) % int(rw["snapshot_every"]) == 0 or epoch == epochs - 1:

@@ -9,6 +9,7 @@ reuse every finished training run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -44,19 +45,42 @@ def runs(ray_session, tmp_path_factory):
                        f"ray.storage_path={storage}")
 
     cfgs = {"rbc": cfg("rbc", "rbc"), "random": cfg("random", "random"), "rbc_again": cfg("rbc", "rbc_again")}
-    metrics = {"rbc": run_experiment(cfgs["rbc"])}
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("pivotal_ray.pipeline")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics = {"rbc": run_experiment(cfgs["rbc"])}
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
     after_rbc = time.time()
     runs_after_rbc = sorted(p.name for p in storage.iterdir())
     metrics["random"] = run_experiment(cfgs["random"])
     runs_after_random = sorted(p.name for p in storage.iterdir())
     metrics["rbc_again"] = run_experiment(cfgs["rbc_again"])
     return {"tmp": tmp, "storage": storage, "cfgs": cfgs, "metrics": metrics, "after_rbc": after_rbc,
+            "rbc_log": [r.getMessage() for r in records],
             "runs_after_rbc": runs_after_rbc, "runs_after_random": runs_after_random,
             "runs_after_rerun": sorted(p.name for p in storage.iterdir())}
 
 
 def _selection(runs, key: str) -> pd.DataFrame:
     return pd.read_csv(Path(runs["cfgs"][key].output_dir) / "selection.csv")
+
+
+def test_driver_log_has_a_line_per_stage(runs):
+    """The job log (driver) names each training run with its best validation and each round's picks."""
+    lines, m = runs["rbc_log"], runs["metrics"]["rbc"]
+    sel = _selection(runs, "rbc")
+    picked = sel.loc[sel["round"] == 1, "sample_id"].tolist()
+    assert any(line.startswith("rbc: warmup training") for line in lines), lines
+    assert f"round 1: picked {picked}" in "\n".join(lines), lines
+    final = [line for line in lines if line.startswith(m["final_run"]["name"] + ":")]
+    assert len(final) == 1 and f"best validation {m['best_val_acc']:.4f} at epoch {m['best_epoch']}" in final[0]
 
 
 def test_cli_composition_matches_the_overrides(runs):
