@@ -25,7 +25,7 @@ from .config import ConfigError, ExperimentConfig, to_dict
 from .core import artifacts
 from .core.data import build_data
 from .core.metrics import weight_auc
-from .selectors import SELECTORS, Picks, RoundContext, plan_of
+from .selectors import SELECTORS, Picks, RoundContext, clustered_feature_kind, plan_of
 from .training import PLANS, TrainEnv, best_snapshot, warmup_ids, warmup_name  # noqa: F401  (warmup_* re-exported)
 
 log = logging.getLogger(__name__)  # stage lines in the driver, i.e. in `ray job logs`
@@ -55,8 +55,8 @@ def gbc_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
     """Bytes of the dense GBC feature table a round would write and cluster (0 when the method
     clusters no GBC features): N samples x K snapshots x one row of the extractor's width
     (R blocks of B = min(largest parameter tensor, features.proj_dim) float32)."""
-    method, f = cfg.selection.method, cfg.features
-    if not (method == "gbc" or (method in ("rbc", "rbc_k") and f.kind == "gbc")):
+    f = cfg.features
+    if clustered_feature_kind(cfg.selection.method, f.kind) != "gbc":
         return 0
     from .core.gbc import GBCExtractor
     from .core.models import build_model

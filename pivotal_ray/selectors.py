@@ -141,7 +141,18 @@ def _clustering(weighted: bool, kind: str | None = None) -> Selector:
                      info={"objective": [float(v) for v in sel.objective], "n_iter": int(sel.n_iter),
                            "n_clusters": int(sel.n_clusters)})
 
+    select.clustered_kind = kind  # type: ignore[attr-defined]  # read by clustered_feature_kind
+    select.clusters_features = True  # type: ignore[attr-defined]
     return select
+
+
+def clustered_feature_kind(method: str, configured_kind: str) -> str | None:
+    """The feature kind ``method`` extracts and holds in K-means ("rbc" / "gbc"), None when it
+    clusters none: rbc follows features.kind, rbc_k always uses RBC, gbc always GBC."""
+    sel = SELECTORS.get(method)
+    if not getattr(sel, "clusters_features", False):
+        return None
+    return getattr(sel, "clustered_kind", None) or configured_kind
 
 
 SELECTORS.register("rbc")(_clustering(weighted=True))

@@ -9,6 +9,7 @@ import pytest
 
 from pivotal_ray.config import ConfigError, ExperimentConfig, FeatureConfig, ModelConfig, SelectionConfig
 from pivotal_ray.pipeline import check_feature_memory, gbc_table_bytes
+from pivotal_ray.selectors import clustered_feature_kind
 
 # MNIST as the pipeline sees it: 60,000 training samples, LeNet-5 whose largest tensor is the
 # 400 -> 120 fully connected weight (48,000 floats)
@@ -29,7 +30,8 @@ def test_table_size_is_samples_snapshots_blocks_floats() -> None:
     assert gbc_table_bytes(_cfg(proj_dim=10**6), MNIST) == 60000 * 5 * 5 * 48000 * 4
 
 
-@pytest.mark.parametrize("method, kind", [("random", "rbc"), ("rbc", "rbc"), ("craig", "gbc"), ("base", "gbc")])
+@pytest.mark.parametrize("method, kind", [("random", "rbc"), ("rbc", "rbc"), ("craig", "gbc"), ("base", "gbc"),
+                                          ("rbc_k", "gbc")])  # rbc_k always clusters RBC features
 def test_no_gbc_table_for_methods_that_cluster_none(method, kind) -> None:
     assert gbc_table_bytes(_cfg(method, kind=kind), MNIST) == 0
     check_feature_memory(_cfg(method, kind=kind), MNIST, memory_bytes=0.0)
@@ -37,6 +39,13 @@ def test_no_gbc_table_for_methods_that_cluster_none(method, kind) -> None:
 
 def test_rbc_on_gbc_features_is_checked_too() -> None:
     assert gbc_table_bytes(_cfg("rbc", kind="gbc", proj_dim=256), MNIST) > 0
+
+
+@pytest.mark.parametrize("method, configured, expected", [
+    ("rbc", "rbc", "rbc"), ("rbc", "gbc", "gbc"), ("gbc", "rbc", "gbc"), ("rbc_k", "gbc", "rbc"),
+    ("random", "rbc", None), ("craig", "gbc", None), ("finetune", "rbc", None)])
+def test_clustered_feature_kind_is_what_the_selector_extracts(method, configured, expected) -> None:
+    assert clustered_feature_kind(method, configured) == expected
 
 
 def test_too_large_a_table_is_refused_with_the_fix() -> None:
