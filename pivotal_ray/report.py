@@ -11,7 +11,8 @@ COLUMNS = ["method", "seed", "test_acc_at_best_val", "final_test_acc", "weight_a
 
 
 def collect(root: str | Path) -> pd.DataFrame:
-    """One row per ``<root>/**/metrics.json``: method, seed, accuracies (%), weight AUC, wall time."""
+    """One row per ``<root>/**/metrics.json``: method, seed, accuracies (%), weight AUC, wall time,
+    and the noise kind and rate (``noise.kind``, ``noise.rate``: NaN for runs that do not record them)."""
     rows = []
     for path in sorted(Path(root).rglob("metrics.json")):
         m = json.loads(path.read_text())
@@ -20,7 +21,9 @@ def collect(root: str | Path) -> pd.DataFrame:
         rows.append({"method": m["method"], "seed": m["seed"],
                      "test_acc_at_best_val": 100 * m["test_acc_at_best_val"],
                      "final_test_acc": 100 * m["final_test_acc"], "weight_auc": m["weight_auc"],
-                     "best_epoch": m["best_epoch"], "total_s": m["timings"]["total_s"], "path": str(path.parent)})
+                     "best_epoch": m["best_epoch"], "total_s": m["timings"]["total_s"],
+                     "noise.kind": m.get("noise", {}).get("kind"), "noise.rate": m.get("noise", {}).get("rate"),
+                     "path": str(path.parent)})
     if not rows:
         raise FileNotFoundError(f"no metrics.json of a finished run under {root}")
     return pd.DataFrame(rows).sort_values(["method", "seed"]).reset_index(drop=True)

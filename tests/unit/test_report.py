@@ -5,11 +5,12 @@ import pytest
 from pivotal_ray.report import collect, summary_markdown
 
 
-def _write(d, method, seed, acc):
+def _write(d, method, seed, acc, rate=0.6):
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps({
         "method": method, "seed": seed, "test_acc_at_best_val": acc, "final_test_acc": acc - 0.01,
-        "weight_auc": 0.9, "best_epoch": 3, "timings": {"total_s": 10.0}}))
+        "weight_auc": 0.9, "best_epoch": 3, "timings": {"total_s": 10.0},
+        "noise": {"kind": "adversarial", "rate": rate}}))
 
 
 def test_collect_and_summarise(tmp_path):
@@ -23,6 +24,18 @@ def test_collect_and_summarise(tmp_path):
     md = summary_markdown(df)
     assert "| rbc | 2 | 92.00 +- 2.00 |" in md
     assert "| random | 1 | 80.00 +- 0.00 |" in md
+
+
+def test_summarise_by_noise_rate_from_the_command_line(tmp_path, capsys):
+    from jobs.summarize import main
+
+    _write(tmp_path / "a" / "rbc" / "seed0", "rbc", 0, 0.90, rate=0.2)
+    _write(tmp_path / "b" / "rbc" / "seed0", "rbc", 0, 0.70, rate=0.8)
+    _write(tmp_path / "b" / "rbc" / "seed1", "rbc", 1, 0.80, rate=0.8)
+    main([str(tmp_path), "--by", "noise.rate", "method"])
+    out = capsys.readouterr().out
+    assert "| 0.20 | rbc | 1 | 90.00 +- 0.00 |" in out
+    assert "| 0.80 | rbc | 2 | 75.00 +- 5.00 |" in out
 
 
 def test_collect_without_runs_names_the_problem(tmp_path):
