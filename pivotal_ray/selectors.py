@@ -141,8 +141,7 @@ def _clustering(weighted: bool, kind: str | None = None) -> Selector:
                      info={"objective": [float(v) for v in sel.objective], "n_iter": int(sel.n_iter),
                            "n_clusters": int(sel.n_clusters)})
 
-    select.clustered_kind = kind  # type: ignore[attr-defined]  # read by clustered_feature_kind
-    select.clusters_features = True  # type: ignore[attr-defined]
+    select.clustered_kind = kind  # type: ignore[attr-defined]  # None: features.kind; see clustered_feature_kind
     return select
 
 
@@ -150,9 +149,9 @@ def clustered_feature_kind(method: str, configured_kind: str) -> str | None:
     """The feature kind ``method`` extracts and holds in K-means ("rbc" / "gbc"), None when it
     clusters none: rbc follows features.kind, rbc_k always uses RBC, gbc always GBC."""
     sel = SELECTORS.get(method)
-    if not getattr(sel, "clusters_features", False):
+    if not hasattr(sel, "clustered_kind"):  # only _clustering's selectors carry it
         return None
-    return getattr(sel, "clustered_kind", None) or configured_kind
+    return sel.clustered_kind or configured_kind
 
 
 SELECTORS.register("rbc")(_clustering(weighted=True))
