@@ -101,3 +101,35 @@ def test_gpu_experiment_trains_one_step_on_tiny_synthetic_data(name, shape):
     finally:
         torch.set_num_threads(before)
     assert torch.isfinite(torch.tensor(out.loss)) and ((out.weights >= 0) & (out.weights <= 1)).all()
+
+
+def _readme_job_commands() -> list[tuple[str, list[str]]]:
+    """(module, overrides) of every `python -m jobs.select|compare ...` written in the README."""
+    import re
+    import shlex
+
+    text = (Path(CONFIGS).parent / "README.md").read_text().replace("\\\n", " ")
+    out = []
+    for m in re.finditer(r"python -m (jobs\.(?:select|compare))((?: +[^\s`|]+)*)", text):
+        args = [a for a in shlex.split(m.group(2)) if "=" in a and not a.startswith("-")]
+        out.append((m.group(1), [a.replace("$PWD", "/repo") for a in args]))
+    return out
+
+
+def test_readme_job_commands_compose():
+    """A command the README tells users to run names a real experiment and real keys."""
+    commands = _readme_job_commands()
+    assert {e for _, o in commands for e in o if e.startswith("experiment=")} >= {
+        f"experiment={n}" for n in ("toy_fig1", "mnist_adv60", "mnist_adv80_auc", "mnist_snapshots",
+                                    "mnist_noise_rates", "mnist_imbalance")}
+    for module, overrides in commands:
+        name = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
+        if name is None:
+            continue
+        rest = [o for o in overrides if not o.startswith("experiment=")]
+        cfg = _compose(name, *rest)
+        if "root" in cfg.data and cfg.data.root is None:
+            cfg = _compose(name, *rest, "data.root=/abs/data")
+        resolve_config(cfg)
+        if module == "jobs.compare":
+            compare_config(cfg)
