@@ -155,7 +155,6 @@ def weight_histograms(*, weights: dict[str, tuple[np.ndarray, np.ndarray]], path
         ax.hist(wc[clean], bins=edges, alpha=0.6, label=f"clean ({int(clean.sum())})", density=True)
         ax.hist(wc[~clean], bins=edges, alpha=0.6, label=f"noisy ({int((~clean).sum())})", density=True)
         ax.set_title(method)
-        ax.set_xlabel("learned weight")
+        ax.set_xlabel("learned weight (last bin: >= 99th percentile)", fontsize=8)
         ax.legend(fontsize=7)
-    fig.supxlabel("last bin: weights >= the 99th percentile", fontsize=8)
     return _save(fig, path)
