@@ -7,6 +7,8 @@ methods x seeds (x varied values) validates.
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -31,16 +33,21 @@ def _compose(name: str, *overrides: str):
         return compose("config", overrides=[f"experiment={name}", *overrides])
 
 
+def _compose_runnable(name: str, *overrides: str):
+    """_compose, with a data.root on the command line for the GPU-cluster data sets (no default root)."""
+    cfg = _compose(name, *overrides)
+    if "root" in cfg.data and cfg.data.root is None:
+        cfg = _compose(name, *overrides, "data.root=/abs/data")
+    return cfg
+
+
 def test_every_required_experiment_exists():
     assert REQUIRED <= set(EXPERIMENTS), sorted(REQUIRED - set(EXPERIMENTS))
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_resolves_and_expands(name, tmp_path):
-    cfg = _compose(name)
-    if "root" in cfg.data and cfg.data.root is None:  # GPU-cluster data sets: root on the command line
-        cfg = _compose(name, "data.root=/abs/data")
-    exp = resolve_config(cfg)
+    exp = resolve_config(_compose_runnable(name))
     assert exp.name == name and Path(exp.output_dir).is_absolute()
     assert exp.selection.budget > exp.selection.warmup
     assert exp.reweight.mode in REWEIGHTERS and exp.model.name in MODELS and exp.features.kind in EXTRACTORS
@@ -105,9 +112,6 @@ def test_gpu_experiment_trains_one_step_on_tiny_synthetic_data(name, shape):
 
 def _readme_job_commands() -> list[tuple[str, list[str]]]:
     """(module, overrides) of every `python -m jobs.select|compare ...` written in the README."""
-    import re
-    import shlex
-
     text = (Path(CONFIGS).parent / "README.md").read_text().replace("\\\n", " ")
     out = []
     for m in re.finditer(r"python -m (jobs\.(?:select|compare))((?: +[^\s`|]+)*)", text):
@@ -127,9 +131,7 @@ def test_readme_job_commands_compose():
         if name is None:
             continue
         rest = [o for o in overrides if not o.startswith("experiment=")]
-        cfg = _compose(name, *rest)
-        if "root" in cfg.data and cfg.data.root is None:
-            cfg = _compose(name, *rest, "data.root=/abs/data")
+        cfg = _compose_runnable(name, *rest)
         resolve_config(cfg)
         if module == "jobs.compare":
             compare_config(cfg)
