@@ -32,6 +32,11 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.0)
     ap.add_argument("--meta-lr", type=float, default=300.0)
     ap.add_argument("--milestones", type=int, nargs="*", default=[], help="epochs where lr is cut by 10")
+    ap.add_argument("--cosine", action="store_true", help="cosine-anneal lr to 0 over --epochs (ignores --milestones)")
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--balanced-meta", action="store_true", help="class-balanced meta loss (l2rw)")
+    ap.add_argument("--meta-from", default=None,
+                    help="a finished run's selection.csv: use its meta set (cleaned labels) instead of the warm-up draw")
     ap.add_argument("--root", default="../shared/data")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -43,14 +48,22 @@ def main() -> None:
     y = torch.as_tensor(tr.y_obs).clone()
     clean = torch.as_tensor(tr.y_obs == tr.y_true)
     # the pipeline's warm-up draw (pivotal_ray.pipeline.warmup_ids; MNIST sample_id == position)
-    meta = numpy_rng(a.seed, "warmup").choice(n, SelectionConfig(budget=20, warmup=10).warmup, replace=False)
+    if a.meta_from:
+        import pyarrow.csv as pacsv
+
+        meta = np.array(pacsv.read_csv(a.meta_from).column("sample_id").to_numpy(), dtype=np.int64)
+    else:
+        meta = numpy_rng(a.seed, "warmup").choice(n, SelectionConfig(budget=20, warmup=10).warmup, replace=False)
     y[meta] = torch.as_tensor(tr.y_true[meta])
     torch.manual_seed(a.seed)
     model = build_model(ModelConfig(name="lenet5"), 10, (1, 28, 28))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=a.momentum)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=a.milestones, gamma=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum)
+    if a.cosine:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs)
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=a.milestones, gamma=0.1)
     w = torch.ones(n)
-    rw = build_reweighter(a.mode, meta_lr=a.meta_lr)
+    rw = build_reweighter(a.mode, meta_lr=a.meta_lr, meta_class_balanced=a.balanced_meta)
     for ep in range(a.epochs):
         t = time.perf_counter()
         order = np.random.default_rng(ep).permutation(n)  # a local Generator per epoch

@@ -105,16 +105,27 @@ def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: b.detach().clone() for k, b in model.named_buffers()}
 
 
-def meta_gradient(model: nn.Module, params_hat: dict[str, torch.Tensor], x_meta: torch.Tensor,
-                  y_meta: torch.Tensor, *, reducer: Reducer) -> tuple[torch.Tensor, float]:
-    """v = grad mean_i f_meta_i(theta_hat), averaged over workers (the meta batch is replicated).
+def meta_loss_fn(logits: torch.Tensor, y_meta: torch.Tensor, class_balanced: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of the meta batch; ``class_balanced``: the mean over the classes present
+    of each class's mean loss (each meta sample weighted by 1 / its class's count)."""
+    losses = F.cross_entropy(logits, y_meta, reduction="none")
+    if not class_balanced:
+        return losses.mean()
+    inv = 1.0 / torch.bincount(y_meta, minlength=logits.shape[1]).to(losses.dtype)[y_meta]
+    return (inv * losses).sum() / inv.sum()
 
+
+def meta_gradient(model: nn.Module, params_hat: dict[str, torch.Tensor], x_meta: torch.Tensor,
+                  y_meta: torch.Tensor, *, reducer: Reducer, class_balanced: bool = False) -> tuple[torch.Tensor, float]:
+    """v = grad L_meta(theta_hat), averaged over workers (the meta batch is replicated).
+
+    ``L_meta`` is the meta batch's mean loss, or its class-balanced mean (:func:`meta_loss_fn`).
     Returns the flat v (P,) and the meta loss.
     """
     names = list(params_hat)
     leaves = {k: p.detach().requires_grad_(True) for k, p in params_hat.items()}
     logits = functional_call(model, (leaves, _buffer_copies(model)), (x_meta,))  # (m, C)
-    meta_loss = F.cross_entropy(logits, y_meta)
+    meta_loss = meta_loss_fn(logits, y_meta, class_balanced)
     v = _flat(list(torch.autograd.grad(meta_loss, [leaves[k] for k in names])))
     v = reducer.sum_(v) / reducer.world_size
     return v, float(meta_loss.detach())
@@ -197,8 +208,8 @@ class L2RWReweighter(_Stateless):
     returned weights are rescaled by ``|B|`` (mean 1) so they are comparable across batches.
     """
 
-    def __init__(self, **_: object) -> None:
-        pass
+    def __init__(self, *, meta_class_balanced: bool = False, **_: object) -> None:
+        self.meta_class_balanced = meta_class_balanced
 
     def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              w: torch.Tensor, x_meta: torch.Tensor, y_meta: torch.Tensor, lr: float, global_batch: int,
@@ -206,7 +217,8 @@ class L2RWReweighter(_Stateless):
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         losses = F.cross_entropy(model(x), y, reduction="none")  # (b,)
-        v, meta_loss = meta_gradient(model, {k: p.detach() for k, p in named}, x_meta, y_meta, reducer=reducer)
+        v, meta_loss = meta_gradient(model, {k: p.detach() for k, p in named}, x_meta, y_meta, reducer=reducer,
+                                     class_balanced=self.meta_class_balanced)
         dots = per_sample_grad_dot(model, dict(named), x, y, _unflat(v, params))  # (b,) <v, grad f_j>
         weight_grad = -lr * dots  # dL_meta/d eps_j at eps = 0 (eq. S10)
         raw = (-weight_grad).clamp(min=0.0)  # (b,)
