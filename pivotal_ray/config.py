@@ -100,6 +100,8 @@ class ReweightConfig:
     lr_gamma: float = 0.1
     meta_lr: float = 100.0  # eta in w <- clip(w - eta * dL/dw, 0, 1)
     meta_batch_size: int = 100  # at most this many meta samples per step (all when fewer)
+    # meta loss = mean over the meta batch's classes of each class's mean loss (spec: the plain mean)
+    meta_class_balanced: bool = False
     init_weight: float = 1.0
     snapshot_every: int = 1
     augment: bool = False

@@ -97,11 +97,12 @@ class MWNetReweighter:
     """
 
     def __init__(self, *, meta_lr: float, seed: int = 0, hidden: int = 100, optimizer: str = "adam",
-                 weight_decay: float = 1e-4, **_: object) -> None:
+                 weight_decay: float = 1e-4, meta_class_balanced: bool = False, **_: object) -> None:
         if optimizer not in META_OPTIMIZERS:
             raise KeyError(f"unknown meta-weight-net optimizer {optimizer!r}: choose one of {sorted(META_OPTIMIZERS)}")
         self.net = MetaWeightNet(hidden=hidden, generator=torch_generator(seed, "mwnet"))
         self.opt = META_OPTIMIZERS[optimizer](self.net.parameters(), lr=meta_lr, weight_decay=weight_decay)
+        self.meta_class_balanced = meta_class_balanced
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "optimizer": self.opt.state_dict()}
@@ -144,7 +145,8 @@ class MWNetReweighter:
             theta_hat = {k: p - lr * gk for k, p, gk in zip(names, params, _unflat(g, params))}
 
         # (3) v at theta_hat; c_j = dL_meta/dw~_j = -a <v, grad f_j> from one JVP
-        v, meta_loss = meta_gradient(model, theta_hat, x_meta, y_meta, reducer=reducer)
+        v, meta_loss = meta_gradient(model, theta_hat, x_meta, y_meta, reducer=reducer,
+                                     class_balanced=self.meta_class_balanced)
         c = -lr * per_sample_grad_dot(model, dict(named), x, y, _unflat(v, params))  # (b,)
         if float(S) != 0.0:
             T = _global_sum(c * w_cur, reducer)

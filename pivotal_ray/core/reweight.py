@@ -166,8 +166,9 @@ class _Stateless:
 class DirectReweighter(_Stateless):
     """Per-sample weights updated by the exact meta gradient (spec section 2, 'direct')."""
 
-    def __init__(self, *, meta_lr: float, **_: object) -> None:
+    def __init__(self, *, meta_lr: float, meta_class_balanced: bool = False, **_: object) -> None:
         self.meta_lr = meta_lr
+        self.meta_class_balanced = meta_class_balanced
 
     def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              w: torch.Tensor, x_meta: torch.Tensor, y_meta: torch.Tensor, lr: float, global_batch: int,
@@ -184,7 +185,8 @@ class DirectReweighter(_Stateless):
         # (2-3) virtual step and meta gradient at theta_hat
         with torch.no_grad():
             theta_hat = {k: p - lr * gk for k, p, gk in zip(names, params, _unflat(g, params))}
-        v, meta_loss = meta_gradient(model, theta_hat, x_meta, y_meta, reducer=reducer)
+        v, meta_loss = meta_gradient(model, theta_hat, x_meta, y_meta, reducer=reducer,
+                                     class_balanced=self.meta_class_balanced)
 
         # (4) eq. S4 via one JVP; (5) projected gradient step on the weights
         dots = per_sample_grad_dot(model, dict(named), x, y, _unflat(v, params))  # (b,)

@@ -102,7 +102,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model = model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=rw["lr"], momentum=rw["momentum"], weight_decay=rw["weight_decay"])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=rw["lr_milestones"], gamma=rw["lr_gamma"])
-    reweighter = build_reweighter(rw["mode"], meta_lr=rw["meta_lr"], seed=seed, num_classes=bundle.num_classes)
+    reweighter = build_reweighter(rw["mode"], meta_lr=rw["meta_lr"], seed=seed, num_classes=bundle.num_classes,
+                                  meta_class_balanced=rw.get("meta_class_balanced", False))
     weights = torch.full((n,), float(rw["init_weight"]), dtype=torch.float32, device=device)
     start_epoch, history = 0, []
 

@@ -176,3 +176,20 @@ def test_rerunning_the_rbc_command_gives_the_same_picks(runs):
     assert runs["runs_after_rerun"] == runs["runs_after_random"]
     assert m2["timings"]["warmup_train_s"] < m1["timings"]["warmup_train_s"]
     assert m2["rounds"][0]["objective"] == m1["rounds"][0]["objective"]
+
+
+def test_per_class_report_reads_the_finished_run(runs, capsys):
+    """jobs.per_class reloads the best checkpoint and reproduces the run's test accuracy."""
+    from jobs import per_class
+
+    out = Path(runs["cfgs"]["rbc"].output_dir)
+    per_class.main([str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    acc = float(next(ln for ln in lines if ln.startswith("test accuracy")).split()[-1])
+    assert acc == pytest.approx(runs["metrics"]["rbc"]["test_acc_at_best_val"], abs=1e-4)
+    rows = [ln.split() for ln in lines[lines.index(next(ln for ln in lines if ln.startswith("class"))) + 1:]]
+    assert [int(r[0]) for r in rows] == [0, 1]  # the toy set's two classes
+    selection = _selection(runs, "rbc")
+    assert sum(int(r[3]) for r in rows) == len(selection)  # every meta sample counted under its cleaned label
+    with pytest.raises(SystemExit, match="finished jobs.select run"):
+        per_class.main([str(out / "nope")])

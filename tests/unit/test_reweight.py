@@ -123,3 +123,40 @@ def test_l2rw_weights_match_autograd_at_zero_eps():
     with torch.no_grad():
         for p, q in zip(ref_model.parameters(), model.parameters()):
             torch.testing.assert_close(q, p - 0.2 * p.grad)
+
+
+def test_class_balanced_meta_loss_is_the_mean_of_class_means():
+    from pivotal_ray.core.reweight import meta_loss_fn
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 2, 2, 0])
+    per = F.cross_entropy(logits, y, reduction="none")
+    expected = torch.stack([per[y == c].mean() for c in (0, 1, 2)]).mean()  # class 3 absent: not counted
+    torch.testing.assert_close(meta_loss_fn(logits, y, class_balanced=True), expected)
+    assert not torch.allclose(meta_loss_fn(logits, y), expected)  # the plain mean differs here
+    yb = torch.tensor([0, 1, 2, 3, 0, 1, 2])[:4]  # one sample per class: the two agree
+    torch.testing.assert_close(meta_loss_fn(logits[:4], yb, class_balanced=True), meta_loss_fn(logits[:4], yb))
+
+
+@pytest.mark.parametrize("mode", ["direct", "l2rw"])
+def test_class_balanced_meta_gradient_matches_autograd(mode):
+    """With ``meta_class_balanced`` the weight gradient is that of the class-balanced meta loss."""
+    from pivotal_ray.core.reweight import meta_loss_fn
+
+    torch.manual_seed(5)
+    model = TinyNet().double()
+    x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    xm, ym = torch.randn(5, 5, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 2])
+    lr, w0 = 0.3, (torch.ones(10) if mode == "l2rw" else torch.rand(10)).double()
+    names = [k for k, _ in model.named_parameters()]
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in model.named_parameters()}
+    w = (torch.zeros(10, dtype=torch.float64) if mode == "l2rw" else w0.clone()).requires_grad_(True)
+    scale = 1.0 if mode == "l2rw" else 1.0 / 10  # l2rw: eps_j on sum_j eps_j f_j; direct: (1/|B|) sum_j w_j f_j
+    losses = F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none")
+    g = torch.autograd.grad(scale * (w * losses).sum(), [params[k] for k in names], create_graph=True)
+    hat = {k: params[k] - lr * gk for k, gk in zip(names, g)}
+    ref = torch.autograd.grad(meta_loss_fn(functional_call(model, hat, (xm,)), ym, class_balanced=True), w)[0]
+    rw = build_reweighter(mode, meta_lr=1.0, meta_class_balanced=True)
+    out = rw.step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), x=x, y=y, w=w0, x_meta=xm,
+                  y_meta=ym, lr=lr, global_batch=10, reducer=LocalReducer())
+    torch.testing.assert_close(out.weight_grad, ref)
