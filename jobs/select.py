@@ -6,7 +6,9 @@ Local (starts a local Ray when no cluster address is given)::
     python -m jobs.select method=random seed=1     # the random baseline, same warm-up
     python -m jobs.select experiment=mnist_adv60   # Table 1 MNIST column, method=rbc
 
-On a running cluster (outputs need an absolute path or a storage URI)::
+On a running cluster (``output_dir`` must be an absolute path on the head node or a mounted
+shared volume: the job runs from a temporary copy of the working dir; checkpoints may go to a
+storage URI through ``ray.storage_path``)::
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python -m jobs.select experiment=mnist_adv60 output_dir=/abs/path/out
@@ -34,7 +36,13 @@ def resolve_config(cfg: DictConfig):
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("method", None)  # already interpolated into selection.method
     values.pop("compare", None)  # jobs.compare's own settings (CompareConfig)
-    values["output_dir"] = os.path.abspath(values["output_dir"])
+    out = str(values["output_dir"])
+    if "://" in out:
+        raise ConfigError(f"output_dir={out!r} is a storage URI, but the run's artefacts (selection.csv, "
+                          "metrics.json, features) are written to a filesystem: pass an absolute path on the "
+                          "head node or a mounted shared volume, and put checkpoints on the URI with "
+                          "ray.storage_path=<uri>")
+    values["output_dir"] = os.path.abspath(out)
     data = values.get("data") or {}
     if data.get("root") and "://" not in data["root"]:
         data["root"] = os.path.abspath(data["root"])

@@ -111,6 +111,10 @@ class ReweightConfig:
         _check(self.batch_size > 0, f"reweight.batch_size={self.batch_size} must be > 0")
         _check(self.lr > 0, f"reweight.lr={self.lr} must be > 0")
         _check(self.meta_lr >= 0, f"reweight.meta_lr={self.meta_lr} must be >= 0")
+        _check(self.meta_batch_size >= 1, f"reweight.meta_batch_size={self.meta_batch_size} must be >= 1")
+        _check(self.momentum >= 0 and self.weight_decay >= 0 and self.lr_gamma > 0,
+               f"reweight.momentum={self.momentum} and reweight.weight_decay={self.weight_decay} must be >= 0 "
+               f"and reweight.lr_gamma={self.lr_gamma} > 0")
         _check(0.0 <= self.init_weight <= 1.0, f"reweight.init_weight={self.init_weight} must be in [0, 1]")
         _check(self.snapshot_every >= 1, f"reweight.snapshot_every={self.snapshot_every} must be >= 1")
         self.lr_milestones = [int(m) for m in self.lr_milestones]
@@ -135,6 +139,8 @@ class FeatureConfig:
         _check(self.num_snapshots >= 1, f"features.num_snapshots={self.num_snapshots} must be >= 1")
         _check(self.stride >= 1, f"features.stride={self.stride} must be >= 1")
         _check(self.batch_size > 0, "features.batch_size must be > 0")
+        _check(self.num_layers >= 1, f"features.num_layers={self.num_layers} must be >= 1 (R tensors per snapshot)")
+        _check(self.proj_dim >= 1, f"features.proj_dim={self.proj_dim} must be >= 1 (e.g. 256)")
 
 
 @dataclass
@@ -161,6 +167,7 @@ class SelectionConfig:
         _check(0.0 <= self.exclude_frac < 1.0, f"selection.exclude_frac={self.exclude_frac} must be in [0, 1)")
         _one_of("kmeans init", self.kmeans_init, ("kmeans++", "random"))
         _check(self.kmeans_max_iter >= 1, "selection.kmeans_max_iter must be >= 1")
+        _check(self.kmeans_tol >= 0, f"selection.kmeans_tol={self.kmeans_tol} must be >= 0 (e.g. 1e-6)")
 
     @property
     def round_sizes(self) -> list[int]:

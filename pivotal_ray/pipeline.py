@@ -38,6 +38,15 @@ def validate(cfg: ExperimentConfig) -> Any:
     if cfg.selection.method not in SELECTORS:
         raise ConfigError(f"unknown method {cfg.selection.method!r}: choose one of {SELECTORS.names()} "
                           "(selection.method=... or method=...)")
+    from .core.features import EXTRACTORS
+    from .core.models import MODELS
+    from .core.reweight import REWEIGHTERS
+
+    for setting, value, registry in (("reweight.mode", cfg.reweight.mode, REWEIGHTERS),
+                                     ("model.name", cfg.model.name, MODELS),
+                                     ("features.kind", cfg.features.kind, EXTRACTORS)):
+        if value not in registry:
+            raise ConfigError(f"unknown {setting} {value!r}: choose one of {registry.names()} ({setting}=...)")
     out = Path(cfg.output_dir)
     if not out.is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path "
@@ -90,6 +99,15 @@ def _check_cluster(cfg: ExperimentConfig, bundle: Any) -> None:
         raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
                           f"needs {need_cpu} CPUs but the cluster has {res.get('CPU', 0)}: lower ray.num_workers or "
                           "ray.cpus_per_worker")
+    shard_cpu = cfg.ray.kmeans_shards * cfg.ray.kmeans_shard_cpus
+    clusters = clustered_feature_kind(cfg.selection.method, cfg.features.kind) is not None
+    if clusters and shard_cpu > res.get("CPU", 0) and not _autoscaling():
+        raise ConfigError(f"ray.kmeans_shards={cfg.ray.kmeans_shards} x ray.kmeans_shard_cpus="
+                          f"{cfg.ray.kmeans_shard_cpus} needs {shard_cpu} CPUs but the cluster has "
+                          f"{res.get('CPU', 0)}: lower ray.kmeans_shards or ray.kmeans_shard_cpus")
+    if cfg.ray.extract_gpus > 0 and not res.get("GPU", 0) and not _autoscaling():
+        raise ConfigError(f"ray.extract_gpus={cfg.ray.extract_gpus} but the cluster has no GPU: set "
+                          "ray.extract_gpus=0 (CPU actors) or run on a cluster with GPU nodes")
     need_gpu = cfg.ray.num_workers if cfg.ray.use_gpu else 0
     if need_gpu > res.get("GPU", 0) and not _autoscaling():
         raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "

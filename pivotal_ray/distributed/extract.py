@@ -184,7 +184,9 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists: remove it, choose another output_path, or pass overwrite=True")
     seed = int(data_spec["seed"] if seed is None else seed)
-    snaps = [{"path": str(Path(s["path"]).resolve()), "epoch": int(s["epoch"])} for s in snapshots]
+    # local paths are made absolute (actors may start elsewhere); storage URIs pass through as given
+    snaps = [{"path": s["path"] if "://" in str(s["path"]) else str(Path(s["path"]).resolve()),
+              "epoch": int(s["epoch"])} for s in snapshots]
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"  # same filesystem => atomic rename
     final.parent.mkdir(parents=True, exist_ok=True)
     try:

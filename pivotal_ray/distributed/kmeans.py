@@ -18,6 +18,8 @@ Example (inside a Ray session; the parquet layout is :mod:`pivotal_ray.core.feat
 
 from __future__ import annotations
 
+import os
+
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -148,7 +150,7 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     if num_shards < 1 or shard_cpus <= 0:
         raise ValueError(f"num_shards={num_shards} must be >= 1 and shard_cpus={shard_cpus} > 0")
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    if num_shards * shard_cpus > cpus:
+    if num_shards * shard_cpus > cpus and os.environ.get("PIVOTAL_AUTOSCALING", "0") != "1":
         raise ValueError(f"{num_shards} shards x {shard_cpus} CPUs exceed the cluster's {cpus} CPUs: "
                          "lower ray.kmeans_shards or ray.kmeans_shard_cpus")
     if isinstance(source, (FactorFeatures, DenseFeatures)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,4 +163,54 @@ def test_cli_exits_2_with_a_one_line_error_and_no_traceback(tmp_path):
     assert lines[0].startswith("error: unknown method 'foo': choose one of"), lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "test accuracy" not in proc.stdout
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, setting", [
+    ("reweight.mode=foo", "reweight.mode"),
+    ("model.name=foo", "model.name"),
+    ("features.kind=foo", "features.kind"),
+])
+def test_unknown_registry_names(out, tripwires, override, setting):
+    with pytest.raises(ConfigError, match=rf"unknown {setting} 'foo': choose one of \[") as err:
+        _run(override, f"output_dir={out}")
+    assert f"({setting}=...)" in str(err.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, fix", [
+    ("features.num_layers=0", "features.num_layers=0 must be >= 1"),
+    ("features.proj_dim=0", "features.proj_dim=0 must be >= 1"),
+    ("selection.kmeans_tol=-1", "selection.kmeans_tol=-1 must be >= 0"),
+    ("reweight.meta_batch_size=0", "reweight.meta_batch_size=0 must be >= 1"),
+])
+def test_out_of_range_settings(out, tripwires, override, fix):
+    with pytest.raises(ConfigError, match=re.escape(fix)):
+        _run(override, f"output_dir={out}")
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_storage_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"output_dir='s3://bucket/run' is a storage URI") as err:
+        resolve(*TINY, "output_dir=s3://bucket/run")
+    assert "ray.storage_path=<uri>" in str(err.value)
+    assert not any(tmp_path.iterdir())  # not turned into a local ./s3:/bucket/run
+
+
+def test_more_kmeans_shards_than_the_cluster_has(out, ray_session, monkeypatch):
+    monkeypatch.delenv("PIVOTAL_AUTOSCALING", raising=False)
+    monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
+    with pytest.raises(ConfigError, match=r"ray.kmeans_shards=64 x ray.kmeans_shard_cpus=.* needs") as err:
+        _run("ray.kmeans_shards=64", "ray.kmeans_shard_cpus=1", f"output_dir={out}")
+    assert "lower ray.kmeans_shards" in str(err.value)
+    assert not out.exists()
+
+
+def test_gpu_extraction_on_a_cluster_without_gpus(out, ray_session, monkeypatch):
+    monkeypatch.delenv("PIVOTAL_AUTOSCALING", raising=False)
+    monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
+    assert not ray_session.cluster_resources().get("GPU", 0)
+    with pytest.raises(ConfigError, match=r"ray.extract_gpus=1(\.0)? but the cluster has no GPU: set ray.extract_gpus=0"):
+        _run("ray.extract_gpus=1", f"output_dir={out}")
     assert not out.exists()

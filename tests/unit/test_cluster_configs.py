@@ -238,7 +238,7 @@ def test_entry_point_overrides_name_real_keys_and_absolute_outputs(rayjob: dict,
         items = dict(_check_override(o) for o in _overrides(command))
         assert "output_dir" in items, f"pass output_dir explicitly: {command!r}"
         out = items["output_dir"]
-        assert out.startswith("/") or "://" in out, f"output_dir must be absolute or a URI: {out!r}"
+        assert out.startswith("/") and "://" not in out, f"output_dir must be an absolute path: {out!r}"
 
 
 def test_override_checker_rejects_typos() -> None:
