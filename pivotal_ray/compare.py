@@ -80,16 +80,16 @@ def expand(*, base: ExperimentConfig, cc: CompareConfig) -> list[RunSpec]:
     return specs
 
 
-def finished_metrics(output_dir: str | Path) -> dict[str, Any] | None:
-    """metrics.json of a completed run in ``output_dir`` (manifest status complete), else None."""
-    out = Path(output_dir)
-    try:
-        manifest = json.loads((out / artifacts.MANIFEST_NAME).read_text())
-        if manifest.get("extra", {}).get("status") == "complete":
-            return json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        pass
-    return None
+def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """metrics.json of the completed run in ``cfg.output_dir``, else None (run it).
+
+    Raises OutputDirError (listing the differing settings) when that directory holds a run of a
+    different config: its results must not be mixed into this comparison.
+    """
+    from .pipeline import check_run_dir, completed_metrics
+
+    check_run_dir(cfg)
+    return completed_metrics(cfg.output_dir)
 
 
 def result_row(*, metrics: dict[str, Any], variant: dict[str, Any], boundary_auc: float) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     rows, done = [], []
     bundles: dict[str, Any] = {}
     for i, spec in enumerate(specs, 1):
-        metrics = finished_metrics(spec.cfg.output_dir)
+        metrics = finished_metrics(spec.cfg)
         status = "read"
         if metrics is None:
             metrics, status = run(spec.cfg), "ran"

@@ -87,7 +87,7 @@ def draw_figures(*, done: list[tuple[Any, Any]], df: pd.DataFrame, cc: CompareCo
         spec0 = first[0][0]
         bundle = build_data(spec0.cfg.data, spec0.cfg.noise, spec0.cfg.seed)
         if tuple(bundle.input_shape) == (2,):
-            panels = [_region_panel(s, finished_metrics(s.cfg.output_dir), bundle) for s, _ in first]
+            panels = [_region_panel(s, finished_metrics(s.cfg), bundle) for s, _ in first]
             paths.append(plots.decision_regions(panels=panels, path=root / "decision_regions.png"))
     if cc.vary_key is not None and len(cc.vary_values) > 1:
         paths.append(plots.accuracy_vs(df=df, x=cc.vary_key, path=root / f"accuracy_vs_{cc.vary_key}.png"))

@@ -155,7 +155,10 @@ class SelectionConfig:
     kmeans_init: str = "kmeans++"
     kmeans_max_iter: int = 200
     kmeans_tol: float = 1e-6
-    balanced_warmup: bool = False
+    # weighted K-means update: members enter S2 as sign(<G_j, C_i>) G_j (false: S2 literally; the
+    # two agree on non-negative features such as label-free RBC), see core.kmeans
+    kmeans_sign_align: bool = True
+    balanced_warmup: bool = False  # M0 drawn equally per OBSERVED class (as random_balanced) instead of uniformly
 
     def __post_init__(self) -> None:
         _check(self.warmup >= 1, f"selection.warmup={self.warmup} must be >= 1 (M0 random meta samples)")

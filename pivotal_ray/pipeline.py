@@ -12,6 +12,7 @@ method is registered in ``selectors.SELECTORS``): the paper's methods re-weight 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, ExperimentConfig, to_dict
+from .config import ConfigError, ExperimentConfig, from_dict, to_dict
 from .core import artifacts
 from .core.data import build_data
 from .core.metrics import weight_auc
@@ -31,6 +32,30 @@ from .training import PLANS, TrainEnv, best_snapshot, warmup_ids, warmup_name  #
 log = logging.getLogger(__name__)  # stage lines in the driver, i.e. in `ray job logs`
 
 SELECTION_COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "cluster", "score"]
+
+
+def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config through the dataclasses: settings added since it was written get their
+    defaults, so an older run still matches when it computed the same thing."""
+    return to_dict(from_dict(recorded))
+
+
+def check_run_dir(cfg: ExperimentConfig) -> None:
+    """OutputDirError (naming the fix and the differing keys) when ``cfg.output_dir`` holds another run."""
+    artifacts.check_output_dir(Path(cfg.output_dir), config=to_dict(cfg), normalise=_normalised)
+
+
+def completed_metrics(output_dir: str | Path) -> dict[str, Any] | None:
+    """metrics.json of the completed run in ``output_dir`` (manifest status complete, and its
+    selection.csv and metrics.json present), else None. Pair it with :func:`check_run_dir`."""
+    out = Path(output_dir)
+    try:
+        manifest = json.loads((out / artifacts.MANIFEST_NAME).read_text())
+        if manifest.get("extra", {}).get("status") == "complete" and (out / "selection.csv").is_file():
+            return json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def validate(cfg: ExperimentConfig) -> Any:
@@ -51,7 +76,7 @@ def validate(cfg: ExperimentConfig) -> Any:
     if not out.is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path "
                           "(Ray jobs run from a temporary copy of the working dir)")
-    artifacts.check_output_dir(out, config=to_dict(cfg))
+    check_run_dir(cfg)
     bundle = build_data(cfg.data, cfg.noise, cfg.seed)  # raises ConfigError for a missing root
     n = len(bundle.train)
     if cfg.selection.budget > n:
@@ -143,6 +168,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run Algorithm 2 end to end and write the artefacts; returns metrics.json's content."""
     t_start = time.perf_counter()
     bundle = validate(cfg)
+    done = completed_metrics(cfg.output_dir)
+    if done is not None:  # the same run (validate checked the fingerprint), already finished
+        log.info("%s already holds this run, complete: nothing to do (delete it to run again)", cfg.output_dir)
+        return done
     connect(cfg)
     _check_cluster(cfg, bundle)
     out = Path(cfg.output_dir)

@@ -65,9 +65,15 @@ def train(cfg: ExperimentConfig, name: str, meta_ids: np.ndarray, meta_labels: n
 
 
 def warmup_ids(cfg: ExperimentConfig, bundle: Any) -> np.ndarray:
-    """M0 random meta samples (shared by every method with the same seed)."""
-    from .core.seeding import numpy_rng
+    """M0 random meta samples (shared by every method with the same seed): uniform, or equally
+    many per observed class with ``selection.balanced_warmup``."""
+    from .core.seeding import derive_seed, numpy_rng
 
+    if cfg.selection.balanced_warmup:
+        from .core.baselines import balanced_random
+
+        return balanced_random(bundle.train.sample_id, bundle.train.y_obs, k=cfg.selection.warmup,
+                               num_classes=bundle.num_classes, seed=derive_seed(cfg.seed, "warmup", "balanced"))
     rng = numpy_rng(cfg.seed, "warmup")
     return np.sort(rng.choice(bundle.train.sample_id, size=cfg.selection.warmup, replace=False))
 
@@ -76,6 +82,8 @@ def warmup_name(cfg: ExperimentConfig) -> str:
     """Runs with the same data, noise, model, training and M0 share one warm-up run."""
     c = to_dict(cfg)
     key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
+    if cfg.selection.balanced_warmup:  # only when set, so the names of uniform warm-ups never change
+        key["balanced_warmup"] = True
     return f"warmup-{artifacts.config_fingerprint(key)[:12]}"
 
 

@@ -78,6 +78,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "ray.extract_cpus",
     "ray.extract_gpus",
     "ray.kmeans_shard_cpus",
+    "ray.log_to_driver",
 )
 
 # Versions recorded in every manifest: distribution name -> manifest key.
@@ -535,7 +536,8 @@ def _describe_diff(old: Any, new: dict[str, Any], limit: int = 5) -> str:
     return f" Differences: {shown}{more}."
 
 
-def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str, Any] | Any) -> None:
+def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str, Any] | Any,
+                     normalise: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None) -> None:
     """Refuse an ``output_dir`` that holds another run; allow a new, empty or same-run one.
 
     Passes when ``output_dir`` is missing or empty, or when its ``manifest.json`` has the same
@@ -548,6 +550,10 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
         Where the run will write.
     config : mapping or dataclass
         The resolved config of the run about to start.
+    normalise : callable, optional
+        Applied to the recorded config before comparing, e.g. a round trip through the config
+        dataclasses, so a run recorded before a setting existed matches when that setting is at
+        its default. A recorded config it cannot take (it raises) is compared as recorded.
 
     Raises
     ------
@@ -585,10 +591,16 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
     ours = config_fingerprint(new_plain)
     # Recompute from the recorded config when there is one, so a change to IGNORED_KEYS does not
     # orphan older runs; fall back to the recorded fingerprint.
-    if isinstance(recorded.get("config"), dict):
-        theirs = config_fingerprint(recorded["config"])
+    theirs_config = recorded.get("config")
+    if isinstance(theirs_config, dict):
+        if normalise is not None:
+            try:
+                theirs_config = normalise(dict(theirs_config))
+            except (ValueError, TypeError, KeyError):
+                pass  # e.g. a setting that no longer exists: compare as recorded (and differ)
+        theirs = config_fingerprint(theirs_config)
     else:
         theirs = recorded.get("fingerprint")
     if theirs != ours:
         raise OutputDirError(f"output_dir {out} holds a different run (fingerprint {theirs}, this run {ours})."
-                             f"{_describe_diff(recorded.get('config'), new_plain)} To keep both, {fix}")
+                             f"{_describe_diff(theirs_config, new_plain)} To keep both, {fix}")

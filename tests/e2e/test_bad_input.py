@@ -214,3 +214,19 @@ def test_gpu_extraction_on_a_cluster_without_gpus(out, ray_session, monkeypatch)
     with pytest.raises(ConfigError, match=r"ray.extract_gpus=1(\.0)? but the cluster has no GPU: set ray.extract_gpus=0"):
         _run("ray.extract_gpus=1", f"output_dir={out}")
     assert not out.exists()
+
+
+def test_a_completed_run_is_read_back_not_rerun(out, tripwires):
+    """Re-running the command of a finished run returns its metrics without starting Ray, and
+    leaves its manifest saying complete."""
+    import pandas as pd
+
+    from pivotal_ray.core import artifacts
+
+    cfg = resolve(*TINY, f"output_dir={out}")
+    artifacts.write_manifest(out, config=to_dict(cfg), seed=cfg.seed, timings={}, extra={"status": "complete"})
+    artifacts.write_json(out / "metrics.json", {"test_acc_at_best_val": 0.9})
+    artifacts.write_csv(out / "selection.csv", pd.DataFrame({"sample_id": [3]}))
+    before = (out / "manifest.json").read_text()
+    assert pipeline.run_experiment(cfg) == {"test_acc_at_best_val": 0.9}  # tripwires: no Ray, no training
+    assert (out / "manifest.json").read_text() == before

@@ -100,13 +100,25 @@ def test_write_results_groups_by_the_varied_key(tmp_path):
     assert "| 0.20 | rbc | 2 | 98.00 +- 1.00 |" in md and "| 0.80 | rbc | 1 | 70.00 +- 0.00 |" in md
 
 
-def test_finished_metrics_needs_a_complete_manifest(tmp_path):
-    assert finished_metrics(tmp_path / "missing") is None
-    artifacts.write_manifest(tmp_path, config={"a": 1}, seed=0, timings={}, extra={"status": "running"})
-    artifacts.write_json(tmp_path / "metrics.json", {"method": "rbc"})
-    assert finished_metrics(tmp_path) is None
-    artifacts.write_manifest(tmp_path, config={"a": 1}, seed=0, timings={}, extra={"status": "complete"})
-    assert finished_metrics(tmp_path) == {"method": "rbc"}
+def test_finished_metrics_needs_a_complete_manifest_of_the_same_run(tmp_path):
+    out = tmp_path / "run"
+    cfg = _base(tmp_path, output_dir=str(out))
+    assert finished_metrics(cfg) is None  # nothing there yet
+    artifacts.write_manifest(out, config=to_dict(cfg), seed=0, timings={}, extra={"status": "running"})
+    artifacts.write_json(out / "metrics.json", {"method": "rbc"})
+    artifacts.write_csv(out / "selection.csv", pd.DataFrame({"sample_id": [1]}))
+    assert finished_metrics(cfg) is None  # interrupted: run (resume) it
+    artifacts.write_manifest(out, config=to_dict(cfg), seed=0, timings={}, extra={"status": "complete"})
+    assert finished_metrics(cfg) == {"method": "rbc"}
+    # a run recorded before a setting existed is the same run while that setting is at its default
+    old = to_dict(cfg)
+    del old["reweight"]["meta_class_balanced"]
+    artifacts.write_manifest(out, config=old, seed=0, timings={}, extra={"status": "complete"})
+    assert finished_metrics(cfg) == {"method": "rbc"}
+    # a finished run of another config is never read into this comparison
+    other = _base(tmp_path, output_dir=str(out), features={"proj_dim": 256})
+    with pytest.raises(artifacts.OutputDirError, match=r"holds a different run.*features.proj_dim"):
+        finished_metrics(other)
 
 
 def _fake_pipeline(calls: list):

@@ -133,3 +133,27 @@ def test_finetune_config_rejects_bad_values(bad, match):
 
     with pytest.raises(ConfigError, match=match):
         from_dict({"finetune": bad})
+
+
+def test_balanced_warmup_draws_equally_per_observed_class_and_names_its_own_run(tmp_path):
+    from pivotal_ray.core.data import build_data
+
+    def cfg(seed: int, balanced: bool):
+        return from_dict({"output_dir": str(tmp_path / "o"), "seed": seed,
+                          "selection": {"budget": 8, "warmup": 4, "balanced_warmup": balanced}})
+
+    uneven = 0
+    for seed in range(10):
+        bundle = build_data(cfg(seed, True).data, cfg(seed, True).noise, seed)
+        counts = {}
+        for balanced in (True, False):
+            ids = training.warmup_ids(cfg(seed, balanced), bundle)
+            assert len(np.unique(ids)) == 4
+            y = bundle.train.y_obs[bundle.train.positions_of(ids)]
+            counts[balanced] = np.bincount(y, minlength=bundle.num_classes)
+        assert counts[True].tolist() == [2, 2], seed  # the toy set's two classes, 2 each
+        uneven += counts[False].tolist() != [2, 2]
+        np.testing.assert_array_equal(training.warmup_ids(cfg(seed, True), bundle),
+                                      training.warmup_ids(cfg(seed, True), bundle))  # seeded
+        assert training.warmup_name(cfg(seed, True)) != training.warmup_name(cfg(seed, False))
+    assert uneven > 0  # the uniform draw is not balanced by construction
