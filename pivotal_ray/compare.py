@@ -61,6 +61,8 @@ def expand(*, base: ExperimentConfig, cc: CompareConfig) -> list[RunSpec]:
     unknown = [m for m in cc.methods if m not in SELECTORS]
     if unknown:
         raise ConfigError(f"compare.methods lists unknown method(s) {unknown}: choose from {SELECTORS.names()}")
+    if cc.plots:
+        check_plot_dependencies()
     root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
     plain = to_dict(base)
     storage = plain["ray"]["storage_path"] or str(root / "ray_train")
@@ -78,6 +80,20 @@ def expand(*, base: ExperimentConfig, cc: CompareConfig) -> list[RunSpec]:
                 values["ray"]["storage_path"] = storage
                 specs.append(RunSpec(method, int(seed), dict(variant), from_dict(values)))
     return specs
+
+
+PLOT_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn"}  # module -> distribution
+
+
+def check_plot_dependencies() -> None:
+    """ConfigError, before any run, when ``compare.plots`` cannot draw (matplotlib for every
+    figure, scikit-learn for the t-SNE): they are not runtime dependencies of the package."""
+    import importlib.util
+
+    missing = [dist for mod, dist in PLOT_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ConfigError(f"compare.plots=true needs {' and '.join(missing)}, which are not installed: "
+                          f"pip install {' '.join(missing)} (or the project's [dev] extra), or set compare.plots=false")
 
 
 def finished_metrics(cfg: ExperimentConfig) -> dict[str, Any] | None:

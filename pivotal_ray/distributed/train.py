@@ -182,11 +182,15 @@ def train_loop(config: dict[str, Any]) -> None:
                              delete_local_checkpoint_after_upload=checkpoint is not None)
 
 
+SNAPSHOT_FILES = ("model.pt", "train_state.pt", "metrics.json", "history.json")  # what a checkpoint holds
+
+
 def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
     """Every persisted snapshot of a run (local path or storage URI), by epoch."""
     snaps = []
     for d in storage.list_dirs(run_path, prefix="checkpoint_"):
-        if storage.exists(storage.join(d, "metrics.json")):  # skip an upload still in flight
+        # skip an upload still in flight (or cut off): Ray does not promise the files' order
+        if all(storage.exists(storage.join(d, f)) for f in SNAPSHOT_FILES):
             snaps.append({"path": d, **storage.read_json(storage.join(d, "metrics.json"))})
     snaps.sort(key=lambda s: s["epoch"])
     return snaps

@@ -173,3 +173,18 @@ def test_run_compare_end_to_end_with_a_fake_pipeline(tmp_path):
     assert len(calls) == 8
     pd.testing.assert_frame_equal(df, again)
     assert sum(line.split("] ")[1].startswith("read") for line in logs if line.startswith("[")) == 8
+
+
+def test_plots_without_matplotlib_fail_before_any_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    calls: list = []
+    cc = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "cmp"), plots=True)
+    with pytest.raises(ConfigError, match=r"compare.plots=true needs scikit-learn.*pip install scikit-learn.*"
+                                          r"compare.plots=false"):
+        run_compare(base=_base(tmp_path), cc=cc, run=lambda cfg: calls.append(cfg))
+    assert calls == [] and not (tmp_path / "cmp").exists()
+    expand(base=_base(tmp_path), cc=CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "c2"),
+                                                  plots=False))  # no figures: nothing needed

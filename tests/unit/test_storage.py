@@ -19,3 +19,18 @@ def test_local_path_and_file_uri_read_the_same_snapshot(tmp_path):
         assert storage.exists(storage.join(dirs[0], "model.pt"))
         assert not storage.exists(storage.join(dirs[0], "missing.pt"))
     assert storage.list_dirs(str(tmp_path / "nope"), prefix="checkpoint_") == []
+
+
+def test_snapshot_scan_skips_checkpoints_with_a_missing_file(tmp_path):
+    """A checkpoint whose upload was cut off (any of its files missing) is not a snapshot."""
+    import json
+
+    from pivotal_ray.distributed.train import SNAPSHOT_FILES, _scan_snapshots
+
+    for epoch in range(3):
+        d = tmp_path / f"checkpoint_00000{epoch}"
+        d.mkdir()
+        for f in SNAPSHOT_FILES:
+            (d / f).write_text(json.dumps({"epoch": epoch, "val_acc": 0.5}) if f == "metrics.json" else "x")
+    (tmp_path / "checkpoint_000001" / "train_state.pt").unlink()  # metrics.json arrived, the state did not
+    assert [s["epoch"] for s in _scan_snapshots(str(tmp_path))] == [0, 2]
