@@ -2,7 +2,9 @@
 
 Prints a markdown table (mean +- std per method, or per ``--by`` group, then one row per run) from
 every ``metrics.json`` under the given directory, e.g.
-``python -m jobs.summarize outputs/compare/mnist_noise_rates/runs --by noise.rate method``.
+``python -m jobs.summarize outputs/compare/mnist_noise_rates/runs --by noise.rate method`` or
+``python -m jobs.summarize docs/results/mnist_snapshots --by features.num_snapshots method`` (any
+dotted config key, read from each run's ``manifest.json``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ from pivotal_ray.report import collect, summary_markdown
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m jobs.summarize", description=__doc__.splitlines()[0])
     p.add_argument("root", help="directory searched recursively for metrics.json of finished runs")
-    p.add_argument("--by", nargs="+", default=["method"], choices=["method", "noise.kind", "noise.rate"],
-                   help="columns to group the mean +- std by (default: method)")
+    p.add_argument("--by", nargs="+", default=["method"],
+                   help="columns to group the mean +- std by: method, seed or any dotted config key "
+                        "(noise.rate, features.num_snapshots, ...); default: method")
     args = p.parse_args(argv)
-    print(summary_markdown(collect(args.root), by=tuple(args.by)))
+    try:
+        df = collect(args.root, keys=tuple(args.by))
+    except (FileNotFoundError, ValueError) as err:
+        p.error(str(err))
+    print(summary_markdown(df, by=tuple(args.by)))
 
 
 if __name__ == "__main__":

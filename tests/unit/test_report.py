@@ -41,3 +41,18 @@ def test_summarise_by_noise_rate_from_the_command_line(tmp_path, capsys):
 def test_collect_without_runs_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         collect(tmp_path)
+
+
+def test_summarise_by_a_config_key_from_each_manifest(tmp_path, capsys):
+    from jobs.summarize import main
+
+    for k, seed, acc in ((4, 0, 0.80), (4, 1, 0.84), (10, 0, 0.90)):
+        d = tmp_path / f"features.num_snapshots={k}" / "rbc" / f"seed{seed}"
+        _write(d, "rbc", seed, acc)
+        (d / "manifest.json").write_text(json.dumps({"config": {"features": {"num_snapshots": k}}}))
+    main([str(tmp_path), "--by", "features.num_snapshots", "method"])
+    out = capsys.readouterr().out
+    assert "| 4 | rbc | 2 | 82.00 +- 2.00 |" in out and "| 10 | rbc | 1 | 90.00 +- 0.00 |" in out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--by", "features.nope"])
+    assert "no run under" in capsys.readouterr().err
