@@ -34,15 +34,28 @@ log = logging.getLogger(__name__)  # stage lines in the driver, i.e. in `ray job
 SELECTION_COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "cluster", "score"]
 
 
+GBC_KNOBS = ("num_layers", "proj_dim", "projection")  # read only where GBC features are extracted
+
+
+def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The settings that make a run what it is: ``to_dict(cfg)`` less the GBC knobs when the
+    method extracts no GBC features (rbc/random runs with another features.proj_dim are the same run)."""
+    plain = to_dict(cfg)
+    if clustered_feature_kind(cfg.selection.method, cfg.features.kind) != "gbc":
+        for key in GBC_KNOBS:
+            plain["features"].pop(key, None)
+    return plain
+
+
 def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded config through the dataclasses: settings added since it was written get their
     defaults, so an older run still matches when it computed the same thing."""
-    return to_dict(from_dict(recorded))
+    return run_identity(from_dict(recorded))
 
 
 def check_run_dir(cfg: ExperimentConfig) -> None:
     """OutputDirError (naming the fix and the differing keys) when ``cfg.output_dir`` holds another run."""
-    artifacts.check_output_dir(Path(cfg.output_dir), config=to_dict(cfg), normalise=_normalised)
+    artifacts.check_output_dir(Path(cfg.output_dir), config=run_identity(cfg), normalise=_normalised)
 
 
 def completed_metrics(output_dir: str | Path) -> dict[str, Any] | None:

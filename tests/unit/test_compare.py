@@ -115,10 +115,17 @@ def test_finished_metrics_needs_a_complete_manifest_of_the_same_run(tmp_path):
     del old["reweight"]["meta_class_balanced"]
     artifacts.write_manifest(out, config=old, seed=0, timings={}, extra={"status": "complete"})
     assert finished_metrics(cfg) == {"method": "rbc"}
+    # settings the method never reads do not make another run: rbc extracts no GBC features
+    assert finished_metrics(_base(tmp_path, output_dir=str(out), features={"proj_dim": 256})) == {"method": "rbc"}
     # a finished run of another config is never read into this comparison
-    other = _base(tmp_path, output_dir=str(out), features={"proj_dim": 256})
-    with pytest.raises(artifacts.OutputDirError, match=r"holds a different run.*features.proj_dim"):
+    other = _base(tmp_path, output_dir=str(out), features={"num_snapshots": 3})
+    with pytest.raises(artifacts.OutputDirError, match=r"holds a different run.*features.num_snapshots"):
         finished_metrics(other)
+    gbc = _base(tmp_path, output_dir=str(tmp_path / "gbc"), selection={"method": "gbc"})
+    artifacts.write_manifest(gbc.output_dir, config=to_dict(gbc), seed=0, timings={}, extra={"status": "complete"})
+    with pytest.raises(artifacts.OutputDirError, match=r"features.proj_dim"):  # gbc reads proj_dim
+        finished_metrics(_base(tmp_path, output_dir=gbc.output_dir, selection={"method": "gbc"},
+                               features={"proj_dim": 256}))
 
 
 def _fake_pipeline(calls: list):
