@@ -271,7 +271,11 @@ def assign(shards: Any, *, centroids: np.ndarray, weighted: bool = True,
 
 def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int) -> np.ndarray:
     """Ids of the n_exclude candidates with the largest ``max_m |cos(G_j, G_m)|`` over meta samples
-    m (ties: smaller sample_id first). Zero rows have similarity 0."""
+    m (ties: smaller sample_id first). Zero rows have similarity 0.
+
+    This is S1 with each meta sample as a singleton cluster: its S2 centroid is
+    ``G_m / ||G_m||``, a unit vector, so ``||C|| |cos(G_j, C)|`` is ``|cos(G_j, G_m)|`` and no meta
+    sample outweighs another by its gradient norm."""
     if n_exclude == 0:
         return np.zeros(0, dtype=np.int64)
     centers = _unit(_dense_rows(shards, meta_ids, what="meta sample ids"))  # (m, D)
