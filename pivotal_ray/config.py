@@ -268,6 +268,30 @@ def from_dict(values: Mapping[str, Any]) -> ExperimentConfig:
     return _build(ExperimentConfig, {**values, **sections}, "the top-level config")
 
 
+def _section_defaults(cls: type) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def without_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (plain, as from :func:`to_dict`) less every section setting at its dataclass
+    default. Run names hash this, so a setting added in a later version, at its default, leaves
+    the names of earlier runs (and their reuse) unchanged."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        cls = _SECTIONS.get(key)
+        if cls is not None and isinstance(value, Mapping):
+            defaults = _section_defaults(cls)
+            value = {k: v for k, v in value.items() if not (k in defaults and v == defaults[k])}
+        out[key] = value
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain, JSON-able dict (what crosses into Ray and into manifest.json)."""
     out = dataclasses.asdict(cfg)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import ConfigError, ExperimentConfig, from_dict, to_dict
+from .config import ConfigError, ExperimentConfig, from_dict, to_dict, without_defaults
 from .core import artifacts
 from .core.data import build_data
 from .core.metrics import weight_auc
@@ -190,7 +190,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = to_dict(cfg)
-    fingerprint = artifacts.config_fingerprint(cfg_dict)[:12]
+    fingerprint = artifacts.config_fingerprint(without_defaults(run_identity(cfg)))[:12]  # names the round runs
     # claim the directory first: a crashed run can then be resumed in place (same fingerprint)
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra={"status": "running"})
     storage = cfg.ray.storage_path or str(out / "ray_train")

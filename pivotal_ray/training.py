@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .config import ExperimentConfig, to_dict
+from .config import ExperimentConfig, to_dict, without_defaults
 from .core import artifacts
 from .core.registry import Registry
 
@@ -79,12 +79,13 @@ def warmup_ids(cfg: ExperimentConfig, bundle: Any) -> np.ndarray:
 
 
 def warmup_name(cfg: ExperimentConfig) -> str:
-    """Runs with the same data, noise, model, training and M0 share one warm-up run."""
+    """Runs with the same data, noise, model, training and M0 share one warm-up run (named by the
+    settings that differ from their defaults: see config.without_defaults)."""
     c = to_dict(cfg)
     key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
     if cfg.selection.balanced_warmup:  # only when set, so the names of uniform warm-ups never change
         key["balanced_warmup"] = True
-    return f"warmup-{artifacts.config_fingerprint(key)[:12]}"
+    return f"warmup-{artifacts.config_fingerprint(without_defaults(key))[:12]}"
 
 
 def plain_reweight(cfg: ExperimentConfig, **changes: Any) -> dict:
@@ -127,8 +128,8 @@ class PlainPlan:
         cfg, rw = env.cfg, plain_reweight(env.cfg)
         c = to_dict(cfg)
         key = {k: c[k] for k in ("data", "noise", "model", "seed")} | {"reweight": rw}
-        return train(cfg, f"base-{artifacts.config_fingerprint(key)[:12]}", meta_ids, meta_labels, env.storage,
-                     reweight=rw)
+        name = f"base-{artifacts.config_fingerprint(without_defaults(key))[:12]}"
+        return train(cfg, name, meta_ids, meta_labels, env.storage, reweight=rw)
 
     def after_round(self, env: TrainEnv, *, name: str, meta_ids: np.ndarray, meta_labels: np.ndarray) -> Any:
         raise RuntimeError("the plain plan (base) has no selection rounds")

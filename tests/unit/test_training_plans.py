@@ -157,3 +157,22 @@ def test_balanced_warmup_draws_equally_per_observed_class_and_names_its_own_run(
                                       training.warmup_ids(cfg(seed, True), bundle))  # seeded
         assert training.warmup_name(cfg(seed, True)) != training.warmup_name(cfg(seed, False))
     assert uneven > 0  # the uniform draw is not balanced by construction
+
+
+def test_run_names_ignore_settings_at_their_defaults(tmp_path):
+    """A setting added in a later version (at its default) must not rename earlier warm-ups;
+    changing any setting that matters must."""
+    from pivotal_ray.config import to_dict, without_defaults
+    from pivotal_ray.core.artifacts import config_fingerprint
+
+    cfg = from_dict({"output_dir": str(tmp_path / "o")})
+    plain = to_dict(cfg)
+    older = {k: (dict(v) if isinstance(v, dict) else v) for k, v in plain.items()}
+    del older["reweight"]["meta_class_balanced"]  # as recorded before that setting existed
+    assert config_fingerprint(without_defaults(older)) == config_fingerprint(without_defaults(plain))
+    assert "meta_class_balanced" not in without_defaults(plain)["reweight"]
+    changed = from_dict({"output_dir": str(tmp_path / "o"), "reweight": {"meta_class_balanced": True}})
+    assert without_defaults(to_dict(changed))["reweight"] == {"meta_class_balanced": True}
+    assert training.warmup_name(changed) != training.warmup_name(cfg)
+    lr = from_dict({"output_dir": str(tmp_path / "o"), "reweight": {"lr": 0.05}})
+    assert training.warmup_name(lr) != training.warmup_name(cfg)
