@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .featuretable import DenseFeatures, FactorFeatures, _column_2d, parquet_files, read_factor_table
+from .featuretable import DenseFeatures, FactorFeatures, _column_2d, parquet_files, read_factor_table, read_rows
 
 __all__ = ["dense_schema", "dense_columns", "read_dense_table", "table_kind", "read_feature_table"]
 
@@ -104,8 +104,9 @@ def read_dense_table(paths: str | Path | Sequence[str | Path], *,
     files = _files(paths)
     if not files:
         raise FileNotFoundError(f"no parquet files in {paths}: run the feature extraction stage first")
-    tables = [pq.read_table(f, columns=["sample_id", "snapshot", "g"]) for f in files]
-    table = pa.concat_tables(tables)
+    if sample_ids is not None:
+        sample_ids = np.fromiter(sample_ids, dtype=np.int64)
+    table = read_rows(files, columns=["sample_id", "snapshot", "g"], sample_ids=sample_ids)
     if sample_ids is not None:  # filter in Arrow so unkept rows never become numpy copies
         keep = pa.array(np.fromiter(sample_ids, dtype=np.int64))
         table = table.filter(pc.is_in(table.column("sample_id"), value_set=keep))

@@ -131,6 +131,21 @@ def _column_2d(col: pa.ChunkedArray) -> np.ndarray:
     raise TypeError(f"unsupported feature column type {col.type}")
 
 
+def read_rows(files: Sequence[str | Path], *, columns: Sequence[str] | None = None,
+              sample_ids: Iterable[int] | np.ndarray | None = None) -> pa.Table | None:
+    """The rows of ``files`` (None when there are none), only those whose sample_id lies in the
+    range of ``sample_ids`` when given: the range is pushed into the parquet reader, which skips
+    row groups outside it and filters the rest batch by batch, so a K-means shard holds its own
+    part of the table in memory, never the whole of it."""
+    filters = None
+    if sample_ids is not None:
+        ids = np.fromiter(sample_ids, dtype=np.int64) if not isinstance(sample_ids, np.ndarray) else sample_ids
+        if ids.size:
+            filters = [("sample_id", ">=", int(ids.min())), ("sample_id", "<=", int(ids.max()))]
+    tables = [pq.read_table(f, columns=list(columns) if columns else None, filters=filters) for f in files]
+    return pa.concat_tables(tables) if tables else None
+
+
 def parquet_files(path: str | Path) -> list[Path]:
     path = Path(path)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
@@ -148,7 +163,9 @@ def read_factor_table(paths: str | Path | Sequence[str | Path], *, sample_ids: I
         files = parquet_files(paths)
     else:
         files = [Path(p) for p in paths]
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    if sample_ids is not None:
+        sample_ids = np.fromiter(sample_ids, dtype=np.int64)
+    table = read_rows(files, sample_ids=sample_ids)
     if table is None or table.num_rows == 0:
         raise ValueError(f"empty feature table at {paths}")
     sid = table.column("sample_id").to_numpy()

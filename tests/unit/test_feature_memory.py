@@ -52,3 +52,9 @@ def test_too_large_a_table_is_refused_with_the_fix() -> None:
     with pytest.raises(ConfigError, match=r"22\.9 GiB.*features\.proj_dim \(e\.g\. 256\)"):
         check_feature_memory(_cfg(proj_dim=4096), MNIST, memory_bytes=15 * GiB)
     check_feature_memory(_cfg(proj_dim=256), MNIST, memory_bytes=15 * GiB)  # 1.4 GiB: fits
+
+
+def test_the_table_that_ran_out_of_memory_is_refused() -> None:
+    """proj_dim 1024 on MNIST (5.7 GiB) passed a 2x check and then exhausted a 22 GiB node."""
+    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 7x"):
+        check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=22 * GiB)

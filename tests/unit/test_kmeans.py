@@ -260,3 +260,30 @@ def test_dense_numerator_is_signed_sum_per_label(signs):
     ref = torch.zeros(4, 7, dtype=torch.float64).index_add_(0, labels, torch.as_tensor(G).double() * sign[:, None])
     assert torch.equal(got, ref)
     assert torch.equal(shard.G_all, torch.as_tensor(G))  # the shard's rows are untouched
+
+
+def test_reading_a_shard_range_reads_only_that_range(tmp_path):
+    """The sample_id range goes into the parquet reader: rows outside it never load, and the
+    result equals filtering the whole table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pivotal_ray.core.densetable import read_dense_table
+    from pivotal_ray.core.featuretable import read_rows
+
+    rng = np.random.default_rng(0)
+    n, K, W = 40, 2, 3
+    sid = np.repeat(np.arange(n), K)
+    snap = np.tile(np.arange(K), n)
+    g = rng.normal(size=(n * K, W)).astype(np.float32)
+    perm = rng.permutation(n * K)  # any row order on disk
+    tbl = pa.table({"sample_id": sid[perm], "snapshot": snap[perm].astype(np.int32),
+                    "g": pa.FixedSizeListArray.from_arrays(pa.array(g[perm].ravel()), W)})
+    pq.write_table(tbl, tmp_path / "part-0.parquet", row_group_size=8)
+    want = np.arange(10, 20)
+    rows = read_rows([tmp_path / "part-0.parquet"], columns=["sample_id"], sample_ids=want)
+    assert rows.num_rows == len(want) * K
+    part = read_dense_table(tmp_path, sample_ids=want)
+    whole = read_dense_table(tmp_path)
+    np.testing.assert_array_equal(part.sample_id, want)
+    np.testing.assert_array_equal(part.G, whole.G[10:20])
