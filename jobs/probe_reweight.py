@@ -39,8 +39,9 @@ def main() -> None:
                     help="a finished run's selection.csv: use its meta set (cleaned labels) instead of the warm-up draw")
     ap.add_argument("--root", default="../shared/data")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 each when two probes share 2 cores)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     b = build_data(DataConfig(name="mnist", root=a.root), NoiseConfig(kind="adversarial", rate=0.6), a.seed)
     tr = b.train
     n = len(tr)
