@@ -1,8 +1,9 @@
 """Shared helpers of the benchmark scripts: argument parsing, timing, peak memory, result files.
 
 Every benchmark is ``python -m benchmarks.<name> [--size tiny|full] [--device cpu|cuda]
-[--threads N] [--out PATH]``; it prints one line per measurement and appends one JSON object
-(``{"benchmark", "size", "device", "machine", ..., "results": {...}}``) as a line to ``--out``.
+[--threads N] [--out PATH]``; it prints one line per measurement and, given ``--out``, appends one
+JSON object (``{"benchmark", "size", "device", "machine", ..., "results": {...}}``) as a line to
+that file (``benchmarks/results/<name>.jsonl`` holds the runs quoted in docs/performance.md).
 Speed is judged by ratios measured in the same process (the machines are shared and noisy), so
 the timed alternatives are interleaved and the median of the repeats is reported.
 """
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 
-def parser(description: str, *, default_out: str) -> argparse.ArgumentParser:
+def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--size", choices=("tiny", "full"), default="full",
                    help="tiny: a few seconds, for CI; full: the shapes of docs/performance.md")
@@ -32,7 +33,8 @@ def parser(description: str, *, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice, i.e. all cores)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default by size)")
-    p.add_argument("--out", default=default_out, help="JSON-lines file the result object is appended to")
+    p.add_argument("--out", default=None,
+                   help="JSON-lines file the result object is appended to (default: print only, write nothing)")
     return p
 
 
@@ -151,6 +153,9 @@ def write_result(args: argparse.Namespace, name: str, device: torch.device, resu
                  **extra: Any) -> dict[str, Any]:
     rec = {"benchmark": name, "size": args.size, "device": str(device), "machine": machine(device),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra, "results": results}
+    if args.out is None:
+        print(f"[{name}] not saved (no --out)")
+        return rec
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:

@@ -70,7 +70,7 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _common.parser(__doc__.splitlines()[0], default_out="benchmarks/results/e2e_stages.jsonl")
+    p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--root", nargs="+", default=["outputs/mnist_adv60"],
                    help="directories searched recursively for metrics.json of finished runs")
     return run(p.parse_args(argv))

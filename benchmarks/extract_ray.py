@@ -115,7 +115,7 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _common.parser(__doc__.splitlines()[0], default_out="benchmarks/results/extract_ray.jsonl")
+    p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--extract-cpus", type=float, default=1.0, help="Ray CPUs of the one extraction actor")
     return run(p.parse_args(argv))
 

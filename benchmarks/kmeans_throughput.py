@@ -127,7 +127,7 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _common.parser(__doc__.splitlines()[0], default_out="benchmarks/results/kmeans_throughput.jsonl")
+    p = _common.parser(__doc__.splitlines()[0])
     return run(p.parse_args(argv))
 
 

@@ -112,7 +112,7 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = _common.parser(__doc__.splitlines()[0], default_out="benchmarks/results/reweight_step.jsonl")
+    p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     return run(p.parse_args(argv))
 

@@ -77,3 +77,12 @@ def test_e2e_stages(tmp_path, capsys):
     assert row["warmup_train_s"] == 200.0 and row["features_s"] == 10.0 and row["kmeans_s"] == 5.0
     assert row["select_other_s"] == pytest.approx(1.0) and row["train_s"] == 100.0 and row["total_s"] == 320.0
     assert "| rbc | 0 |" in capsys.readouterr().out
+
+
+def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys):
+    """The committed benchmarks/results/*.jsonl only grow when --out names them."""
+    monkeypatch.chdir(tmp_path)
+    rec = e2e_stages.main(["--size", "tiny", "--root", str(tmp_path / "none")])
+    assert rec["benchmark"] == "e2e_stages" and rec["results"]["rows"] == []
+    assert list(tmp_path.iterdir()) == []
+    assert "not saved (no --out)" in capsys.readouterr().out
