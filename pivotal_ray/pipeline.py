@@ -113,22 +113,28 @@ def gbc_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
     return len(bundle.train) * f.num_snapshots * width * 4
 
 
-# Peak memory of the whole local cluster during GBC K-means, over the table's size: 6.8 measured
-# on MNIST (1.43 GiB table, 2 shard actors; the sum of every process's RSS, Ray's own included),
-# where 2 let a 5.7 GiB table through that then ran a 22 GiB machine out of memory.
-FEATURE_MEMORY_FACTOR = 7.0
+# Memory of GBC K-means (python -m benchmarks.kmeans_memory, MNIST seed 0's 1.43 GiB table, 2 shard
+# actors, local Ray; the sum of every process's resident set, Ray's own included): the shards hold
+# 1.65x their part at their peak (the rows, read batch by batch, plus the active rows after the
+# exclusion step), and Ray's processes about 3.2 GiB more; 6.25 GiB in all, against 11.65 GiB
+# when each shard read its part as a whole Arrow table (which ran a 5.7 GiB table, proj_dim 1024,
+# out of a 22 GiB machine). The check counts 2x the table plus 4 GiB.
+FEATURE_MEMORY_FACTOR = 2.0
+FEATURE_MEMORY_OVERHEAD = 4 * 2**30
 
 
 def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
-    """ConfigError when the GBC table, at FEATURE_MEMORY_FACTOR times its size while the K-means
-    shard actors read and hold it, does not fit in the cluster's memory; names the knobs that shrink it."""
+    """ConfigError when the GBC table, held by the K-means shard actors at FEATURE_MEMORY_FACTOR
+    times its size next to FEATURE_MEMORY_OVERHEAD for Ray itself, does not fit in the cluster's
+    memory; names the knobs that shrink it."""
     need = gbc_table_bytes(cfg, bundle)
-    if need and FEATURE_MEMORY_FACTOR * need > memory_bytes:
+    if need and FEATURE_MEMORY_FACTOR * need + FEATURE_MEMORY_OVERHEAD > memory_bytes:
         f = cfg.features
         raise ConfigError(
             f"GBC features would take {need / 2**30:.1f} GiB ({len(bundle.train)} samples x K={f.num_snapshots} "
             f"snapshots x R={f.num_layers} blocks of up to {f.proj_dim} floats) and K-means needs about "
-            f"{FEATURE_MEMORY_FACTOR:.0f}x that while it reads and holds them, but the Ray cluster has {memory_bytes / 2**30:.1f} GiB: lower features.proj_dim (e.g. 256), "
+            f"{FEATURE_MEMORY_FACTOR:.0f}x that plus {FEATURE_MEMORY_OVERHEAD / 2**30:.0f} GiB while it reads and holds "
+            f"them, but the Ray cluster has {memory_bytes / 2**30:.1f} GiB: lower features.proj_dim (e.g. 256), "
             "features.num_layers or features.num_snapshots, or add nodes")
 
 

@@ -117,9 +117,11 @@ def factor_columns(sample_id: np.ndarray, snapshot: int, epoch: int, A: np.ndarr
     }
 
 
-def _column_2d(col: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list or Ray tensor-extension column -> (n, width) float32."""
-    col = col.combine_chunks()
+def _column_2d(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list or Ray tensor-extension column (or one chunk of it) -> (n, width) float32;
+    for one chunk of float32 without nulls, a view of Arrow's buffer (no copy)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     if isinstance(col.type, pa.ExtensionType):  # Ray's ArrowTensorType
         col = col.storage
     if pa.types.is_fixed_size_list(col.type):

@@ -397,7 +397,10 @@ class DenseShard(_ShardBase):
         self.sample_id = np.asarray(features.sample_id, dtype=np.int64)
         self.G_all = torch.as_tensor(G, dtype=torch.float32, device=device)  # (n, D)
         self._D = int(G.shape[1])
-        sq = torch.as_tensor(G, dtype=torch.float64, device=device).square().sum(1)  # (n,)
+        # ||G_j||^2 in float64, a chunk of rows at a time (a whole float64 copy would be 2x the rows)
+        step = max(1, chunk_bytes // max(8 * self._D, 1))
+        sq = torch.cat([self.G_all[i:i + step].double().square().sum(1) for i in range(0, G.shape[0], step)]) \
+            if G.shape[0] else torch.zeros(0, dtype=torch.float64, device=device)  # (n,)
         super().__init__(sq, device=device, chunk_bytes=chunk_bytes)
 
     def _compact(self, rows: np.ndarray | None) -> None:

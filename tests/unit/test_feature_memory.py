@@ -54,7 +54,9 @@ def test_too_large_a_table_is_refused_with_the_fix() -> None:
     check_feature_memory(_cfg(proj_dim=256), MNIST, memory_bytes=15 * GiB)  # 1.4 GiB: fits
 
 
-def test_the_table_that_ran_out_of_memory_is_refused() -> None:
-    """proj_dim 1024 on MNIST (5.7 GiB) passed a 2x check and then exhausted a 22 GiB node."""
-    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 7x"):
-        check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=22 * GiB)
+def test_the_limit_counts_the_table_twice_plus_ray() -> None:
+    """proj_dim 1024 on MNIST (5.7 GiB): 2 x 5.7 + 4 = 15.4 GiB, which a 22 GiB node has since the
+    shards stream the table (benchmarks.kmeans_memory) and a 12 GiB one has not."""
+    check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=22 * GiB)
+    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 2x that plus 4 GiB.*has 12\.0 GiB"):
+        check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=12 * GiB)
