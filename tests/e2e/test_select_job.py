@@ -193,3 +193,20 @@ def test_per_class_report_reads_the_finished_run(runs, capsys):
     assert sum(int(r[3]) for r in rows) == len(selection)  # every meta sample counted under its cleaned label
     with pytest.raises(SystemExit, match="finished jobs.select run"):
         per_class.main([str(out / "nope")])
+
+
+def test_kmeans_memory_benchmark_repeats_the_runs_picks(runs, tmp_path, capsys):
+    """benchmarks.kmeans_memory re-clusters a finished run's round-1 table on the tests' Ray
+    session and must get the run's own picks (same seed, same data); no memory assertions."""
+    from benchmarks import kmeans_memory
+
+    out = tmp_path / "result.jsonl"
+    rec = kmeans_memory.main(["--size", "tiny", "--run", runs["cfgs"]["rbc"].output_dir, "--out", str(out)])
+    res = rec["results"]
+    assert res["same_picks"] is True
+    assert res["table_bytes"] > 0 and res["peak_rss_bytes"] >= res["base_rss_bytes"] > 0
+    assert json.loads(out.read_text().splitlines()[0])["benchmark"] == "kmeans_memory"
+    assert "picks as in selection.csv: True" in capsys.readouterr().out
+    import ray
+
+    assert ray.is_initialized()  # it used the tests' session and left it up

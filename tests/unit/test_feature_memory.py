@@ -54,9 +54,9 @@ def test_too_large_a_table_is_refused_with_the_fix() -> None:
     check_feature_memory(_cfg(proj_dim=256), MNIST, memory_bytes=15 * GiB)  # 1.4 GiB: fits
 
 
-def test_the_limit_counts_the_table_twice_plus_ray() -> None:
-    """proj_dim 1024 on MNIST (5.7 GiB): 2 x 5.7 + 4 = 15.4 GiB, which a 22 GiB node has since the
-    shards stream the table (benchmarks.kmeans_memory) and a 12 GiB one has not."""
+def test_the_limit_counts_the_table_2_5_times_plus_ray() -> None:
+    """proj_dim 1024 on MNIST (5.7 GiB): 2.5 x 5.7 + 4 = 18.3 GiB, which a 22 GiB node has (it ran
+    there: 16.5 GiB measured by benchmarks.kmeans_memory) and a 12 GiB one has not."""
     check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=22 * GiB)
-    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 2x that plus 4 GiB.*has 12\.0 GiB"):
+    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 2\.5x that plus 4 GiB.*has 12\.0 GiB"):
         check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=12 * GiB)
