@@ -1,5 +1,5 @@
-"""Peak memory of the distributed weighted K-means on a finished run's feature table (the 7x of
-``pipeline.FEATURE_MEMORY_FACTOR``).
+"""Peak memory of the distributed weighted K-means on a finished run's feature table (what
+``pipeline.FEATURE_MEMORY_FACTOR`` and ``FEATURE_MEMORY_OVERHEAD`` are fitted to).
 
     python -m benchmarks.kmeans_memory --run outputs/compare/mnist_adv60_b256/runs/default/gbc/seed0 \
         --out benchmarks/results/kmeans_memory.jsonl

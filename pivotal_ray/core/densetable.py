@@ -17,13 +17,13 @@ the K-means stage loads either kind from one path::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .featuretable import DenseFeatures, FactorFeatures, _column_2d, parquet_files, read_factor_table
+from .featuretable import DenseFeatures, FactorFeatures, _column_2d, iter_rows, parquet_files, read_factor_table
 
 __all__ = ["dense_schema", "dense_columns", "read_dense_table", "table_kind", "read_feature_table"]
 
@@ -105,67 +105,47 @@ def read_dense_table(paths: str | Path | Sequence[str | Path], *,
         raise FileNotFoundError(f"no parquet files in {paths}: run the feature extraction stage first")
     if sample_ids is not None:
         sample_ids = np.fromiter(sample_ids, dtype=np.int64)
-    lo, hi = (int(sample_ids.min()), int(sample_ids.max())) if sample_ids is not None and sample_ids.size else (None, None)
-    # Two streaming passes over the files, batch by batch, in the same order: the ids and snapshots
-    # first (12 bytes a row) to place every kept row, then the floats, each batch written straight
-    # to its rows of the (n, K*W) output. Memory: the output plus one batch, never a table of the
-    # floats (a K-means shard actor holds its part of the table once, not three times).
-    sid_parts, snap_parts = [], []
-    for b in _batches(files, ["sample_id", "snapshot"], lo, hi):
-        sid_parts.append(b.column(0).to_numpy())
-        snap_parts.append(b.column(1).to_numpy())
-    sid = np.concatenate(sid_parts) if sid_parts else np.zeros(0, dtype=np.int64)
-    snap = np.concatenate(snap_parts) if snap_parts else np.zeros(0, dtype=np.int32)
-    keep = np.isin(sid, sample_ids) if sample_ids is not None else np.ones(sid.shape[0], dtype=bool)
-    if not keep.any():
+    # Two streaming passes (featuretable.iter_rows: the shard's id range pushed into the reader):
+    # the ids and snapshots first (12 bytes a row) to check completeness and fix the row order,
+    # then the floats, each batch written straight to its rows of the (n, K*W) output, which sit
+    # at position(sample_id) * K + snapshot. Memory: the output plus about one batch, never a
+    # table of the floats.
+    sid, snap = [], []
+    for b in iter_rows(files, columns=["sample_id", "snapshot"], sample_ids=sample_ids):
+        sid.append(b.column(0).to_numpy())
+        snap.append(b.column(1).to_numpy())
+    sid = np.concatenate(sid) if sid else np.zeros(0, dtype=np.int64)
+    snap = np.concatenate(snap) if snap else np.zeros(0, dtype=np.int32)
+    if sample_ids is not None:
+        keep = np.isin(sid, sample_ids)
+        sid, snap = sid[keep], snap[keep]
+    if sid.shape[0] == 0:
         raise ValueError(f"empty feature table at {paths}" + (" for the requested sample_ids" if sample_ids is not None else ""))
-    ks = np.flatnonzero(keep)
-    order = np.lexsort((snap[ks], sid[ks]))  # by sample_id, then snapshot
-    sid_s, snap_s = sid[ks][order], snap[ks][order]
-    K = int(snap_s.max()) + 1
-    n = sid_s.shape[0] // K
-    if n * K != sid_s.shape[0] or not np.array_equal(snap_s, np.tile(np.arange(K), n)) \
-            or not np.array_equal(sid_s, np.repeat(sid_s[::K], K)):
+    order = np.lexsort((snap, sid))  # by sample_id, then snapshot
+    sid, snap = sid[order], snap[order]
+    K = int(snap.max()) + 1
+    n = sid.shape[0] // K
+    if n * K != sid.shape[0] or not np.array_equal(snap, np.tile(np.arange(K), n)) \
+            or not np.array_equal(sid, np.repeat(sid[::K], K)):
         raise ValueError("feature table is incomplete: every sample needs exactly one row per snapshot 0..K-1; "
                          "re-run extract_features")
-    dest = np.full(sid.shape[0], -1, dtype=np.int64)  # streamed row -> output row (-1: not kept)
-    dest[ks[order]] = np.arange(ks.shape[0])
-    del sid_parts, snap_parts, sid, snap, keep, ks, order
-    out, start = None, 0
-    for b in _batches(files, ["g"], lo, hi):
-        rows = _column_2d(b.column(0))  # (m, W) float32, a view of the batch where Arrow allows
+    ids = sid[::K].copy()  # (n,) ascending
+    del sid, snap, order
+    out = None
+    for b in iter_rows(files, columns=["sample_id", "snapshot", "g"], sample_ids=ids if sample_ids is not None else None):
+        b_sid, b_snap = b.column(0).to_numpy(), b.column(1).to_numpy()
+        rows = _column_2d(b.column(2))  # (m, W) float32, a view of the batch where Arrow allows
         if out is None:
             out = np.empty((n * K, rows.shape[1]), dtype=np.float32)
-        to = dest[start:start + rows.shape[0]]
-        sel = to >= 0
+        at = np.searchsorted(ids, b_sid)
+        sel = (at < n) & (ids[np.minimum(at, n - 1)] == b_sid)  # rows of kept samples
+        pos = at * K + b_snap
         if sel.all():
-            out[to] = rows
+            out[pos] = rows
         elif sel.any():
-            out[to[sel]] = rows[sel]
-        start += rows.shape[0]
+            out[pos[sel]] = rows[sel]
     pa.default_memory_pool().release_unused()  # hand the batches' buffers back to the OS now
-    return DenseFeatures(sid_s[::K].copy(), out.reshape(n, K * out.shape[1]))  # (n, K*W)
-
-
-def _batches(files: Sequence[Path], columns: list[str], lo: int | None, hi: int | None,
-             batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
-    """The rows of ``files`` in file order, batch by batch; with ``[lo, hi]``, only the row groups
-    whose sample_id statistics overlap that range (rows outside it inside those groups still come,
-    and the caller drops them), so a shard reads little more than its own part."""
-    for f in files:
-        pf = pq.ParquetFile(f)
-        groups = list(range(pf.num_row_groups))
-        if lo is not None:
-            col = pf.schema_arrow.get_field_index("sample_id")
-            groups = [g for g in groups if _overlaps(pf.metadata.row_group(g).column(col).statistics, lo, hi)]
-        if groups:
-            yield from pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns)
-
-
-def _overlaps(stats: Any, lo: int, hi: int) -> bool:
-    if stats is None or not stats.has_min_max:
-        return True  # no statistics: read the group, the caller filters its rows
-    return not (int(stats.max) < lo or int(stats.min) > hi)
+    return DenseFeatures(ids, out.reshape(n, K * out.shape[1]))  # (n, K*W)
 
 
 def read_feature_table(paths: str | Path | Sequence[str | Path], *,

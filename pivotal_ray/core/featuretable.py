@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 
@@ -133,19 +135,37 @@ def _column_2d(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     raise TypeError(f"unsupported feature column type {col.type}")
 
 
+def _scanner(files: Sequence[str | Path], *, columns: Sequence[str] | None,
+             sample_ids: Iterable[int] | np.ndarray | None, batch_rows: int = 8192) -> ds.Scanner:
+    """A scan of ``files`` with the range of ``sample_ids`` (when given) pushed into the parquet
+    reader: row groups outside it are skipped by their statistics, the rest filtered batch by
+    batch. One batch read ahead, so a streaming reader holds about one batch at a time."""
+    flt = None
+    if sample_ids is not None:
+        ids = np.fromiter(sample_ids, dtype=np.int64) if not isinstance(sample_ids, np.ndarray) else sample_ids
+        if ids.size:
+            flt = (pc.field("sample_id") >= int(ids.min())) & (pc.field("sample_id") <= int(ids.max()))
+    return ds.dataset([str(f) for f in files], format="parquet").scanner(
+        columns=list(columns) if columns else None, filter=flt, batch_size=batch_rows,
+        batch_readahead=1, fragment_readahead=1)
+
+
 def read_rows(files: Sequence[str | Path], *, columns: Sequence[str] | None = None,
               sample_ids: Iterable[int] | np.ndarray | None = None) -> pa.Table | None:
     """The rows of ``files`` (None when there are none), only those whose sample_id lies in the
     range of ``sample_ids`` when given: the range is pushed into the parquet reader, which skips
     row groups outside it and filters the rest batch by batch, so a K-means shard holds its own
     part of the table in memory, never the whole of it."""
-    filters = None
-    if sample_ids is not None:
-        ids = np.fromiter(sample_ids, dtype=np.int64) if not isinstance(sample_ids, np.ndarray) else sample_ids
-        if ids.size:
-            filters = [("sample_id", ">=", int(ids.min())), ("sample_id", "<=", int(ids.max()))]
-    tables = [pq.read_table(f, columns=list(columns) if columns else None, filters=filters) for f in files]
-    return pa.concat_tables(tables) if tables else None
+    if not files:
+        return None
+    return _scanner(files, columns=columns, sample_ids=sample_ids).to_table()
+
+
+def iter_rows(files: Sequence[str | Path], *, columns: Sequence[str] | None = None,
+              sample_ids: Iterable[int] | np.ndarray | None = None) -> Iterator[pa.RecordBatch]:
+    """:func:`read_rows` batch by batch, never holding the whole table."""
+    if files:
+        yield from _scanner(files, columns=columns, sample_ids=sample_ids).to_batches()
 
 
 def parquet_files(path: str | Path) -> list[Path]:
