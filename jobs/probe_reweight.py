@@ -20,14 +20,14 @@ import time
 import numpy as np
 import torch
 
-from pivotal_ray.config import DataConfig, ModelConfig, NoiseConfig, SelectionConfig
+from pivotal_ray.config import DataConfig, ExperimentConfig, ModelConfig, NoiseConfig, SelectionConfig
 from pivotal_ray.core.data import build_data
 from pivotal_ray.core.models import build_model
 from pivotal_ray.core.reweight import LocalReducer, build_reweighter
-from pivotal_ray.core.seeding import numpy_rng
+from pivotal_ray.training import warmup_ids
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="direct")
     ap.add_argument("--batch", type=int, default=1024)
@@ -48,23 +48,30 @@ def main() -> None:
                     help="also report the accuracy of an exponential moving average of the weights (decay per step)")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 each when two probes share 2 cores)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    b = build_data(DataConfig(name="mnist", root=a.root), NoiseConfig(kind="adversarial", rate=0.6), a.seed)
+    data, noise = DataConfig(name="mnist", root=a.root), NoiseConfig(kind="adversarial", rate=0.6)
+    b = build_data(data, noise, a.seed)
     tr = b.train
     n = len(tr)
     X, Xt = tr.inputs(np.arange(n)), b.test.inputs(np.arange(len(b.test)))
     Xv, yv = b.val.inputs(np.arange(len(b.val))), torch.as_tensor(b.val.y_true)
     y = torch.as_tensor(tr.y_obs).clone()
     clean = torch.as_tensor(tr.y_obs == tr.y_true)
-    # the pipeline's warm-up draw (pivotal_ray.pipeline.warmup_ids; MNIST sample_id == position)
     if a.meta_from:
         import pyarrow.csv as pacsv
 
         meta = np.array(pacsv.read_csv(a.meta_from).column("sample_id").to_numpy(), dtype=np.int64)
-    else:
-        meta = numpy_rng(a.seed, "warmup").choice(n, SelectionConfig(budget=20, warmup=10).warmup, replace=False)
+    else:  # the pipeline's warm-up draw for this seed
+        cfg = ExperimentConfig(seed=a.seed, data=data, noise=noise, selection=SelectionConfig(budget=20, warmup=10))
+        meta = warmup_ids(cfg, b)
+    try:
+        meta = tr.positions_of(meta)
+    except KeyError as e:
+        raise SystemExit(f"--meta-from {a.meta_from}: {e.args[0]} (a selection.csv of MNIST with this --seed)") from None
     y[meta] = torch.as_tensor(tr.y_true[meta])
+    print(f"meta {len(meta)} samples, per class {np.bincount(tr.y_true[meta], minlength=b.num_classes).tolist()}",
+          flush=True)
     torch.manual_seed(a.seed if a.train_seed is None else a.train_seed)
     model = build_model(ModelConfig(name="lenet5"), 10, (1, 28, 28))
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
