@@ -4,12 +4,15 @@
     python -m benchmarks.kmeans_memory --run outputs/compare/mnist_adv60_b256/runs/default/gbc/seed0 \
         --out benchmarks/results/kmeans_memory.jsonl
 
-Starts a local Ray (2 CPUs, 1 GB object store, as ``ray=local``) unless one is up, samples the resident set of
-every process on the machine every 0.5 s (Ray's own included, as the memory check must count it),
-and runs ``select_pivotal_distributed`` with the run's round-1 table, warm-up ids, seed and
-``ray.kmeans_shards`` / ``ray.kmeans_shard_cpus`` from its ``manifest.json``. Reports the peak of
-that sum, the same minus the sum before Ray started, both over the table's size in memory (rows x row width x 4 bytes), and
-whether the picks equal the run's ``selection.csv`` (they must: same seed, same data).
+Starts a local Ray (2 CPUs, 1 GB object store, as ``ray=local``) unless one is up, samples three
+measures of the machine's memory every 0.5 s (Ray's own processes included, as the memory check
+must count them): the sum of every process's resident set (RSS; counts shared pages once per
+process that maps them), the sum of their proportional set sizes (PSS; each page once) and the
+node's used memory (MemTotal - MemAvailable, what Ray's memory monitor acts on), and runs
+``select_pivotal_distributed`` with the run's round-1 table, warm-up ids, seed and
+``ray.kmeans_shards`` / ``ray.kmeans_shard_cpus`` from its ``manifest.json``. Reports each peak and
+the peak minus the value before Ray started over the table's size in memory (rows x row width x 4
+bytes), and whether the picks equal the run's ``selection.csv`` (they must: same seed, same data).
 """
 
 from __future__ import annotations
@@ -28,37 +31,70 @@ import pyarrow.parquet as pq
 from benchmarks import _common
 
 
-def rss_sum() -> int:
-    """Bytes: the sum of VmRSS over every process readable in /proc."""
+def _proc_kib(field: str, name: str = "status") -> int:
+    """KiB: the sum of ``field`` (a line of /proc/<pid>/<name>) over every readable process."""
     total = 0
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            with open(f"/proc/{d}/status") as f:
+            with open(f"/proc/{d}/{name}") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
+                    if line.startswith(field):
+                        total += int(line.split()[1])
                         break
         except OSError:
             continue
     return total
 
 
+def rss_sum() -> int:
+    """Bytes: the sum of VmRSS over every process readable in /proc. Pages shared between
+    processes (libraries, Ray's shared-memory object store) count once per process that maps them."""
+    return _proc_kib("VmRSS:") * 1024
+
+
+def pss_sum() -> int:
+    """Bytes: the sum of the proportional set size (/proc/<pid>/smaps_rollup) over every process:
+    a shared page counts 1/n in each of the n processes that map it, so the sum is each page once."""
+    return _proc_kib("Pss:", "smaps_rollup") * 1024
+
+
+def node_used() -> int:
+    """Bytes: MemTotal - MemAvailable (/proc/meminfo), the memory in use on the machine as Ray's
+    memory monitor reads it (page cache that can be dropped does not count; shared memory does)."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+MEASURES = {"rss": rss_sum, "pss": pss_sum, "node_used": node_used}
+
+
 class Sampler(threading.Thread):
+    """Peak of each of MEASURES, sampled every ``every`` seconds until stop()."""
+
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self._done = every, 0, threading.Event()
+        self.every, self._done = every, threading.Event()
+        self.peak = {k: 0 for k in MEASURES}
+
+    def sample(self) -> None:
+        for k, f in MEASURES.items():
+            self.peak[k] = max(self.peak[k], f())
 
     def run(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, rss_sum())
+            self.sample()
             time.sleep(self.every)
 
-    def stop(self) -> int:
+    def stop(self) -> dict[str, int]:
         self._done.set()
         self.join()
-        self.peak = max(self.peak, rss_sum())
+        self.sample()
         return self.peak
 
 
@@ -83,7 +119,7 @@ def run(args) -> dict[str, Any]:
     meta = np.array([int(r["sample_id"]) for r in rows if int(r["round"]) == 0], dtype=np.int64)
     want = sorted(int(r["sample_id"]) for r in rows if int(r["round"]) == 1)
     s, r = cfg["selection"], cfg["ray"]
-    base = rss_sum()
+    base = {k: f() for k, f in MEASURES.items()}
     sampler = Sampler()
     sampler.start()
     started = _common.ray_init(num_cpus=2, object_store_mb=1000)  # or the session already up (tests)
@@ -100,12 +136,19 @@ def run(args) -> dict[str, Any]:
         if started:
             ray.shutdown()
     got = sorted(int(i) for i in sel.sample_id)
-    res = {"table_bytes": table_bytes, "base_rss_bytes": base, "peak_rss_bytes": peak,
-           "peak_over_table": peak / table_bytes, "peak_minus_base_over_table": (peak - base) / table_bytes,
-           "kmeans_s": wall, "same_picks": got == want, "table": str(table)}
-    print(f"table {table_bytes / 2**30:.2f} GiB; peak RSS sum {peak / 2**30:.2f} GiB "
-          f"({res['peak_over_table']:.2f}x the table; {res['peak_minus_base_over_table']:.2f}x above the "
-          f"{base / 2**30:.2f} GiB before Ray); K-means {wall:.0f} s; picks as in selection.csv: {res['same_picks']}")
+    res: dict[str, Any] = {"table_bytes": table_bytes}
+    for k in MEASURES:
+        res |= {f"base_{k}_bytes": base[k], f"peak_{k}_bytes": peak[k],
+                f"peak_minus_base_{k}_over_table": (peak[k] - base[k]) / table_bytes}
+    # the first version's keys (RSS sum only), kept so older result lines compare
+    res |= {"peak_over_table": peak["rss"] / table_bytes,
+            "peak_minus_base_over_table": res["peak_minus_base_rss_over_table"],
+            "kmeans_s": wall, "same_picks": got == want, "table": str(table)}
+    gib = 2**30
+    print(f"table {table_bytes / gib:.2f} GiB; K-means {wall:.0f} s; picks as in selection.csv: {res['same_picks']}")
+    for k, what in (("rss", "RSS sum"), ("pss", "PSS sum"), ("node_used", "node used (MemTotal - MemAvailable)")):
+        print(f"  {what}: peak {peak[k] / gib:.2f} GiB, {(peak[k] - base[k]) / gib:.2f} GiB above the "
+              f"{base[k] / gib:.2f} GiB before Ray ({res[f'peak_minus_base_{k}_over_table']:.2f}x the table)")
     return _common.write_result(args, "kmeans_memory", device, res, run=str(root))
 
 
