@@ -117,7 +117,8 @@ def gbc_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
 # actors, local Ray; peak above the value before Ray started): the node's used memory (MemTotal -
 # MemAvailable, what Ray's memory monitor acts on) rose 5.4 GiB for the 1.43 GiB table (proj_dim
 # 256) and 15.6 GiB for the 5.72 GiB one (proj_dim 1024); the sum of every process's RSS, which
-# counts shared pages once per process, 6.2 and 16.8 GiB. About 2.4x the table plus 2.7 GiB.
+# counts shared pages once per process, 6.2 and 16.8 GiB. Node used fits 2.4x the table plus
+# 2.0 GiB; the RSS sum 2.5x plus 2.6 GiB.
 # Since the shards stream their part of the table (712e0e5); before, the 1.43 GiB table took
 # 11.65 GiB (RSS sum) and the 5.72 GiB one ran a 22 GiB machine out of memory. The check counts
 # 2.5x the table plus 4 GiB (docs/performance.md).
