@@ -114,15 +114,15 @@ def gbc_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
 
 
 # Memory of GBC K-means (python -m benchmarks.kmeans_memory on Table 1's seed-0 tables, 2 shard
-# actors, local Ray; peak above the value before Ray started): the node's used memory (MemTotal -
-# MemAvailable, what Ray's memory monitor acts on) rose 5.4 GiB for the 1.43 GiB table (proj_dim
-# 256) and 15.6 GiB for the 5.72 GiB one (proj_dim 1024); the sum of every process's RSS, which
-# counts shared pages once per process, 6.2 and 16.8 GiB. Node used fits 2.4x the table plus
-# 2.0 GiB; the RSS sum 2.5x plus 2.6 GiB.
-# Since the shards stream their part of the table (712e0e5); before, the 1.43 GiB table took
-# 11.65 GiB (RSS sum) and the 5.72 GiB one ran a 22 GiB machine out of memory. The check counts
-# 2.5x the table plus 4 GiB (docs/performance.md).
-FEATURE_MEMORY_FACTOR = 2.5
+# actors, local Ray; peak above the value before Ray started). Since a dense shard holds its rows
+# once (excluded rows are moved behind the active ones in place, core.shards.permute_rows_), the
+# node's used memory (MemTotal - MemAvailable, what Ray's memory monitor acts on) rose 3.6 GiB for
+# the 1.43 GiB table (proj_dim 256) and 7.9 GiB for the 5.72 GiB one (proj_dim 1024): 1.0x the
+# table plus 2.1 GiB; the sum of every process's RSS, which counts shared pages once per process,
+# 4.4 and 9.3 GiB (1.14x plus 2.8 GiB). Before, each shard copied its active rows on every
+# exclusion (up to 2.5x its part): 5.4 and 15.6 GiB node used. The check counts 1.25x the table
+# plus 4 GiB (docs/performance.md).
+FEATURE_MEMORY_FACTOR = 1.25
 FEATURE_MEMORY_OVERHEAD = 4 * 2**30
 
 

@@ -17,7 +17,8 @@ the per-cluster sum of rows):
 
 Inner products are computed in float32 (the GEMMs), every reduction (sums over rows, norms,
 objective) in float64. Rows are processed in chunks that bound the GEMM output to
-``chunk_bytes``.
+``chunk_bytes``. A dense shard (GBC: the large one) never copies its rows: excluding rows
+reorders them in place (:func:`permute_rows_`), so it holds its table once.
 """
 
 from __future__ import annotations
@@ -103,6 +104,40 @@ def top_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
+def permute_rows_(a: np.ndarray | torch.Tensor, src: np.ndarray) -> None:
+    """Reorder the rows of ``a`` in place, ``a[p] <- a[src[p]]``, with one row of extra memory.
+
+    ``src`` (n,) must be a permutation of ``range(n)`` with n = ``a.shape[0]``. Each cycle of the
+    permutation is followed once, so every row is copied at most once plus one copy per cycle;
+    ``a[:] = a[src]`` would hold a second copy of the whole array while it runs.
+    """
+    src = np.asarray(src, dtype=np.int64)
+    n = int(a.shape[0])
+    if src.shape != (n,) or not np.array_equal(np.sort(src), np.arange(n)):
+        raise ValueError(f"src must be a permutation of range({n}); got shape {src.shape}")
+    if isinstance(a, torch.Tensor) and a.device.type == "cpu":
+        a = a.numpy()  # the same memory; numpy's row copies cost less per call
+    moved = np.flatnonzero(src != np.arange(n))
+    if moved.size == 0:
+        return
+    nxt = src.tolist()
+    done = bytearray(n)
+    tmp = a[0].clone() if isinstance(a, torch.Tensor) else a[0].copy()
+    for start in moved.tolist():
+        if done[start]:
+            continue
+        tmp[...] = a[start]
+        j = start
+        while True:  # walk the cycle: position j takes the row now at nxt[j]
+            done[j] = 1
+            k = nxt[j]
+            if k == start:
+                a[j] = tmp
+                break
+            a[j] = a[k]
+            j = k
+
+
 @dataclass
 class _Centroids:
     """Centroids of one call: M, the layout ``_inner`` wants, and ||C_i||^2 (M,) float64."""
@@ -115,8 +150,9 @@ class _Centroids:
 class _ShardBase:
     """Everything but the primitives ``_compact``, ``_prepare``, ``_inner``, ``_numerator``, ``_dense``.
 
-    The active rows are kept compacted (contiguous copies, or the full tensors when all rows are
-    active), so chunks are slices: views, not gathers.
+    The active rows are kept compacted (contiguous: copies for factor shards, rows moved to the
+    front in place for dense shards, the full tensors when all rows are active), so chunks are
+    slices: views, not gathers.
     """
 
     sample_id: np.ndarray  # (n,) int64, all rows
@@ -134,7 +170,8 @@ class _ShardBase:
         self.set_active(exclude_ids=np.zeros(0, dtype=np.int64))
 
     # ---- primitives (subclasses) ---------------------------------------------------------
-    # _compact(rows | None): keep contiguous copies of the active rows (None: all, no copy)
+    # _compact(rows | None): make the active rows (indices into all rows, ascending) contiguous
+    #                        in that order (None: all rows, in their original order)
     # _prepare(C (M, D) float32) -> the layout _inner wants (once per call, not per chunk)
     # _inner(sl, W) -> (n, M) float64: <G_j, C_i> for a slice of active rows
     # _numerator(sl, labels, sign, M) -> (M, D) float64: sum of sign_j G_j per label
@@ -384,7 +421,14 @@ class FactorShard(_ShardBase):
 
 
 class DenseShard(_ShardBase):
-    """Any (n, D) rows (spec section 3, "Dense"); also the materialised reference for FactorShard."""
+    """Any (n, D) rows (spec section 3, "Dense"); also the materialised reference for FactorShard.
+
+    The rows are held once: a writeable float32 CPU ``features.G`` is used as it is (no copy) and
+    its rows are reordered in place while some are excluded (``set_active``), back in their
+    original order whenever every row is active again, as ``select_pivotal`` leaves them. Any
+    other ``G`` (another dtype or device, or read-only, e.g. from Ray's object store) is copied
+    once.
+    """
 
     def __init__(self, features: DenseFeatures, *, device: str | torch.device = "cpu",
                  chunk_bytes: int = 64 * 2**20) -> None:
@@ -395,6 +439,8 @@ class DenseShard(_ShardBase):
         if G.ndim != 2 or G.shape[0] != features.sample_id.shape[0]:
             raise ValueError(f"G must be (n, D) with n = len(sample_id); got {G.shape}")
         self.sample_id = np.asarray(features.sample_id, dtype=np.int64)
+        if not G.flags.writeable:  # rows are reordered in place (_compact): own a copy
+            G = np.array(G, dtype=np.float32)
         self.G_all = torch.as_tensor(G, dtype=torch.float32, device=device)  # (n, D)
         self._D = int(G.shape[1])
         # ||G_j||^2 in float64, a chunk of rows at a time (a whole float64 copy would be 2x the rows)
@@ -404,7 +450,20 @@ class DenseShard(_ShardBase):
         super().__init__(sq, device=device, chunk_bytes=chunk_bytes)
 
     def _compact(self, rows: np.ndarray | None) -> None:
-        self.G = self.G_all if rows is None else self.G_all[torch.as_tensor(rows, device=self.G_all.device)]
+        # no copy: the rows are reordered in place, active ones first (in order), the others
+        # after them; self._pos maps an index into all rows to its current position in G_all
+        n = self.G_all.shape[0]
+        if not hasattr(self, "_pos"):
+            self._pos = np.arange(n, dtype=np.int64)
+        if rows is None:
+            order, n_active = np.arange(n, dtype=np.int64), n
+        else:
+            rest = np.ones(n, dtype=bool)
+            rest[rows] = False
+            order, n_active = np.concatenate([rows, np.flatnonzero(rest)]), rows.shape[0]
+        permute_rows_(self.G_all, self._pos[order])  # position p takes row order[p]
+        self._pos[order] = np.arange(n, dtype=np.int64)
+        self.G = self.G_all[:n_active]  # a view
 
     def _row_width(self, M: int) -> int:
         return max(M, 1) + 2 * self._D  # the float64 copy of the rows for the numerator
@@ -423,7 +482,8 @@ class DenseShard(_ShardBase):
         return num.index_add_(0, labels, rows)  # (M, D)
 
     def _dense(self, rows: np.ndarray) -> np.ndarray:
-        return self.G_all[torch.as_tensor(rows, dtype=torch.int64, device=self.G_all.device)].double().cpu().numpy()
+        pos = torch.as_tensor(self._pos[np.asarray(rows, dtype=np.int64)], device=self.G_all.device)
+        return self.G_all[pos].double().cpu().numpy()
 
 
 def make_shard(features: FactorFeatures | DenseFeatures, *, device: str | torch.device = "cpu",

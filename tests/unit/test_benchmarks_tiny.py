@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from benchmarks import e2e_stages, gbc_extract, kmeans_throughput, kmeans_vs_sklearn, reweight_step
+from benchmarks import e2e_stages, gbc_extract, kmeans_throughput, kmeans_vs_sklearn, reweight_step, shard_memory
 
 
 def run(module, tmp_path, *extra: str) -> dict:
@@ -86,3 +86,11 @@ def test_without_out_nothing_is_written(tmp_path, monkeypatch, capsys):
     assert rec["benchmark"] == "e2e_stages" and rec["results"]["rows"] == []
     assert list(tmp_path.iterdir()) == []
     assert "not saved (no --out)" in capsys.readouterr().out
+
+
+def test_shard_memory(tmp_path, capsys):
+    res = run(shard_memory, tmp_path)
+    assert res["rows_bytes"] == 600 * 64 * 4 and res["select_peak_over_rows"] >= 0.0
+    # in-place reordering changes no pick and leaves the rows in their order
+    assert res["same_picks_as_copy"] and res["rows_restored"] and len(set(res["picks"])) == 10
+    assert "select_pivotal peak" in capsys.readouterr().out

@@ -54,9 +54,10 @@ def test_too_large_a_table_is_refused_with_the_fix() -> None:
     check_feature_memory(_cfg(proj_dim=256), MNIST, memory_bytes=15 * GiB)  # 1.4 GiB: fits
 
 
-def test_the_limit_counts_the_table_2_5_times_plus_ray() -> None:
-    """proj_dim 1024 on MNIST (5.7 GiB): 2.5 x 5.7 + 4 = 18.3 GiB, which a 22 GiB node has (it ran
-    there: 16.5 GiB measured by benchmarks.kmeans_memory) and a 12 GiB one has not."""
-    check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=22 * GiB)
-    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 2\.5x that plus 4 GiB.*has 12\.0 GiB"):
-        check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=12 * GiB)
+def test_the_limit_counts_the_table_1_25_times_plus_ray() -> None:
+    """proj_dim 1024 on MNIST (5.7 GiB): 1.25 x 5.7 + 4 = 11.2 GiB, which a 12 GiB node has (on a
+    22 GiB one the node's used memory rose 7.9 GiB, measured by benchmarks.kmeans_memory) and a
+    10 GiB one has not."""
+    check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=12 * GiB)
+    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 1\.25x that plus 4 GiB.*has 10\.0 GiB"):
+        check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=10 * GiB)

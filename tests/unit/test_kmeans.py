@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 from pivotal_ray.core.kmeans import (INITS, DenseShard, FactorShard, LocalShardSet, assign, n_excluded, select_pivotal,
                                      weighted_kmeans)
+from pivotal_ray.core.shards import permute_rows_
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -287,3 +288,50 @@ def test_reading_a_shard_range_reads_only_that_range(tmp_path):
     whole = read_dense_table(tmp_path)
     np.testing.assert_array_equal(part.sample_id, want)
     np.testing.assert_array_equal(part.G, whole.G[10:20])
+
+
+# ---- dense shards hold their rows once ----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_permute_rows_in_place_equals_gather(kind, seed):
+    """permute_rows_(a, src) leaves a == a0[src] for any permutation, in the same memory."""
+    rng = np.random.default_rng(seed)
+    a0 = rng.standard_normal((40, 3)).astype(np.float32)
+    src = rng.permutation(40) if seed else np.concatenate([np.arange(5, 40), np.arange(5)])  # one long cycle
+    a = a0.copy() if kind == "numpy" else torch.as_tensor(a0.copy())
+    ptr = a.ctypes.data if kind == "numpy" else a.data_ptr()
+    permute_rows_(a, src)
+    np.testing.assert_array_equal(np.asarray(a), a0[src])
+    assert (a.ctypes.data if kind == "numpy" else a.data_ptr()) == ptr
+    permute_rows_(a, np.arange(40))  # identity: nothing moves
+    np.testing.assert_array_equal(np.asarray(a), a0[src])
+    with pytest.raises(ValueError, match="permutation"):
+        permute_rows_(a, np.zeros(40, dtype=np.int64))
+
+
+def test_dense_shard_excludes_rows_without_copying_them():
+    """Excluding rows moves the active ones to the front of the shard's own array (a view, no copy);
+    excluded rows stay readable, results equal a shard on a private copy, and the caller's rows are
+    back in their order once every row is active again."""
+    F = random_factor(50, seed=5)
+    G = F.dense().astype(np.float32)
+    ro = G.copy()
+    ro.flags.writeable = False  # read-only input (e.g. Ray's object store): copied once
+    shared, private = DenseShard(DenseFeatures(F.sample_id, G)), DenseShard(DenseFeatures(F.sample_id, ro))
+    assert np.shares_memory(shared.G_all.numpy(), G) and not np.shares_memory(private.G_all.numpy(), ro)
+    drop = F.sample_id[[0, 3, 4, 20, 49]]
+    for shard in (shared, private):
+        assert shard.set_active(exclude_ids=drop) == 45
+        assert shard.G.data_ptr() == shard.G_all.data_ptr()  # the active rows are a view
+        keep = ~np.isin(F.sample_id, drop)
+        np.testing.assert_array_equal(shard.sample_ids(), F.sample_id[keep])
+        np.testing.assert_array_equal(shard.G.numpy(), ro[keep])
+        ids, rows = shard.dense_rows(sample_ids=drop)
+        np.testing.assert_array_equal(ids, drop)
+        np.testing.assert_array_equal(rows, ro[~keep].astype(np.float64))
+    kw = dict(budget=4, meta_ids=F.sample_id[[1, 7]], exclude_frac=0.5, seed=3, max_iter=20)
+    a, b = select_pivotal([shared], **kw), select_pivotal([private], **kw)
+    np.testing.assert_array_equal(a.sample_id, b.sample_id)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    np.testing.assert_array_equal(G, ro)  # select_pivotal leaves every row active, in order
