@@ -49,9 +49,28 @@ def _region_panel(spec: Any, metrics: dict, bundle: Any) -> plots.RegionPanel:
         warmup=at(sel.loc[sel["round"] == 0, "sample_id"]), picks=at(sel.loc[sel["round"] >= 1, "sample_id"]))
 
 
-def _tsne(spec: Any, root: Path, cc: CompareConfig) -> list[Path]:
-    from .core.densetable import read_feature_table
+def tsne_sample(fdir: Path, *, picked_ids: np.ndarray, seed: int, max_rows: int) -> tuple[Any, np.ndarray]:
+    """The rows of the feature table ``fdir`` that a t-SNE plot shows, and the picks among them.
 
+    Every picked sample plus a seeded draw of the others, ``max_rows`` in all, ascending by
+    sample_id. Only the sample_id column of the whole table is read, then only the chosen rows'
+    features (a GBC table can be many GiB; the plot needs ``max_rows`` of its rows).
+
+    Returns (FactorFeatures | DenseFeatures of the chosen rows, positions of the picks in them).
+    """
+    from .core.densetable import read_feature_table, table_sample_ids
+
+    ids = table_sample_ids(fdir)
+    picked = np.flatnonzero(np.isin(ids, picked_ids))
+    rest = np.setdiff1d(np.arange(len(ids)), picked)
+    rng = numpy_rng(seed, "compare", "tsne")
+    keep = np.sort(np.concatenate([picked, rng.choice(rest, min(len(rest), max_rows - len(picked)),
+                                                      replace=False)]))
+    sub = read_feature_table(fdir, sample_ids=ids[keep])
+    return sub, np.flatnonzero(np.isin(keep, picked))
+
+
+def _tsne(spec: Any, root: Path, cc: CompareConfig) -> list[Path]:
     out = []
     round_dir = Path(spec.cfg.output_dir) / "rounds" / "round_1"
     for cpath in sorted(round_dir.glob("centroids_*.npy")):
@@ -60,18 +79,12 @@ def _tsne(spec: Any, root: Path, cc: CompareConfig) -> list[Path]:
         fdir = fdir if fdir.exists() else round_dir / "features"
         if not fdir.exists():
             continue
-        feats = read_feature_table(fdir)
         sel = pd.read_csv(Path(spec.cfg.output_dir) / "selection.csv")
-        picked = np.flatnonzero(np.isin(feats.sample_id, sel.loc[sel["round"] == 1, "sample_id"]))
-        rest = np.setdiff1d(np.arange(len(feats)), picked)
-        rng = numpy_rng(spec.seed, "compare", "tsne")
-        keep = np.sort(np.concatenate([picked, rng.choice(rest, min(len(rest), cc.tsne_max - len(picked)),
-                                                          replace=False)]))
-        sub = feats.take(keep)
+        sub, picks = tsne_sample(fdir, picked_ids=sel.loc[sel["round"] == 1, "sample_id"].to_numpy(),
+                                 seed=spec.seed, max_rows=cc.tsne_max)
         out.append(plots.tsne_features(
-            features=sub.dense(), centroids=np.load(cpath, allow_pickle=False),
-            picks=np.flatnonzero(np.isin(keep, picked)), seed=spec.seed,
-            title=f"{spec.method} ({kind} features, round 1, seed {spec.seed})",
+            features=sub.dense(), centroids=np.load(cpath, allow_pickle=False), picks=picks,
+            seed=spec.seed, title=f"{spec.method} ({kind} features, round 1, seed {spec.seed})",
             path=root / f"tsne_{spec.method}_{kind}.png"))
     return out
 

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from .featuretable import DenseFeatures, FactorFeatures, _column_2d, iter_rows, parquet_files, read_factor_table
 
-__all__ = ["dense_schema", "dense_columns", "read_dense_table", "table_kind", "read_feature_table"]
+__all__ = ["dense_schema", "dense_columns", "read_dense_table", "table_kind", "read_feature_table",
+           "table_sample_ids"]
 
 DENSE_COLUMNS = ("sample_id", "snapshot", "epoch", "g")
 FACTOR_COLUMNS = ("sample_id", "snapshot", "epoch", "A", "x")
@@ -146,6 +147,19 @@ def read_dense_table(paths: str | Path | Sequence[str | Path], *,
             out[pos[sel]] = rows[sel]
     pa.default_memory_pool().release_unused()  # hand the batches' buffers back to the OS now
     return DenseFeatures(ids, out.reshape(n, K * out.shape[1]))  # (n, K*W)
+
+
+def table_sample_ids(paths: str | Path | Sequence[str | Path]) -> np.ndarray:
+    """The distinct sample ids of a feature table (factor or dense), ascending (n,) int64.
+
+    Reads only the ``sample_id`` column, batch by batch, so a caller can choose rows and then read
+    just those with ``read_feature_table(paths, sample_ids=...)``.
+    """
+    files = _files(paths)
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {paths}: run the feature extraction stage first")
+    parts = [np.unique(b.column(0).to_numpy()) for b in iter_rows(files, columns=["sample_id"])]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
 def read_feature_table(paths: str | Path | Sequence[str | Path], *,

@@ -195,3 +195,44 @@ def test_plots_without_matplotlib_fail_before_any_run(tmp_path, monkeypatch):
     assert calls == [] and not (tmp_path / "cmp").exists()
     expand(base=_base(tmp_path), cc=CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "c2"),
                                                   plots=False))  # no figures: nothing needed
+
+
+def test_tsne_sample_reads_only_the_rows_it_plots(tmp_path, monkeypatch):
+    """The t-SNE subset (picks + a seeded draw) equals reading the whole table and taking those
+    rows, but only the chosen rows' features are read (a GBC table can be many GiB)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pivotal_ray import compare_figures
+    from pivotal_ray.core import densetable
+    from pivotal_ray.core.seeding import numpy_rng
+
+    rng = np.random.default_rng(0)
+    n, K, W = 300, 2, 5
+    ids = np.sort(rng.choice(10_000, n, replace=False))
+    G = rng.standard_normal((n, K, W)).astype(np.float32)
+    sid, snap = np.repeat(ids, K), np.tile(np.arange(K), n)
+    order = rng.permutation(n * K)  # any row order, over three files
+    for f, rows in enumerate(np.array_split(order, 3)):
+        col = pa.FixedSizeListArray.from_arrays(pa.array(G.reshape(n * K, W)[rows].reshape(-1)),
+                                                type=pa.list_(pa.float32(), W))
+        pq.write_table(pa.table({"sample_id": pa.array(sid[rows], pa.int64()),
+                                 "snapshot": pa.array(snap[rows], pa.int32()),
+                                 "epoch": pa.array(snap[rows], pa.int32()), "g": col},
+                                schema=densetable.dense_schema(W)), tmp_path / f"part-{f}.parquet")
+    picked = ids[[3, 150, 299]]
+    requested = []
+    real = densetable.read_feature_table
+    monkeypatch.setattr(densetable, "read_feature_table",
+                        lambda p, sample_ids=None: requested.append(sample_ids) or real(p, sample_ids=sample_ids))
+    sub, picks = compare_figures.tsne_sample(tmp_path, picked_ids=picked, seed=4, max_rows=40)
+    assert len(requested) == 1 and len(requested[0]) == 40  # never the whole table
+    # what reading everything and subsampling positions with the same seeded draw gives
+    full = real(tmp_path)
+    pos = np.flatnonzero(np.isin(full.sample_id, picked))
+    rest = np.setdiff1d(np.arange(n), pos)
+    keep = np.sort(np.concatenate([pos, numpy_rng(4, "compare", "tsne").choice(rest, 37, replace=False)]))
+    np.testing.assert_array_equal(sub.sample_id, full.sample_id[keep])
+    np.testing.assert_array_equal(sub.G, full.G[keep])
+    np.testing.assert_array_equal(sub.sample_id[picks], picked)
+    np.testing.assert_array_equal(densetable.table_sample_ids(tmp_path), ids)
