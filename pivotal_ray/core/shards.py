@@ -17,8 +17,8 @@ the per-cluster sum of rows):
 
 Inner products are computed in float32 (the GEMMs), every reduction (sums over rows, norms,
 objective) in float64. Rows are processed in chunks that bound the GEMM output to
-``chunk_bytes``. A dense shard (GBC: the large one) never copies its rows: excluding rows
-reorders them in place (:func:`permute_rows_`), so it holds its table once.
+``chunk_bytes``. A shard never copies its rows: excluding rows reorders them in place
+(:func:`permute_rows_`), so it holds its table once.
 """
 
 from __future__ import annotations
@@ -104,22 +104,30 @@ def top_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
-def permute_rows_(a: np.ndarray | torch.Tensor, src: np.ndarray) -> None:
-    """Reorder the rows of ``a`` in place, ``a[p] <- a[src[p]]``, with one row of extra memory.
+def permute_rows_(a: np.ndarray | torch.Tensor, src: np.ndarray, *, chunk_bytes: int = 64 * 2**20) -> None:
+    """Reorder the rows of 2-D ``a`` in place, ``a[p] <- a[src[p]]``, never holding a second copy.
 
-    ``src`` (n,) must be a permutation of ``range(n)`` with n = ``a.shape[0]``. Each cycle of the
-    permutation is followed once, so every row is copied at most once plus one copy per cycle;
-    ``a[:] = a[src]`` would hold a second copy of the whole array while it runs.
+    ``src`` (n,) must be a permutation of ``range(n)`` with n = ``a.shape[0]``. An array of at
+    most ``chunk_bytes`` is gathered whole; a larger one on the CPU has each cycle of the
+    permutation followed once with one row of scratch (every row copied once, plus one copy per
+    cycle: a Python step per row, faster than strided gathers for wide rows); a larger tensor on
+    another device (where a step per row would be a kernel launch per row) is gathered a stripe
+    of columns at a time, the stripe bounded by ``chunk_bytes``. ``a[:] = a[src]`` on the whole
+    of a large array would hold a second copy of it while it runs.
     """
     src = np.asarray(src, dtype=np.int64)
     n = int(a.shape[0])
     if src.shape != (n,) or not np.array_equal(np.sort(src), np.arange(n)):
         raise ValueError(f"src must be a permutation of range({n}); got shape {src.shape}")
-    if isinstance(a, torch.Tensor) and a.device.type == "cpu":
-        a = a.numpy()  # the same memory; numpy's row copies cost less per call
     moved = np.flatnonzero(src != np.arange(n))
     if moved.size == 0:
         return
+    nbytes = a.numel() * a.element_size() if isinstance(a, torch.Tensor) else a.nbytes
+    if nbytes <= chunk_bytes or (isinstance(a, torch.Tensor) and a.device.type != "cpu"):
+        _permute_rows_striped(a, src, chunk_bytes=chunk_bytes)
+        return
+    if isinstance(a, torch.Tensor):
+        a = a.numpy()  # the same memory; numpy's row copies cost less per call
     nxt = src.tolist()
     done = bytearray(n)
     tmp = a[0].clone() if isinstance(a, torch.Tensor) else a[0].copy()
@@ -138,6 +146,17 @@ def permute_rows_(a: np.ndarray | torch.Tensor, src: np.ndarray) -> None:
             j = k
 
 
+def _permute_rows_striped(a: np.ndarray | torch.Tensor, src: np.ndarray, *, chunk_bytes: int) -> None:
+    """``permute_rows_`` by gathers of column stripes: a scratch of at most ``chunk_bytes`` (and at
+    least one column). Vectorised, but strided reads: slower than the cycles on a CPU."""
+    n, w = int(a.shape[0]), int(a.shape[1])
+    itemsize = a.element_size() if isinstance(a, torch.Tensor) else a.itemsize
+    step = max(1, chunk_bytes // max(n * itemsize, 1))
+    idx = torch.as_tensor(src, device=a.device) if isinstance(a, torch.Tensor) else src
+    for c in range(0, w, step):
+        a[:, c:c + step] = a[idx, c:c + step]  # the right side is gathered into a new stripe first
+
+
 @dataclass
 class _Centroids:
     """Centroids of one call: M, the layout ``_inner`` wants, and ||C_i||^2 (M,) float64."""
@@ -148,11 +167,13 @@ class _Centroids:
 
 
 class _ShardBase:
-    """Everything but the primitives ``_compact``, ``_prepare``, ``_inner``, ``_numerator``, ``_dense``.
+    """Everything but the primitives ``_row_arrays``, ``_view``, ``_prepare``, ``_inner``,
+    ``_numerator``, ``_dense``.
 
-    The active rows are kept compacted (contiguous: copies for factor shards, rows moved to the
-    front in place for dense shards, the full tensors when all rows are active), so chunks are
-    slices: views, not gathers.
+    The active rows are kept compacted without a copy: ``set_active`` reorders the rows in place
+    (:func:`permute_rows_`), the active ones first in their original order, and chunks are slices
+    of the first ``count()`` rows: views, not gathers. With every row active the rows are back in
+    their original order. ``_pos`` maps an index into all rows to its current position.
     """
 
     sample_id: np.ndarray  # (n,) int64, all rows
@@ -170,12 +191,12 @@ class _ShardBase:
         self.set_active(exclude_ids=np.zeros(0, dtype=np.int64))
 
     # ---- primitives (subclasses) ---------------------------------------------------------
-    # _compact(rows | None): make the active rows (indices into all rows, ascending) contiguous
-    #                        in that order (None: all rows, in their original order)
+    # _row_arrays() -> the 2-D arrays whose rows are the samples (in their current order)
+    # _view(n_active): point the chunked primitives at the first n_active rows of each
     # _prepare(C (M, D) float32) -> the layout _inner wants (once per call, not per chunk)
     # _inner(sl, W) -> (n, M) float64: <G_j, C_i> for a slice of active rows
     # _numerator(sl, labels, sign, M) -> (M, D) float64: sum of sign_j G_j per label
-    # _dense(rows) -> (r, D) float64: G_j for a few rows (indices into all rows)
+    # _dense(pos) -> (r, D) float64: G_j for a few rows (current positions)
     # _row_width(M) -> float32 values of temporaries per row (sets the chunk size)
 
     # ---- the interface ---------------------------------------------------------------------
@@ -198,10 +219,28 @@ class _ShardBase:
         self._compact(rows)
         return self.count()
 
+    def _compact(self, rows: np.ndarray | None) -> None:
+        """Move the rows ``rows`` (indices into all rows, ascending; None: all) to the front in
+        that order, the others behind them, in place."""
+        n = self.sample_id.shape[0]
+        if not hasattr(self, "_pos"):
+            self._pos = np.arange(n, dtype=np.int64)
+        if rows is None:
+            order, n_active = np.arange(n, dtype=np.int64), n
+        else:
+            rest = np.ones(n, dtype=bool)
+            rest[rows] = False
+            order, n_active = np.concatenate([rows, np.flatnonzero(rest)]), int(rows.shape[0])
+        src = self._pos[order]  # position p takes the row now at src[p] (row order[p])
+        for a in self._row_arrays():
+            permute_rows_(a, src, chunk_bytes=self.chunk_bytes)
+        self._pos[order] = np.arange(n, dtype=np.int64)
+        self._view(n_active)
+
     def dense_rows(self, *, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows (active or not) with the given ids that this shard holds: (ids (r,), G (r, D) float64)."""
-        pos = np.flatnonzero(np.isin(self.sample_id, np.asarray(sample_ids, dtype=np.int64)))
-        return self.sample_id[pos], self._dense(pos)
+        rows = np.flatnonzero(np.isin(self.sample_id, np.asarray(sample_ids, dtype=np.int64)))
+        return self.sample_id[rows], self._dense(self._pos[rows])
 
     def _chunks(self, M: int) -> Iterator[slice]:
         step = max(1, self.chunk_bytes // (4 * self._row_width(M)))
@@ -339,7 +378,7 @@ class _ShardBase:
 
     def _exact_scores(self, ids: np.ndarray, C: np.ndarray, weighted: bool) -> np.ndarray:
         """Scores of rows ``ids`` (r,) to centroid(s) C ((D,) or (r, D)) from dense float64 rows: (r,)."""
-        G = self._dense(self._order[np.searchsorted(self.sample_id[self._order], ids)])  # (r, D)
+        G = self._dense(self._pos[self._order[np.searchsorted(self.sample_id[self._order], ids)]])  # (r, D)
         if weighted:  # S1
             norm = np.linalg.norm(G, axis=1)
             return np.divide(np.abs((G * C).sum(1)), norm, out=np.zeros(len(G)), where=norm > 0)
@@ -372,16 +411,21 @@ class FactorShard(_ShardBase):
         X = torch.as_tensor(np.asarray(features.X, dtype=np.float32), device=device)  # (n, K, d)
         self.A_all = A.transpose(0, 1).contiguous()  # (K, n, C)
         self.X_all = X.transpose(0, 1).contiguous()  # (K, n, d)
-        # ||G_j||^2 = sum_k ||A_jk||^2 ||x~_jk||^2 (spec section 3), in float64
-        sq = (self.A_all.double().square().sum(2) * self.X_all.double().square().sum(2)).sum(0)  # (n,)
+        # ||G_j||^2 = sum_k ||A_jk||^2 ||x~_jk||^2 (spec section 3), in float64, a chunk of rows at
+        # a time (float64 squares of the whole factors would be 4x their size)
+        n = self.A_all.shape[1]
+        step = max(1, chunk_bytes // max(16 * self.K * (self.C + self.d), 1))
+        sq = torch.zeros(n, dtype=torch.float64, device=device)  # (n,)
+        for i in range(0, n, step):
+            a, x = self.A_all[:, i:i + step].double(), self.X_all[:, i:i + step].double()
+            sq[i:i + step] = (a.square().sum(2) * x.square().sum(2)).sum(0)
         super().__init__(sq, device=device, chunk_bytes=chunk_bytes)
 
-    def _compact(self, rows: np.ndarray | None) -> None:
-        if rows is None:
-            self.A, self.X = self.A_all, self.X_all
-        else:
-            r = torch.as_tensor(rows, device=self.A_all.device)
-            self.A, self.X = self.A_all[:, r], self.X_all[:, r]  # (K, n_active, C), (K, n_active, d)
+    def _row_arrays(self) -> list[torch.Tensor]:
+        return [*self.A_all, *self.X_all]  # K contiguous (n, C) and K (n, d) slabs: views
+
+    def _view(self, n_active: int) -> None:
+        self.A, self.X = self.A_all[:, :n_active], self.X_all[:, :n_active]  # (K, n_active, C / d)
 
     def _row_width(self, M: int) -> int:
         return max(M, 1) * self.C + 2 * self.K * (self.C + self.d)  # Y (M*C) + float64 factors
@@ -414,10 +458,10 @@ class FactorShard(_ShardBase):
             start = end
         return num.view(M, self._D)
 
-    def _dense(self, rows: np.ndarray) -> np.ndarray:
-        r = torch.as_tensor(rows, dtype=torch.int64, device=self.A_all.device)
+    def _dense(self, pos: np.ndarray) -> np.ndarray:
+        r = torch.as_tensor(pos, dtype=torch.int64, device=self.A_all.device)
         G = torch.einsum("knc,knd->nkcd", self.A_all[:, r].double(), self.X_all[:, r].double())  # (r, K, C, d)
-        return G.reshape(len(rows), self._D).cpu().numpy()
+        return G.reshape(len(pos), self._D).cpu().numpy()
 
 
 class DenseShard(_ShardBase):
@@ -449,21 +493,11 @@ class DenseShard(_ShardBase):
             if G.shape[0] else torch.zeros(0, dtype=torch.float64, device=device)  # (n,)
         super().__init__(sq, device=device, chunk_bytes=chunk_bytes)
 
-    def _compact(self, rows: np.ndarray | None) -> None:
-        # no copy: the rows are reordered in place, active ones first (in order), the others
-        # after them; self._pos maps an index into all rows to its current position in G_all
-        n = self.G_all.shape[0]
-        if not hasattr(self, "_pos"):
-            self._pos = np.arange(n, dtype=np.int64)
-        if rows is None:
-            order, n_active = np.arange(n, dtype=np.int64), n
-        else:
-            rest = np.ones(n, dtype=bool)
-            rest[rows] = False
-            order, n_active = np.concatenate([rows, np.flatnonzero(rest)]), rows.shape[0]
-        permute_rows_(self.G_all, self._pos[order])  # position p takes row order[p]
-        self._pos[order] = np.arange(n, dtype=np.int64)
-        self.G = self.G_all[:n_active]  # a view
+    def _row_arrays(self) -> list[torch.Tensor]:
+        return [self.G_all]
+
+    def _view(self, n_active: int) -> None:
+        self.G = self.G_all[:n_active]
 
     def _row_width(self, M: int) -> int:
         return max(M, 1) + 2 * self._D  # the float64 copy of the rows for the numerator
@@ -481,9 +515,8 @@ class DenseShard(_ShardBase):
             rows.mul_(sign.unsqueeze(1))
         return num.index_add_(0, labels, rows)  # (M, D)
 
-    def _dense(self, rows: np.ndarray) -> np.ndarray:
-        pos = torch.as_tensor(self._pos[np.asarray(rows, dtype=np.int64)], device=self.G_all.device)
-        return self.G_all[pos].double().cpu().numpy()
+    def _dense(self, pos: np.ndarray) -> np.ndarray:
+        return self.G_all[torch.as_tensor(pos, dtype=torch.int64, device=self.G_all.device)].double().cpu().numpy()
 
 
 def make_shard(features: FactorFeatures | DenseFeatures, *, device: str | torch.device = "cpu",

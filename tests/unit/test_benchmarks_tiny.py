@@ -94,3 +94,6 @@ def test_shard_memory(tmp_path, capsys):
     # in-place reordering changes no pick and leaves the rows in their order
     assert res["same_picks_as_copy"] and res["rows_restored"] and len(set(res["picks"])) == 10
     assert "select_pivotal peak" in capsys.readouterr().out
+    res = run(shard_memory, tmp_path / "factor", "--shard", "factor")
+    assert res["shard"] == "factor" and res["rows_bytes"] == 600 * 2 * (3 + 8) * 4
+    assert res["rows_restored"] and len(set(res["picks"])) == 10 and res["same_picks_as_copy"] is None

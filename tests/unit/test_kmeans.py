@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 from pivotal_ray.core.kmeans import (INITS, DenseShard, FactorShard, LocalShardSet, assign, n_excluded, select_pivotal,
                                      weighted_kmeans)
-from pivotal_ray.core.shards import permute_rows_
+from pivotal_ray.core.shards import _permute_rows_striped, permute_rows_
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -294,20 +294,48 @@ def test_reading_a_shard_range_reads_only_that_range(tmp_path):
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_permute_rows_in_place_equals_gather(kind, seed):
-    """permute_rows_(a, src) leaves a == a0[src] for any permutation, in the same memory."""
+@pytest.mark.parametrize("chunk_bytes", [1, 40, 64 * 2**20])  # cycles; stripes of 1 column; whole
+def test_permute_rows_in_place_equals_gather(kind, seed, chunk_bytes):
+    """permute_rows_(a, src) leaves a == a0[src] for any permutation, in the same memory, by each
+    of its strategies: cycles (array over chunk_bytes, CPU), one gather (array within it), and
+    column stripes (the path of non-CPU tensors, called directly)."""
     rng = np.random.default_rng(seed)
-    a0 = rng.standard_normal((40, 3)).astype(np.float32)
+    a0 = rng.standard_normal((40, 3)).astype(np.float32)  # 480 bytes
     src = rng.permutation(40) if seed else np.concatenate([np.arange(5, 40), np.arange(5)])  # one long cycle
-    a = a0.copy() if kind == "numpy" else torch.as_tensor(a0.copy())
-    ptr = a.ctypes.data if kind == "numpy" else a.data_ptr()
-    permute_rows_(a, src)
-    np.testing.assert_array_equal(np.asarray(a), a0[src])
-    assert (a.ctypes.data if kind == "numpy" else a.data_ptr()) == ptr
-    permute_rows_(a, np.arange(40))  # identity: nothing moves
+    for fn in (_permute_rows_striped, permute_rows_, _permute_rows_striped):
+        a = a0.copy() if kind == "numpy" else torch.as_tensor(a0.copy())
+        ptr = a.ctypes.data if kind == "numpy" else a.data_ptr()
+        fn(a, src, chunk_bytes=chunk_bytes)
+        np.testing.assert_array_equal(np.asarray(a), a0[src])
+        assert (a.ctypes.data if kind == "numpy" else a.data_ptr()) == ptr
+    permute_rows_(a, np.arange(40), chunk_bytes=chunk_bytes)  # identity: nothing moves
     np.testing.assert_array_equal(np.asarray(a), a0[src])
     with pytest.raises(ValueError, match="permutation"):
         permute_rows_(a, np.zeros(40, dtype=np.int64))
+
+
+def test_factor_shard_excludes_rows_without_copying_them():
+    """A factor shard reorders its (K, n, C) / (K, n, d) slabs in place: the active rows are views
+    of the first count() rows, results equal those of the dense reference, and every row is back
+    in its order once all are active again."""
+    F = random_factor(60, K=3, C=4, d=5, seed=8)
+    fs, ds = FactorShard(F), DenseShard(DenseFeatures(F.sample_id, F.dense().astype(np.float32)))
+    A0, X0 = fs.A_all.clone(), fs.X_all.clone()
+    drop = F.sample_id[[2, 9, 10, 33, 59]]
+    assert fs.set_active(exclude_ids=drop) == ds.set_active(exclude_ids=drop) == 55
+    assert fs.A.data_ptr() == fs.A_all.data_ptr() and fs.X.data_ptr() == fs.X_all.data_ptr()
+    keep = ~np.isin(F.sample_id, drop)
+    np.testing.assert_array_equal(fs.sample_ids(), F.sample_id[keep])
+    np.testing.assert_array_equal(fs.A.numpy(), A0.numpy()[:, keep])
+    np.testing.assert_allclose(fs.dense_rows(sample_ids=drop)[1], F.dense()[~keep], rtol=1e-5, atol=1e-7)
+    C = np.random.default_rng(1).standard_normal((3, fs.dim()))
+    for w in (False, True):
+        la, sa = fs.assign(centroids=C, weighted=w)
+        lb, sb = ds.assign(centroids=C, weighted=w)
+        np.testing.assert_array_equal(la, lb)
+        np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=1e-6)
+    fs.set_active(exclude_ids=np.zeros(0, dtype=np.int64))
+    assert torch.equal(fs.A_all, A0) and torch.equal(fs.X_all, X0)
 
 
 def test_dense_shard_excludes_rows_without_copying_them():
