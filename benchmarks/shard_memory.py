@@ -41,9 +41,7 @@ SIZES = {
 
 def _rows(shard: DenseShard | FactorShard) -> list[np.ndarray]:
     """Copies of the arrays that hold the shard's rows, in their current order."""
-    if isinstance(shard, DenseShard):
-        return [shard.G_all.numpy().copy()]
-    return [shard.A_all.numpy().copy(), shard.X_all.numpy().copy()]
+    return [a.numpy().copy() for a in shard._row_arrays()]
 
 
 def run(args) -> dict[str, Any]:

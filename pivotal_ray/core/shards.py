@@ -119,7 +119,12 @@ def permute_rows_(a: np.ndarray | torch.Tensor, src: np.ndarray, *, chunk_bytes:
     n = int(a.shape[0])
     if src.shape != (n,) or not np.array_equal(np.sort(src), np.arange(n)):
         raise ValueError(f"src must be a permutation of range({n}); got shape {src.shape}")
-    moved = np.flatnonzero(src != np.arange(n))
+    _permute_rows(a, src, chunk_bytes=chunk_bytes)
+
+
+def _permute_rows(a: np.ndarray | torch.Tensor, src: np.ndarray, *, chunk_bytes: int) -> None:
+    """:func:`permute_rows_` for an ``src`` (n,) int64 known to be a permutation (not checked)."""
+    moved = np.flatnonzero(src != np.arange(src.shape[0]))
     if moved.size == 0:
         return
     nbytes = a.numel() * a.element_size() if isinstance(a, torch.Tensor) else a.nbytes
@@ -129,8 +134,8 @@ def permute_rows_(a: np.ndarray | torch.Tensor, src: np.ndarray, *, chunk_bytes:
     if isinstance(a, torch.Tensor):
         a = a.numpy()  # the same memory; numpy's row copies cost less per call
     nxt = src.tolist()
-    done = bytearray(n)
-    tmp = a[0].clone() if isinstance(a, torch.Tensor) else a[0].copy()
+    done = bytearray(src.shape[0])
+    tmp = a[0].copy()
     for start in moved.tolist():
         if done[start]:
             continue
@@ -188,6 +193,7 @@ class _ShardBase:
         self.chunk_bytes = int(chunk_bytes)
         self._sq_all = sq  # (n,) float64 ||G_j||^2, all rows
         self._order = np.argsort(self.sample_id)  # id -> row lookups
+        self._pos = np.arange(self.sample_id.shape[0], dtype=np.int64)  # row -> current position
         self.set_active(exclude_ids=np.zeros(0, dtype=np.int64))
 
     # ---- primitives (subclasses) ---------------------------------------------------------
@@ -223,17 +229,15 @@ class _ShardBase:
         """Move the rows ``rows`` (indices into all rows, ascending; None: all) to the front in
         that order, the others behind them, in place."""
         n = self.sample_id.shape[0]
-        if not hasattr(self, "_pos"):
-            self._pos = np.arange(n, dtype=np.int64)
         if rows is None:
             order, n_active = np.arange(n, dtype=np.int64), n
         else:
             rest = np.ones(n, dtype=bool)
             rest[rows] = False
             order, n_active = np.concatenate([rows, np.flatnonzero(rest)]), int(rows.shape[0])
-        src = self._pos[order]  # position p takes the row now at src[p] (row order[p])
+        src = self._pos[order]  # position p takes the row now at src[p] (row order[p]): a permutation
         for a in self._row_arrays():
-            permute_rows_(a, src, chunk_bytes=self.chunk_bytes)
+            _permute_rows(a, src, chunk_bytes=self.chunk_bytes)
         self._pos[order] = np.arange(n, dtype=np.int64)
         self._view(n_active)
 
