@@ -98,47 +98,62 @@ def validate(cfg: ExperimentConfig) -> Any:
     return bundle
 
 
-def gbc_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
-    """Bytes of the dense GBC feature table a round would write and cluster (0 when the method
-    clusters no GBC features): N samples x K snapshots x one row of the extractor's width
-    (R blocks of B = min(largest parameter tensor, features.proj_dim) float32)."""
+def feature_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
+    """Bytes of the feature table a round would write and the K-means shard actors hold (0 when
+    the method clusters no features): N samples x K snapshots x one row of float32. A GBC row is
+    R blocks of B = min(largest parameter tensor, features.proj_dim) floats; an RBC row is the
+    factors A (C floats) and x~ (the model's d) side by side."""
     f = cfg.features
-    if clustered_feature_kind(cfg.selection.method, f.kind) != "gbc":
+    kind = clustered_feature_kind(cfg.selection.method, f.kind)
+    if kind is None:
         return 0
-    from .core.gbc import GBCExtractor
     from .core.models import build_model
 
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
-    width = GBCExtractor(model=model, cfg=f, seed=cfg.seed).width  # no fit: just the row layout
+    if kind == "gbc":
+        from .core.gbc import GBCExtractor
+
+        width = GBCExtractor(model=model, cfg=f, seed=cfg.seed).width  # no fit: just the row layout
+    else:
+        width = bundle.num_classes + int(model.feature_dim)
     return len(bundle.train) * f.num_snapshots * width * 4
 
 
-# Memory of GBC K-means (python -m benchmarks.kmeans_memory on Table 1's seed-0 tables, 2 shard
-# actors, local Ray; peak above the value before Ray started). Since a dense shard holds its rows
-# once (excluded rows are moved behind the active ones in place, core.shards.permute_rows_), the
-# node's used memory (MemTotal - MemAvailable, what Ray's memory monitor acts on) rose 3.6 GiB for
-# the 1.43 GiB table (proj_dim 256) and 7.9 GiB for the 5.72 GiB one (proj_dim 1024): 1.0x the
-# table plus 2.1 GiB; the sum of every process's RSS, which counts shared pages once per process,
-# 4.4 and 9.3 GiB (1.14x plus 2.8 GiB). Before, each shard copied its active rows on every
-# exclusion (up to 2.5x its part): 5.4 and 15.6 GiB node used. The check counts 1.25x the table
-# plus 4 GiB (docs/performance.md).
+# Memory of K-means (python -m benchmarks.kmeans_memory, 2 shard actors, local Ray; peak above the
+# value before Ray started). The shards hold their rows once: a dense (GBC) shard moves excluded
+# rows behind the active ones in place (core.shards.permute_rows_), and a factor (RBC) shard does
+# the same on the snapshot-major arrays the streaming reader fills (core.featuretable.
+# read_factor_table). The node's used memory (MemTotal - MemAvailable, what Ray's memory monitor
+# acts on) rose 3.6 GiB for Table 1's 1.43 GiB GBC table (proj_dim 256) and 7.9 GiB for the 5.72
+# GiB one (proj_dim 1024): 1.0x the table plus 2.1 GiB; 4.7 and 6.9 GiB for random RBC factor
+# tables of 2.28 and 4.56 GiB (--synthetic, C = 100, d = 512): 1.0x the table plus 2.4 GiB.
+# Before, a dense shard copied its active rows on every exclusion (5.4 and 15.6 GiB), and a
+# factor shard's reader held about four copies of its part at once (11.3 GiB for the 2.28 GiB
+# table). The check counts 1.25x the table plus 4 GiB (docs/performance.md).
 FEATURE_MEMORY_FACTOR = 1.25
 FEATURE_MEMORY_OVERHEAD = 4 * 2**30
 
 
 def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
-    """ConfigError when the GBC table, held by the K-means shard actors at FEATURE_MEMORY_FACTOR
-    times its size next to FEATURE_MEMORY_OVERHEAD for Ray itself, does not fit in the cluster's
-    memory; names the knobs that shrink it."""
-    need = gbc_table_bytes(cfg, bundle)
+    """ConfigError when the feature table (GBC or RBC), held by the K-means shard actors at
+    FEATURE_MEMORY_FACTOR times its size next to FEATURE_MEMORY_OVERHEAD for Ray itself, does not
+    fit in the cluster's memory; names the knobs that shrink it."""
+    need = feature_table_bytes(cfg, bundle)
     if need and FEATURE_MEMORY_FACTOR * need + FEATURE_MEMORY_OVERHEAD > memory_bytes:
         f = cfg.features
+        if clustered_feature_kind(cfg.selection.method, f.kind) == "gbc":
+            what = (f"GBC features would take {need / 2**30:.1f} GiB ({len(bundle.train)} samples x "
+                    f"K={f.num_snapshots} snapshots x R={f.num_layers} blocks of up to {f.proj_dim} floats)")
+            fix = "lower features.proj_dim (e.g. 256), features.num_layers or features.num_snapshots, or add nodes"
+        else:
+            what = (f"RBC features would take {need / 2**30:.1f} GiB ({len(bundle.train)} samples x "
+                    f"K={f.num_snapshots} snapshots x {need // (4 * len(bundle.train) * f.num_snapshots)} floats "
+                    f"of factors)")
+            fix = "lower features.num_snapshots, or add nodes"
         raise ConfigError(
-            f"GBC features would take {need / 2**30:.1f} GiB ({len(bundle.train)} samples x K={f.num_snapshots} "
-            f"snapshots x R={f.num_layers} blocks of up to {f.proj_dim} floats) and K-means needs about "
-            f"{FEATURE_MEMORY_FACTOR:g}x that plus {FEATURE_MEMORY_OVERHEAD / 2**30:.0f} GiB while it reads and holds "
-            f"them, but the Ray cluster has {memory_bytes / 2**30:.1f} GiB: lower features.proj_dim (e.g. 256), "
-            "features.num_layers or features.num_snapshots, or add nodes")
+            f"{what} and K-means needs about {FEATURE_MEMORY_FACTOR:g}x that plus "
+            f"{FEATURE_MEMORY_OVERHEAD / 2**30:.0f} GiB while it reads and holds them, but the Ray cluster has "
+            f"{memory_bytes / 2**30:.1f} GiB: {fix}")
 
 
 def _check_cluster(cfg: ExperimentConfig, bundle: Any) -> None:

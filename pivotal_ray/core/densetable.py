@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .featuretable import DenseFeatures, FactorFeatures, _column_2d, iter_rows, parquet_files, read_factor_table
+from .featuretable import (DenseFeatures, FactorFeatures, _column_2d, batch_positions, iter_rows, parquet_files,
+                           read_factor_table, table_index)
 
 __all__ = ["dense_schema", "dense_columns", "read_dense_table", "table_kind", "read_feature_table",
            "table_sample_ids"]
@@ -111,37 +112,17 @@ def read_dense_table(paths: str | Path | Sequence[str | Path], *,
     # then the floats, each batch written straight to its rows of the (n, K*W) output, which sit
     # at position(sample_id) * K + snapshot. Memory: the output plus about one batch, never a
     # table of the floats.
-    sid, snap = [], []
-    for b in iter_rows(files, columns=["sample_id", "snapshot"], sample_ids=sample_ids):
-        sid.append(b.column(0).to_numpy())
-        snap.append(b.column(1).to_numpy())
-    sid = np.concatenate(sid) if sid else np.zeros(0, dtype=np.int64)
-    snap = np.concatenate(snap) if snap else np.zeros(0, dtype=np.int32)
-    if sample_ids is not None:
-        keep = np.isin(sid, sample_ids)
-        sid, snap = sid[keep], snap[keep]
-    if sid.shape[0] == 0:
-        raise ValueError(f"empty feature table at {paths}" + (" for the requested sample_ids" if sample_ids is not None else ""))
-    order = np.lexsort((snap, sid))  # by sample_id, then snapshot
-    sid, snap = sid[order], snap[order]
-    K = int(snap.max()) + 1
-    n = sid.shape[0] // K
-    if n * K != sid.shape[0] or not np.array_equal(snap, np.tile(np.arange(K), n)) \
-            or not np.array_equal(sid, np.repeat(sid[::K], K)):
-        raise ValueError("feature table is incomplete: every sample needs exactly one row per snapshot 0..K-1; "
-                         "re-run extract_features")
-    ids = sid[::K].copy()  # (n,) ascending
-    del sid, snap, order
+    ids, K = table_index(files, sample_ids=sample_ids, where=paths)  # (n,) ascending
+    n = ids.shape[0]
     out = None
     for b in iter_rows(files, columns=["sample_id", "snapshot", "g"], sample_ids=ids if sample_ids is not None else None):
         b_sid, b_snap = b.column(0).to_numpy(), b.column(1).to_numpy()
         rows = _column_2d(b.column(2))  # (m, W) float32, a view of the batch where Arrow allows
         if out is None:
             out = np.empty((n * K, rows.shape[1]), dtype=np.float32)
-        at = np.searchsorted(ids, b_sid)
-        sel = (at < n) & (ids[np.minimum(at, n - 1)] == b_sid)  # rows of kept samples
+        at, sel = batch_positions(ids, b_sid)  # sel: rows of kept samples (None: all)
         pos = at * K + b_snap
-        if sel.all():
+        if sel is None:
             out[pos] = rows
         elif sel.any():
             out[pos[sel]] = rows[sel]

@@ -176,10 +176,55 @@ def parquet_files(path: str | Path) -> list[Path]:
     return files
 
 
+def table_index(files: Sequence[str | Path], *, sample_ids: np.ndarray | None = None,
+                where: str | Path | Sequence[str | Path] = "") -> tuple[np.ndarray, int]:
+    """First pass of a streaming read: (ids (n,) int64 ascending, K) of a feature table, reading
+    only its sample_id and snapshot columns (12 bytes a row); only ``sample_ids`` when given.
+
+    Raises ValueError when there are no rows or a sample lacks one of the snapshots 0..K-1 (or has
+    one twice).
+    """
+    sid, snap = [], []
+    for b in iter_rows(files, columns=["sample_id", "snapshot"], sample_ids=sample_ids):
+        sid.append(b.column(0).to_numpy())
+        snap.append(b.column(1).to_numpy())
+    sid = np.concatenate(sid) if sid else np.zeros(0, dtype=np.int64)
+    snap = np.concatenate(snap) if snap else np.zeros(0, dtype=np.int32)
+    if sample_ids is not None:
+        keep = np.isin(sid, sample_ids)
+        sid, snap = sid[keep], snap[keep]
+    if sid.shape[0] == 0:
+        raise ValueError(f"empty feature table at {where}" + (" for the requested sample_ids" if sample_ids is not None else ""))
+    order = np.lexsort((snap, sid))  # by sample_id, then snapshot
+    sid, snap = sid[order], snap[order]
+    K = int(snap.max()) + 1
+    n = sid.shape[0] // K
+    if n * K != sid.shape[0] or not np.array_equal(snap, np.tile(np.arange(K), n)) \
+            or not np.array_equal(sid, np.repeat(sid[::K], K)):
+        raise ValueError("feature table is incomplete: every sample needs exactly one row per snapshot 0..K-1; "
+                         "re-run extract_features")
+    return sid[::K].copy(), K
+
+
+def batch_positions(ids: np.ndarray, batch_sid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Positions in ``ids`` (ascending) of a batch's sample ids, and the mask of the batch's rows
+    that are in ``ids`` (None: all of them)."""
+    n = ids.shape[0]
+    at = np.searchsorted(ids, batch_sid)
+    sel = (at < n) & (ids[np.minimum(at, n - 1)] == batch_sid)
+    return at, (None if sel.all() else sel)
+
+
 def read_factor_table(paths: str | Path | Sequence[str | Path], *, sample_ids: Iterable[int] | None = None) -> FactorFeatures:
     """Read factor rows (any file order) into a FactorFeatures sorted by sample_id.
 
     Every sample must have all K snapshots; ``sample_ids`` (optional) keeps only those samples.
+
+    Streams, as :func:`pivotal_ray.core.densetable.read_dense_table` does: a pass over the ids
+    and snapshots, then each batch of factors written straight to its place in the output, so
+    memory is the output plus about one batch. The output is allocated snapshot-major, (K, n, C)
+    and (K, n, d), and returned as (n, K, C) / (n, K, d) views of it: the layout FactorShard
+    computes in, which it then takes as it is instead of copying the factors once more.
     """
     if isinstance(paths, (str, Path)):
         files = parquet_files(paths)
@@ -187,20 +232,20 @@ def read_factor_table(paths: str | Path | Sequence[str | Path], *, sample_ids: I
         files = [Path(p) for p in paths]
     if sample_ids is not None:
         sample_ids = np.fromiter(sample_ids, dtype=np.int64)
-    table = read_rows(files, sample_ids=sample_ids)
-    if table is None or table.num_rows == 0:
-        raise ValueError(f"empty feature table at {paths}")
-    sid = table.column("sample_id").to_numpy()
-    snap = table.column("snapshot").to_numpy()
-    A = _column_2d(table.column("A"))
-    X = _column_2d(table.column("x"))
-    if sample_ids is not None:
-        keep = np.isin(sid, np.fromiter(sample_ids, dtype=np.int64))
-        sid, snap, A, X = sid[keep], snap[keep], A[keep], X[keep]
-    order = np.lexsort((snap, sid))  # by sample_id, then snapshot
-    sid, snap, A, X = sid[order], snap[order], A[order], X[order]
-    K = int(snap.max()) + 1
-    n = sid.shape[0] // K
-    if n * K != sid.shape[0] or not np.array_equal(snap, np.tile(np.arange(K), n)):
-        raise ValueError("feature table is incomplete: every sample needs one row per snapshot 0..K-1")
-    return FactorFeatures(sid[::K].copy(), A.reshape(n, K, -1), X.reshape(n, K, -1))
+    ids, K = table_index(files, sample_ids=sample_ids, where=paths)
+    n = ids.shape[0]
+    A = X = None
+    for b in iter_rows(files, columns=["sample_id", "snapshot", "A", "x"],
+                       sample_ids=ids if sample_ids is not None else None):
+        at, sel = batch_positions(ids, b.column(0).to_numpy())
+        snap = b.column(1).to_numpy()
+        a, x = _column_2d(b.column(2)), _column_2d(b.column(3))  # (m, C), (m, d): views where Arrow allows
+        if A is None:
+            A = np.empty((K, n, a.shape[1]), dtype=np.float32)
+            X = np.empty((K, n, x.shape[1]), dtype=np.float32)
+        if sel is None:
+            A[snap, at], X[snap, at] = a, x
+        elif sel.any():
+            A[snap[sel], at[sel]], X[snap[sel], at[sel]] = a[sel], x[sel]
+    pa.default_memory_pool().release_unused()  # hand the batches' buffers back to the OS now
+    return FactorFeatures(ids, A.transpose(1, 0, 2), X.transpose(1, 0, 2))

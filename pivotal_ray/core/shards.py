@@ -395,7 +395,11 @@ class FactorShard(_ShardBase):
     Parameters
     ----------
     features : FactorFeatures
-        sample_id (n,), A (n, K, C), X (n, K, d).
+        sample_id (n,), A (n, K, C), X (n, K, d). Held snapshot-major, (K, n, C) and (K, n, d):
+        writeable float32 factors already in that layout (as read_factor_table returns them) are
+        used as they are, no copy, and their rows are reordered in place while some are excluded,
+        back in their original order whenever every row is active again, as ``select_pivotal``
+        leaves them (DenseShard does the same with its rows); any others are copied once.
     device : torch device for the GEMMs (default cpu).
     chunk_bytes : int
         Bound on one chunk's temporaries (mainly the GEMM output, n_chunk * M * C float32).
@@ -411,10 +415,8 @@ class FactorShard(_ShardBase):
         self.d = features.X.shape[2]
         self._D = self.K * self.C * self.d
         # snapshot-major, so a chunk of one snapshot is a contiguous (n, C) / (n, d) block
-        A = torch.as_tensor(np.asarray(features.A, dtype=np.float32), device=device)  # (n, K, C)
-        X = torch.as_tensor(np.asarray(features.X, dtype=np.float32), device=device)  # (n, K, d)
-        self.A_all = A.transpose(0, 1).contiguous()  # (K, n, C)
-        self.X_all = X.transpose(0, 1).contiguous()  # (K, n, d)
+        self.A_all = _snapshot_major(features.A, device)  # (K, n, C)
+        self.X_all = _snapshot_major(features.X, device)  # (K, n, d)
         # ||G_j||^2 = sum_k ||A_jk||^2 ||x~_jk||^2 (spec section 3), in float64, a chunk of rows at
         # a time (float64 squares of the whole factors would be 4x their size)
         n = self.A_all.shape[1]
@@ -466,6 +468,18 @@ class FactorShard(_ShardBase):
         r = torch.as_tensor(pos, dtype=torch.int64, device=self.A_all.device)
         G = torch.einsum("knc,knd->nkcd", self.A_all[:, r].double(), self.X_all[:, r].double())  # (r, K, C, d)
         return G.reshape(len(pos), self._D).cpu().numpy()
+
+
+def _snapshot_major(a: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """(n, K, w) factors -> a (K, n, w) contiguous float32 tensor on ``device``. A writeable
+    float32 array already laid out snapshot-major (the (n, K, w) view of a (K, n, w) array that
+    read_factor_table returns) is used as it is on the CPU, no copy; anything else (another
+    layout, dtype or device, or read-only, e.g. from Ray's object store) is copied once, since the
+    shard reorders its rows in place."""
+    t = np.asarray(a, dtype=np.float32).transpose(1, 0, 2)  # (K, n, w), a view
+    if torch.device(device).type == "cpu" and t.flags.c_contiguous and t.flags.writeable:
+        return torch.from_numpy(t)
+    return torch.as_tensor(np.array(t, dtype=np.float32, order="C"), device=device)
 
 
 class DenseShard(_ShardBase):

@@ -213,3 +213,21 @@ def test_kmeans_memory_benchmark_repeats_the_runs_picks(runs, tmp_path, capsys):
     import ray
 
     assert ray.is_initialized()  # it used the tests' session and left it up
+
+
+def test_kmeans_memory_benchmark_synthetic_factor_table(ray_session, tmp_path):
+    """--synthetic writes a random RBC factor table once (N x K rows of C + d floats, the size it
+    reports), reuses it on the next call, and the same table gives the same picks; budget 10."""
+    from benchmarks import kmeans_memory
+    from pivotal_ray.core.featuretable import read_factor_table
+
+    argv = ["--size", "tiny", "--synthetic", "300,2,3,5", "--table-dir", str(tmp_path / "t"), "--max-iter", "2"]
+    first = kmeans_memory.main(argv)["results"]
+    feats = read_factor_table(tmp_path / "t")
+    assert feats.A.shape == (300, 2, 3) and feats.X.shape == (300, 2, 5)
+    np.testing.assert_allclose(feats.A.sum(2), 1.0, rtol=1e-5)  # label-free A = a softmax
+    assert first["table_bytes"] == 300 * 2 * (3 + 5) * 4
+    mtime = (tmp_path / "t" / "snapshot_0.parquet").stat().st_mtime_ns
+    second = kmeans_memory.main(argv)["results"]
+    assert (tmp_path / "t" / "snapshot_0.parquet").stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert first["picks"] == second["picks"] and len(set(first["picks"])) == 10

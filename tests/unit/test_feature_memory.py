@@ -1,5 +1,6 @@
-"""The pre-flight GBC memory check: the dense table's size from the config, and a ConfigError that
-names the fix when K-means could not hold it (no Ray: the cluster's memory is an argument)."""
+"""The pre-flight memory check: the feature table's size (GBC dense or RBC factors) from the
+config, and a ConfigError that names the fix when K-means could not hold it (no Ray: the
+cluster's memory is an argument)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pivotal_ray.config import ConfigError, ExperimentConfig, FeatureConfig, ModelConfig, SelectionConfig
-from pivotal_ray.pipeline import check_feature_memory, gbc_table_bytes
+from pivotal_ray.pipeline import check_feature_memory, feature_table_bytes
 from pivotal_ray.selectors import clustered_feature_kind
 
 # MNIST as the pipeline sees it: 60,000 training samples, LeNet-5 whose largest tensor is the
@@ -24,21 +25,38 @@ def _cfg(method: str = "gbc", **features) -> ExperimentConfig:
 
 def test_table_size_is_samples_snapshots_blocks_floats() -> None:
     # the 22.9 GiB that Ray Data wrote for MNIST at proj_dim=4096 (docs/results.md)
-    assert gbc_table_bytes(_cfg(proj_dim=4096), MNIST) == 60000 * 5 * 5 * 4096 * 4
-    assert gbc_table_bytes(_cfg(proj_dim=256), MNIST) == 60000 * 5 * 5 * 256 * 4
+    assert feature_table_bytes(_cfg(proj_dim=4096), MNIST) == 60000 * 5 * 5 * 4096 * 4
+    assert feature_table_bytes(_cfg(proj_dim=256), MNIST) == 60000 * 5 * 5 * 256 * 4
     # a block is never wider than the largest tensor
-    assert gbc_table_bytes(_cfg(proj_dim=10**6), MNIST) == 60000 * 5 * 5 * 48000 * 4
+    assert feature_table_bytes(_cfg(proj_dim=10**6), MNIST) == 60000 * 5 * 5 * 48000 * 4
 
 
-@pytest.mark.parametrize("method, kind", [("random", "rbc"), ("rbc", "rbc"), ("craig", "gbc"), ("base", "gbc"),
-                                          ("rbc_k", "gbc")])  # rbc_k always clusters RBC features
-def test_no_gbc_table_for_methods_that_cluster_none(method, kind) -> None:
-    assert gbc_table_bytes(_cfg(method, kind=kind), MNIST) == 0
+@pytest.mark.parametrize("method, kind", [("random", "rbc"), ("craig", "gbc"), ("base", "gbc"), ("finetune", "gbc")])
+def test_no_table_for_methods_that_cluster_none(method, kind) -> None:
+    assert feature_table_bytes(_cfg(method, kind=kind), MNIST) == 0
     check_feature_memory(_cfg(method, kind=kind), MNIST, memory_bytes=0.0)
 
 
-def test_rbc_on_gbc_features_is_checked_too() -> None:
-    assert gbc_table_bytes(_cfg("rbc", kind="gbc", proj_dim=256), MNIST) > 0
+@pytest.mark.parametrize("method, kind", [("rbc", "rbc"), ("rbc_k", "gbc")])  # rbc_k always clusters RBC
+def test_rbc_table_is_samples_snapshots_factor_floats(method, kind) -> None:
+    # LeNet-5 on MNIST: A (C = 10) and x~ (d = 84) per sample and snapshot
+    assert feature_table_bytes(_cfg(method, kind=kind, proj_dim=256), MNIST) == 60000 * 5 * (10 + 84) * 4
+
+
+def test_rbc_on_gbc_features_counts_the_gbc_table() -> None:
+    assert feature_table_bytes(_cfg("rbc", kind="gbc", proj_dim=256), MNIST) == 60000 * 5 * 5 * 256 * 4
+
+
+def test_too_large_an_rbc_table_is_refused_with_its_own_fix() -> None:
+    """ImageNet-1k with a torchvision ResNet-50 (C = 1000, d = 2048): 1.28M samples x K = 5 x 3048
+    floats = 72.7 GiB of factors; the fix names the snapshots, not GBC's sketch."""
+    imagenet = SimpleNamespace(train=range(1_281_167), num_classes=1000, input_shape=(3, 224, 224))
+    cfg = ExperimentConfig(model=ModelConfig(name="resnet50"), selection=SelectionConfig(method="rbc"),
+                           features=FeatureConfig(num_snapshots=5))
+    assert feature_table_bytes(cfg, imagenet) == 1_281_167 * 5 * 3048 * 4
+    with pytest.raises(ConfigError, match=r"RBC features would take 72\.7 GiB.*lower features\.num_snapshots, or add nodes"):
+        check_feature_memory(cfg, imagenet, memory_bytes=64 * GiB)
+    check_feature_memory(cfg, imagenet, memory_bytes=100 * GiB)  # 1.25 x 72.7 + 4 = 94.9 GiB
 
 
 @pytest.mark.parametrize("method, configured, expected", [

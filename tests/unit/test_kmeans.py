@@ -290,6 +290,78 @@ def test_reading_a_shard_range_reads_only_that_range(tmp_path):
     np.testing.assert_array_equal(part.G, whole.G[10:20])
 
 
+def _write_factor_table(path, F: FactorFeatures, *, seed: int = 0, row_group_size: int = 8) -> None:
+    """F's rows as a factor table in two files, rows shuffled (any order on disk), small row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pivotal_ray.core.featuretable import factor_schema
+
+    n, K, C = F.A.shape
+    d = F.X.shape[2]
+    sid, snap = np.repeat(F.sample_id, K), np.tile(np.arange(K, dtype=np.int32), n)
+    A, X = F.A.reshape(n * K, C), F.X.reshape(n * K, d)
+    perm = np.random.default_rng(seed).permutation(n * K)
+    for part, rows in enumerate(np.array_split(perm, 2)):
+        tbl = pa.table({"sample_id": sid[rows], "snapshot": snap[rows], "epoch": 3 + snap[rows],
+                        "A": pa.FixedSizeListArray.from_arrays(pa.array(A[rows].ravel()), C),
+                        "x": pa.FixedSizeListArray.from_arrays(pa.array(X[rows].ravel()), d)},
+                       schema=factor_schema(C, d))
+        pq.write_table(tbl, path / f"part-{part}.parquet", row_group_size=row_group_size)
+
+
+def test_factor_table_reads_back_snapshot_major_whole_or_a_range(tmp_path):
+    """read_factor_table streams any row order back into sample_id order, a shard's id range
+    alone when asked, as (n, K, C) / (n, K, d) views of snapshot-major (K, n, .) arrays; a sample
+    missing a snapshot is refused."""
+    from pivotal_ray.core.featuretable import read_factor_table
+
+    F = random_factor(40, K=3, C=4, d=5, seed=3)
+    _write_factor_table(tmp_path, F)
+    whole = read_factor_table(tmp_path)
+    np.testing.assert_array_equal(whole.sample_id, F.sample_id)
+    np.testing.assert_array_equal(whole.A, F.A)
+    np.testing.assert_array_equal(whole.X, F.X)
+    for a in (whole.A, whole.X):  # the shard's layout: transposing back gives a C-contiguous array
+        assert a.transpose(1, 0, 2).flags.c_contiguous and a.flags.writeable and a.dtype == np.float32
+    want = F.sample_id[10:20]
+    part = read_factor_table(tmp_path, sample_ids=want)
+    np.testing.assert_array_equal(part.sample_id, want)
+    np.testing.assert_array_equal(part.A, F.A[10:20])
+    np.testing.assert_array_equal(part.X, F.X[10:20])
+    import pyarrow.parquet as pq
+    t = pq.read_table(tmp_path / "part-0.parquet")
+    pq.write_table(t.slice(1), tmp_path / "part-0.parquet")  # one (sample, snapshot) row lost
+    with pytest.raises(ValueError, match="incomplete.*re-run extract_features"):
+        read_factor_table(tmp_path)
+
+
+def test_factor_shard_holds_the_read_factors_without_a_copy(tmp_path):
+    """A FactorShard on read_factor_table's output computes in that memory (the table is held
+    once), leaves it in order after a whole selection, and picks as a shard on a private copy;
+    read-only factors in the same layout (e.g. from Ray's object store) are copied once."""
+    from pivotal_ray.core.featuretable import read_factor_table
+
+    F = random_factor(80, K=2, C=3, d=6, seed=4, signed=False)
+    _write_factor_table(tmp_path, F)
+    feats = read_factor_table(tmp_path)
+    A0, X0 = feats.A.copy(), feats.X.copy()
+    shard = FactorShard(feats)
+    assert np.shares_memory(shard.A_all.numpy(), feats.A) and np.shares_memory(shard.X_all.numpy(), feats.X)
+    ro_A, ro_X = feats.A.copy(), feats.X.copy()
+    ro_A = np.ascontiguousarray(ro_A.transpose(1, 0, 2)).transpose(1, 0, 2)  # snapshot-major, read-only
+    ro_X = np.ascontiguousarray(ro_X.transpose(1, 0, 2)).transpose(1, 0, 2)
+    ro_A.flags.writeable = ro_X.flags.writeable = False
+    private = FactorShard(FactorFeatures(feats.sample_id, ro_A, ro_X))
+    assert not np.shares_memory(private.A_all.numpy(), ro_A)
+    kw = dict(budget=6, meta_ids=F.sample_id[:5], exclude_frac=0.5, seed=0)
+    got = select_pivotal(LocalShardSet([shard]), **kw)
+    ref = select_pivotal(LocalShardSet([private]), **kw)
+    np.testing.assert_array_equal(got.sample_id, ref.sample_id)
+    np.testing.assert_array_equal(feats.A, A0)  # back in order
+    np.testing.assert_array_equal(feats.X, X0)
+
+
 # ---- shards hold their rows once ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
