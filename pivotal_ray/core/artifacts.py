@@ -51,6 +51,7 @@ __all__ = [
     "write_csv",
     "write_parquet",
     "package_versions",
+    "compute_platform",
     "git_revision",
     "config_fingerprint",
     "write_manifest",
@@ -320,6 +321,31 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def compute_platform() -> dict[str, Any]:
+    """What, besides the seed, the config and the package versions, decides a run's floats.
+
+    PyTorch picks its CPU kernels by the instruction set it finds (``torch_cpu_capability``:
+    DEFAULT, AVX2, AVX512, ...) and oneDNN by the same, and a kernel of another vector width
+    sums in another order. LeNet-5's forward and backward on one batch differ in their last bits
+    between the DEFAULT and AVX2 kernels of one machine, and meta re-weighting at lr 0.1 grows
+    such differences into different models within a few epochs; so the same seed gives the same
+    picks on machines of the same capability, not across them. Recorded in every manifest (of
+    the machine that writes it, the driver's: on a cluster, the workers' nodes compute).
+
+    Returns ``{"machine": "x86_64", "cpu_count": 2, "torch_cpu_capability": "AVX2",
+    "cuda_device": None}`` (``cuda_device``: the name of CUDA device 0 when one is visible);
+    ``{"machine": ..., "cpu_count": ...}`` alone when torch is not installed.
+    """
+    out: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        import torch
+    except ImportError:
+        return out
+    out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    out["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return out
+
+
 _SHA_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 repositories
 
 
@@ -491,7 +517,7 @@ def write_manifest(output_dir: str | os.PathLike[str], *, config: Mapping[str, A
     -------
     pathlib.Path
         The manifest's path. Its keys: format, created (UTC, ISO 8601), fingerprint, seed,
-        config, timings, versions, git_revision, host, extra.
+        config, timings, versions, git_revision, host, platform (:func:`compute_platform`), extra.
     """
     out = _local_path(output_dir, "output_dir")
     plain = _plain(config, "")
@@ -509,6 +535,7 @@ def write_manifest(output_dir: str | os.PathLike[str], *, config: Mapping[str, A
         "versions": package_versions(),
         "git_revision": git_revision(),
         "host": platform.node(),
+        "platform": compute_platform(),
         "extra": dict(extra or {}),
     }
     return write_json(out / MANIFEST_NAME, manifest)

@@ -261,6 +261,10 @@ def test_write_manifest(tmp_path: Path, config: dict) -> None:
     assert m["seed"] == 0 and m["timings"] == {"warmup_train_s": 1.5, "total_s": 3.0}
     assert m["versions"]["ray"] == art.package_versions()["ray"]
     assert "git_revision" in m and m["extra"] == {"note": "x"} and m["created"].endswith("+00:00")
+    import torch
+
+    assert m["platform"] == art.compute_platform()
+    assert m["platform"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
     with pytest.raises(TypeError, match="stage names to seconds"):
         art.write_manifest(tmp_path / "run", config=config, seed=0, timings={"total_s": "slow"})
 
