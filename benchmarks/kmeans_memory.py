@@ -20,7 +20,7 @@ penultimate layer is N*K*(C+d)*4 bytes). It writes (once, reused after) a table 
 label-free factors (A a softmax, x~ a ReLU of Gaussians) in the feature-table layout to
 ``--table-dir``, one parquet file per snapshot as Ray Data would write several, and clusters it
 as ``experiment=mnist_adv60 method=rbc`` would (2 shards of 0.25 CPU, 20 random meta ids, budget
-10, max_iter ``--max-iter``); the picks are printed and recorded so runs before and after a change
+``--budget`` (10), max_iter ``--max-iter``); the picks are printed and recorded so runs before and after a change
 of the reader or the shards can be compared::
 
     python -m benchmarks.kmeans_memory --synthetic 200000,5,100,512 --table-dir /tmp/factor_200k \
@@ -141,7 +141,8 @@ def _synthetic(args) -> tuple[Path, dict[str, Any], int, np.ndarray, None]:
     cfg = {"selection": {"method": "rbc", "exclude_frac": s.exclude_frac, "kmeans_init": s.kmeans_init,
                          "kmeans_max_iter": args.max_iter, "kmeans_tol": s.kmeans_tol,
                          "kmeans_sign_align": s.kmeans_sign_align},
-           "ray": {"kmeans_shards": r.kmeans_shards, "kmeans_shard_cpus": r.kmeans_shard_cpus}}
+           "ray": {"kmeans_shards": args.shards or r.kmeans_shards,
+                   "kmeans_shard_cpus": min(r.kmeans_shard_cpus, 2.0 / (args.shards or r.kmeans_shards))}}
     meta = np.sort(np.random.default_rng(1).choice(n, size=20, replace=False)).astype(np.int64)
     return out, cfg, 0, meta, None
 
@@ -178,7 +179,7 @@ def run(args) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         sel = select_pivotal_distributed(
-            str(table), num_shards=r["kmeans_shards"], shard_cpus=r["kmeans_shard_cpus"], budget=10 if want is None else len(want),
+            str(table), num_shards=r["kmeans_shards"], shard_cpus=r["kmeans_shard_cpus"], budget=args.budget if want is None else len(want),
             meta_ids=meta, exclude_frac=s["exclude_frac"], weighted=s["method"] != "rbc_k", init=s["kmeans_init"],
             max_iter=s["kmeans_max_iter"], tol=s["kmeans_tol"], seed=derive_seed(seed, "kmeans", 1),
             sign_align=s["kmeans_sign_align"])
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      help="a random RBC factor table of N samples, K snapshots, C classes, d features")
     p.add_argument("--table-dir", default=None, help="where --synthetic writes (and later reuses) its table")
     p.add_argument("--max-iter", type=int, default=5, help="K-means iterations for --synthetic")
+    p.add_argument("--shards", type=int, default=None,
+                   help="shard actors for --synthetic (default ray.kmeans_shards, 2; CPUs per actor shrink to fit 2)")
+    p.add_argument("--budget", type=int, default=10,
+                   help="picks (= clusters) for --synthetic; the centroids are budget x K*C*d float64")
     args = p.parse_args(argv)
     if args.synthetic and not args.table_dir:
         p.error("--synthetic needs --table-dir (a directory with room for the table)")

@@ -98,15 +98,16 @@ def validate(cfg: ExperimentConfig) -> Any:
     return bundle
 
 
-def feature_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
-    """Bytes of the feature table a round would write and the K-means shard actors hold (0 when
-    the method clusters no features): N samples x K snapshots x one row of float32. A GBC row is
-    R blocks of B = min(largest parameter tensor, features.proj_dim) floats; an RBC row is the
-    factors A (C floats) and x~ (the model's d) side by side."""
+def _clustered_layout(cfg: ExperimentConfig, bundle: Any) -> tuple[str, int, int] | None:
+    """(kind, floats per sample and snapshot in the feature table, D = floats of one centroid)
+    for the features the method clusters, None when it clusters none. A GBC row is R blocks of
+    B = min(largest parameter tensor, features.proj_dim) floats, its centroid K rows; an RBC row
+    is the factors A (C floats) and x~ (the model's d) side by side, its centroid K dense C x d
+    blocks."""
     f = cfg.features
     kind = clustered_feature_kind(cfg.selection.method, f.kind)
     if kind is None:
-        return 0
+        return None
     from .core.models import build_model
 
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
@@ -114,46 +115,90 @@ def feature_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
         from .core.gbc import GBCExtractor
 
         width = GBCExtractor(model=model, cfg=f, seed=cfg.seed).width  # no fit: just the row layout
-    else:
-        width = bundle.num_classes + int(model.feature_dim)
-    return len(bundle.train) * f.num_snapshots * width * 4
+        return kind, width, f.num_snapshots * width
+    C, d = bundle.num_classes, int(model.feature_dim)
+    return kind, C + d, f.num_snapshots * C * d
 
 
-# Memory of K-means (python -m benchmarks.kmeans_memory, 2 shard actors, local Ray; peak above the
-# value before Ray started). The shards hold their rows once: a dense (GBC) shard moves excluded
-# rows behind the active ones in place (core.shards.permute_rows_), and a factor (RBC) shard does
-# the same on the snapshot-major arrays the streaming reader fills (core.featuretable.
-# read_factor_table). The node's used memory (MemTotal - MemAvailable, what Ray's memory monitor
-# acts on) rose 3.6 GiB for Table 1's 1.43 GiB GBC table (proj_dim 256) and 7.9 GiB for the 5.72
-# GiB one (proj_dim 1024): 1.0x the table plus 2.1 GiB; 4.7 and 6.9 GiB for random RBC factor
-# tables of 2.28 and 4.56 GiB (--synthetic, C = 100, d = 512): 1.0x the table plus 2.4 GiB.
-# Before, a dense shard copied its active rows on every exclusion (5.4 and 15.6 GiB), and a
-# factor shard's reader held about four copies of its part at once (11.3 GiB for the 2.28 GiB
-# table). The check counts 1.25x the table plus 4 GiB (docs/performance.md).
+def feature_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
+    """Bytes of the feature table a round would write and the K-means shard actors hold (0 when
+    the method clusters no features): N samples x K snapshots x one row of float32."""
+    lay = _clustered_layout(cfg, bundle)
+    return 0 if lay is None else len(bundle.train) * cfg.features.num_snapshots * lay[1] * 4
+
+
+def centroid_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
+    """Bytes of one (M, D) float64 array of K-means centroids (0 when the method clusters none):
+    M the larger of a round's picks and the meta samples before the last round (the exclusion
+    step's centres), D the length of G_j (K C d for RBC: the factorised rows make dense centroids)."""
+    lay = _clustered_layout(cfg, bundle)
+    if lay is None:
+        return 0
+    sizes = cfg.selection.round_sizes
+    M = max(max(sizes), cfg.selection.budget - sizes[-1])
+    return M * lay[2] * 8
+
+
+# Memory of K-means (python -m benchmarks.kmeans_memory, local Ray; peak above the value before
+# Ray started). The shards hold their rows once: a dense (GBC) shard moves excluded rows behind
+# the active ones in place (core.shards.permute_rows_), and a factor (RBC) shard does the same on
+# the snapshot-major arrays the streaming reader fills (core.featuretable.read_factor_table). The
+# node's used memory (MemTotal - MemAvailable, what Ray's memory monitor acts on) rose 3.6 GiB for
+# Table 1's 1.43 GiB GBC table (proj_dim 256) and 7.9 GiB for the 5.72 GiB one (proj_dim 1024):
+# 1.0x the table plus 2.1 GiB; 4.7 and 6.9 GiB for random RBC factor tables of 2.28 and 4.56 GiB
+# (--synthetic, C = 100, d = 512): 1.0x the table plus 2.4 GiB. Before, a dense shard copied its
+# active rows on every exclusion (5.4 and 15.6 GiB), and a factor shard's reader held about four
+# copies of its part at once (11.3 GiB for the 2.28 GiB table). The check counts 1.25x the table
+# plus 4 GiB (docs/performance.md).
 FEATURE_MEMORY_FACTOR = 1.25
 FEATURE_MEMORY_OVERHEAD = 4 * 2**30
+# The (M, D) float64 centroids, which for RBC with many classes outgrow the table (C = 1000,
+# d = 512, K = 5, 40 picks: 0.76 GiB each, against 0.11 GiB of factors for 4,000 samples): the
+# server's copy, the one it puts in the object store, each shard's float32 operands and float64
+# numerator, the partial sums the shards return, and the object store spilling what exceeds it.
+# Measured on that table (--synthetic 4000,5,1000,512, 3 iterations; docs/performance.md row 9b):
+# node used rose 4.46 GiB (10 picks) and 8.07 GiB (40 picks) with 2 shards, 15.45 GiB with 4
+# (about 5 copies per shard); with the numerator summed in place 8.59 and 13.79 GiB (about 3.4
+# per shard). The check counts 2 + 5 per shard: 6.4, 13.3 and 20.9 GiB at those three points.
+CENTROID_COPIES_BASE = 2
+CENTROID_COPIES_PER_SHARD = 5
 
 
 def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
-    """ConfigError when the feature table (GBC or RBC), held by the K-means shard actors at
-    FEATURE_MEMORY_FACTOR times its size next to FEATURE_MEMORY_OVERHEAD for Ray itself, does not
-    fit in the cluster's memory; names the knobs that shrink it."""
-    need = feature_table_bytes(cfg, bundle)
-    if need and FEATURE_MEMORY_FACTOR * need + FEATURE_MEMORY_OVERHEAD > memory_bytes:
-        f = cfg.features
-        if clustered_feature_kind(cfg.selection.method, f.kind) == "gbc":
-            what = (f"GBC features would take {need / 2**30:.1f} GiB ({len(bundle.train)} samples x "
-                    f"K={f.num_snapshots} snapshots x R={f.num_layers} blocks of up to {f.proj_dim} floats)")
-            fix = "lower features.proj_dim (e.g. 256), features.num_layers or features.num_snapshots, or add nodes"
-        else:
-            what = (f"RBC features would take {need / 2**30:.1f} GiB ({len(bundle.train)} samples x "
-                    f"K={f.num_snapshots} snapshots x {need // (4 * len(bundle.train) * f.num_snapshots)} floats "
-                    f"of factors)")
-            fix = "lower features.num_snapshots, or add nodes"
-        raise ConfigError(
-            f"{what} and K-means needs about {FEATURE_MEMORY_FACTOR:g}x that plus "
-            f"{FEATURE_MEMORY_OVERHEAD / 2**30:.0f} GiB while it reads and holds them, but the Ray cluster has "
-            f"{memory_bytes / 2**30:.1f} GiB: {fix}")
+    """ConfigError when K-means would not fit in the cluster's memory: the feature table (GBC or
+    RBC) held by the shard actors at FEATURE_MEMORY_FACTOR times its size, CENTROID_COPIES_BASE +
+    CENTROID_COPIES_PER_SHARD x ray.kmeans_shards copies of the (M, D) centroids, and
+    FEATURE_MEMORY_OVERHEAD for Ray itself; names the knobs that shrink the larger part."""
+    table = feature_table_bytes(cfg, bundle)
+    if not table:
+        return
+    f, sel, S = cfg.features, cfg.selection, cfg.ray.kmeans_shards
+    copies = CENTROID_COPIES_BASE + CENTROID_COPIES_PER_SHARD * S
+    cent = centroid_bytes(cfg, bundle)
+    held, cents = FEATURE_MEMORY_FACTOR * table, copies * cent
+    need = held + cents + FEATURE_MEMORY_OVERHEAD
+    if need <= memory_bytes:
+        return
+    gib = 2**30
+    kind, row, D = _clustered_layout(cfg, bundle)  # type: ignore[misc]
+    if kind == "gbc":
+        what = (f"GBC features would take {table / gib:.1f} GiB ({len(bundle.train)} samples x K={f.num_snapshots} "
+                f"snapshots x R={f.num_layers} blocks of up to {f.proj_dim} floats)")
+    else:
+        what = (f"RBC features would take {table / gib:.1f} GiB ({len(bundle.train)} samples x K={f.num_snapshots} "
+                f"snapshots x {row} floats of factors)")
+    if cents > held:
+        fix = ("lower selection.per_round (fewer picks, hence centroids, per round), features.num_snapshots or "
+               "ray.kmeans_shards" + (", or features.proj_dim" if kind == "gbc" else "") + ", or add nodes")
+    elif kind == "gbc":
+        fix = "lower features.proj_dim (e.g. 256), features.num_layers or features.num_snapshots, or add nodes"
+    else:
+        fix = "lower features.num_snapshots, or add nodes"
+    raise ConfigError(
+        f"{what}; K-means needs about {need / gib:.1f} GiB: {FEATURE_MEMORY_FACTOR:g}x the table "
+        f"({held / gib:.1f} GiB) while it reads and holds it, {copies} copies of its {cent // (8 * D)} x {D} float64 "
+        f"centroids over {S} shards and the server ({cents / gib:.1f} GiB) and {FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB "
+        f"for Ray, but the Ray cluster has {memory_bytes / gib:.1f} GiB: {fix}")
 
 
 def _check_cluster(cfg: ExperimentConfig, bundle: Any) -> None:

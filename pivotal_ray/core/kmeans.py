@@ -193,11 +193,15 @@ def _init_kmeanspp(shards: ShardSet, *, ids: np.ndarray, n_clusters: int, weight
 # ---- the Lloyd loop -----------------------------------------------------------------------
 
 def _reduce(parts: list[PartialSums]) -> PartialSums:
-    """Sum partial sums in the shard set's fixed order (float64 throughout)."""
-    total = parts[0]
+    """Sum partial sums in the shard set's fixed order (float64 throughout), into one new (M, D)
+    numerator (the parts may be read-only views of Ray's object store): with D = K*C*d for RBC
+    factors the numerators are the largest arrays of a Lloyd step, so no other copy is made."""
+    numer = np.array(parts[0].numer, dtype=np.float64)  # owned, writeable
+    denom, counts, objective = parts[0].denom, parts[0].counts, parts[0].objective
     for p in parts[1:]:
-        total = total + p
-    return total
+        numer += p.numer  # elementwise as parts[0].numer + parts[1].numer + ...: the same floats
+        denom, counts, objective = denom + p.denom, counts + p.counts, objective + p.objective
+    return PartialSums(numer, denom, counts, objective)
 
 
 def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
@@ -248,7 +252,9 @@ def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
         keep = (p.counts > 0) & (p.denom > 0)
         n_dropped += int((~keep).sum())
         sizes = p.counts[keep]
-        C = p.numer[keep] / p.denom[keep, None]  # eq. S2 (weighted) or the mean (plain): (M', D)
+        # eq. S2 (weighted) or the mean (plain): (M', D), in the reduced numerator's memory when
+        # no cluster was lost (the same floats as a new array)
+        C = np.divide(p.numer, p.denom[:, None], out=p.numer) if keep.all() else p.numer[keep] / p.denom[keep, None]
         if len(objective) > 1 and keep.all():
             prev = objective[-2]
             if abs(objective[-1] - prev) <= tol * max(abs(prev), 1e-300):

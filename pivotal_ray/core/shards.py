@@ -255,7 +255,11 @@ class _ShardBase:
         if C.ndim != 2 or C.shape[1] != self._D:
             raise ValueError(f"centroids must be (M, {self._D}); got {C.shape}")
         Ct = torch.as_tensor(C, dtype=torch.float32, device=self.device)  # (M, D)
-        c_sq = torch.as_tensor(C, dtype=torch.float64, device=self.device).square().sum(1)  # (M,)
+        C64 = torch.as_tensor(C, dtype=torch.float64, device=self.device)  # (M, D), no copy on the CPU
+        # ||C_i||^2 a few centroids at a time (squaring all at once is a whole float64 copy)
+        step = max(1, self.chunk_bytes // max(8 * self._D, 1))
+        c_sq = torch.cat([C64[i:i + step].square().sum(1) for i in range(0, C64.shape[0], step)]) \
+            if C64.shape[0] else torch.zeros(0, dtype=torch.float64, device=self.device)  # (M,)
         return _Centroids(int(C.shape[0]), self._prepare(Ct), c_sq)
 
     def _scores(self, sl: slice, cen: _Centroids, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -341,8 +345,12 @@ class _ShardBase:
             sign = torch.ones_like(best)
             if weighted and sign_align:
                 sign = torch.where(inner.gather(1, lab.unsqueeze(1))[:, 0] < 0, -1.0, 1.0).double()
-            numer += self._numerator(sl, lab, sign, M)
+            self._add_numerator(numer, sl, lab, sign)
         return PartialSums(numer.cpu().numpy(), denom.cpu().numpy(), counts.cpu().numpy(), float(objective))
+
+    def _add_numerator(self, numer: torch.Tensor, sl: slice, labels: torch.Tensor, sign: torch.Tensor) -> None:
+        """numer (M, D) += this chunk's ``_numerator`` (subclasses may add in place, no (M, D) temporary)."""
+        numer += self._numerator(sl, labels, sign, numer.shape[0])
 
     def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int) -> Candidates:
         """Per centroid the k most similar active rows, plus the n_best rows closest to their own centroid."""
@@ -452,17 +460,26 @@ class FactorShard(_ShardBase):
         return out
 
     def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
+        num = torch.zeros(M, self._D, dtype=torch.float64, device=self.device)
+        self._add_numerator(num, sl, labels, sign)
+        return num
+
+    def _add_numerator(self, numer: torch.Tensor, sl: slice, labels: torch.Tensor, sign: torch.Tensor) -> None:
+        """numer (M, D) += the chunk's per-cluster sums, cluster by cluster: with D = K*C*d the
+        (M, D) float64 numerator is the largest array of a Lloyd step, so no second one is made.
+        Each cluster's chunk sum is formed first and then added, the floats of adding a whole
+        (M, D) chunk numerator."""
+        M = numer.shape[0]
         order = torch.argsort(labels, stable=True)  # members of each cluster become contiguous
         A = self.A[:, sl][:, order].double() * sign[order].view(1, -1, 1)  # (K, n, C)
         X = self.X[:, sl][:, order].double()  # (K, n, d)
         ends = torch.bincount(labels, minlength=M).cumsum(0).tolist()
-        num = torch.zeros(M, self.K, self.C, self.d, dtype=torch.float64, device=self.device)
+        out = numer.view(M, self.K, self.C, self.d)
         start = 0
         for i, end in enumerate(ends):
             if end > start:  # per snapshot one GEMM A_S^T X_S (spec section 3), in float64
-                num[i] = torch.bmm(A[:, start:end].transpose(1, 2), X[:, start:end])  # (K, C, d)
+                out[i] += torch.bmm(A[:, start:end].transpose(1, 2), X[:, start:end])  # (K, C, d)
             start = end
-        return num.view(M, self._D)
 
     def _dense(self, pos: np.ndarray) -> np.ndarray:
         r = torch.as_tensor(pos, dtype=torch.int64, device=self.A_all.device)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pivotal_ray.config import ConfigError, ExperimentConfig, FeatureConfig, ModelConfig, SelectionConfig
-from pivotal_ray.pipeline import check_feature_memory, feature_table_bytes
+from pivotal_ray.pipeline import centroid_bytes, check_feature_memory, feature_table_bytes
 from pivotal_ray.selectors import clustered_feature_kind
 
 # MNIST as the pipeline sees it: 60,000 training samples, LeNet-5 whose largest tensor is the
@@ -54,9 +54,33 @@ def test_too_large_an_rbc_table_is_refused_with_its_own_fix() -> None:
     cfg = ExperimentConfig(model=ModelConfig(name="resnet50"), selection=SelectionConfig(method="rbc"),
                            features=FeatureConfig(num_snapshots=5))
     assert feature_table_bytes(cfg, imagenet) == 1_281_167 * 5 * 3048 * 4
-    with pytest.raises(ConfigError, match=r"RBC features would take 72\.7 GiB.*lower features\.num_snapshots, or add nodes"):
+    # 4 picks (the default budget 6, warm-up 2): centroids 4 x (5 x 1000 x 2048) float64 = 0.31 GiB,
+    # 12 copies over 2 shards
+    assert centroid_bytes(cfg, imagenet) == 4 * 5 * 1000 * 2048 * 8
+    with pytest.raises(ConfigError, match=r"RBC features would take 72\.7 GiB.*about 98\.6 GiB.*"
+                                          r"lower features\.num_snapshots, or add nodes"):
         check_feature_memory(cfg, imagenet, memory_bytes=64 * GiB)
-    check_feature_memory(cfg, imagenet, memory_bytes=100 * GiB)  # 1.25 x 72.7 + 4 = 94.9 GiB
+    check_feature_memory(cfg, imagenet, memory_bytes=100 * GiB)  # 1.25 x 72.7 + 12 x 0.31 + 4 = 98.6 GiB
+
+
+def test_centroids_of_many_picks_are_counted_and_named() -> None:
+    """RBC centroids are dense K x C x d blocks: 1000 picks in a round on ImageNet-1k's ResNet-50
+    make each copy 76 GiB, which no table-sized cluster holds; the fix names the picks per round.
+    The exclusion step's centres count too: M is the larger of a round's picks and the meta
+    samples before the last round."""
+    imagenet = SimpleNamespace(train=range(1_281_167), num_classes=1000, input_shape=(3, 224, 224))
+    cfg = ExperimentConfig(model=ModelConfig(name="resnet50"), features=FeatureConfig(num_snapshots=5),
+                           selection=SelectionConfig(method="rbc", budget=1100, warmup=100))
+    assert centroid_bytes(cfg, imagenet) == 1000 * 5 * 1000 * 2048 * 8
+    with pytest.raises(ConfigError, match=r"12 copies of its 1000 x 10240000 float64 centroids.*lower selection\.per_round"):
+        check_feature_memory(cfg, imagenet, memory_bytes=512 * GiB)
+    rounds = ExperimentConfig(model=ModelConfig(name="resnet50"), features=FeatureConfig(num_snapshots=5),
+                              selection=SelectionConfig(method="rbc", budget=1100, warmup=100, per_round=100))
+    assert centroid_bytes(rounds, imagenet) == 1000 * 5 * 1000 * 2048 * 8  # 1000 meta samples before round 10
+    small = ExperimentConfig(model=ModelConfig(name="resnet50"), features=FeatureConfig(num_snapshots=5),
+                             selection=SelectionConfig(method="rbc", budget=120, warmup=100, per_round=10))
+    assert centroid_bytes(small, imagenet) == 110 * 5 * 1000 * 2048 * 8
+    assert centroid_bytes(_cfg("random"), MNIST) == 0
 
 
 @pytest.mark.parametrize("method, configured, expected", [
@@ -73,9 +97,10 @@ def test_too_large_a_table_is_refused_with_the_fix() -> None:
 
 
 def test_the_limit_counts_the_table_1_25_times_plus_ray() -> None:
-    """proj_dim 1024 on MNIST (5.7 GiB): 1.25 x 5.7 + 4 = 11.2 GiB, which a 12 GiB node has (on a
+    """proj_dim 1024 on MNIST (5.7 GiB): 1.25 x 5.7 + 4 = 11.2 GiB (the centroids: 12 x 0.8 MB), which a 12 GiB node has (on a
     22 GiB one the node's used memory rose 7.9 GiB, measured by benchmarks.kmeans_memory) and a
     10 GiB one has not."""
     check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=12 * GiB)
-    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 1\.25x that plus 4 GiB.*has 10\.0 GiB"):
+    with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 11\.2 GiB: 1\.25x the table \(7\.2 GiB\).*12 copies of "
+                                          r"its 4 x 25600 float64 centroids over 2 shards.*4 GiB for Ray.*has 10\.0 GiB"):
         check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=10 * GiB)

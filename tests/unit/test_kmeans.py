@@ -435,3 +435,55 @@ def test_dense_shard_excludes_rows_without_copying_them():
     np.testing.assert_array_equal(a.sample_id, b.sample_id)
     np.testing.assert_array_equal(a.centroids, b.centroids)
     np.testing.assert_array_equal(G, ro)  # select_pivotal leaves every row active, in order
+
+
+# ---- the (M, D) centroid sums are made once ------------------------------------------------------
+
+def test_reduce_sums_parts_in_order_without_writing_to_them():
+    """_reduce adds the shards' partial sums into one new numerator: the floats of
+    parts[0] + parts[1] + parts[2] (PartialSums.__add__), read-only parts (Ray's object store)
+    untouched."""
+    from pivotal_ray.core.kmeans import _reduce
+    from pivotal_ray.core.shards import PartialSums
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for s in range(3):
+        numer = rng.standard_normal((4, 50)) * 10.0 ** rng.integers(-3, 4, size=(4, 50))
+        numer.flags.writeable = False
+        parts.append(PartialSums(numer, rng.random(4), rng.integers(0, 9, 4), float(rng.random())))
+    before = [p.numer.copy() for p in parts]
+    got = _reduce(parts)
+    want = parts[0] + parts[1] + parts[2]
+    assert np.array_equal(got.numer, want.numer) and got.numer.flags.writeable
+    np.testing.assert_array_equal(got.denom, want.denom)
+    np.testing.assert_array_equal(got.counts, want.counts)
+    assert got.objective == want.objective
+    for p, b in zip(parts, before):
+        np.testing.assert_array_equal(p.numer, b)
+    assert _reduce(parts[:1]).numer is not parts[0].numer  # one shard: still a writeable copy
+
+
+@pytest.mark.parametrize("signs", ["ones", "mixed"])
+def test_factor_numerator_added_in_place_equals_adding_chunk_numerators(signs):
+    """A factor shard adds each chunk's cluster sums into the (M, D) numerator in place: the same
+    floats as forming the chunk's whole (M, D) numerator and adding it."""
+    F = random_factor(90, K=3, C=4, d=5, seed=11)
+    shard = FactorShard(F)
+    rng = np.random.default_rng(1)
+    labels = torch.as_tensor(rng.integers(0, 6, 90))
+    labels[labels == 4] = 5  # cluster 4 has no members
+    sign = torch.ones(90, dtype=torch.float64)
+    if signs == "mixed":
+        sign[::4] = -1.0
+    chunks = [slice(0, 37), slice(37, 90)]
+    ref = torch.zeros(6, shard.dim(), dtype=torch.float64)
+    got = torch.zeros(6, shard.dim(), dtype=torch.float64)
+    for sl in chunks:
+        ref += shard._numerator(sl, labels[sl], sign[sl], 6)
+        shard._add_numerator(got, sl, labels[sl], sign[sl])
+    assert torch.equal(got, ref)
+    dense = F.dense().astype(np.float64) * sign.numpy()[:, None]
+    want = np.zeros((6, shard.dim()))
+    np.add.at(want, labels.numpy(), dense)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
