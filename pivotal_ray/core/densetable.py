@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .featuretable import (DenseFeatures, FactorFeatures, _column_2d, batch_positions, iter_rows, parquet_files,
+from .featuretable import (DenseFeatures, FactorFeatures, iter_rows, kept_batches, parquet_files,
                            read_factor_table, table_index)
 
 __all__ = ["dense_schema", "dense_columns", "read_dense_table", "table_kind", "read_feature_table",
@@ -115,17 +115,10 @@ def read_dense_table(paths: str | Path | Sequence[str | Path], *,
     ids, K = table_index(files, sample_ids=sample_ids, where=paths)  # (n,) ascending
     n = ids.shape[0]
     out = None
-    for b in iter_rows(files, columns=["sample_id", "snapshot", "g"], sample_ids=ids if sample_ids is not None else None):
-        b_sid, b_snap = b.column(0).to_numpy(), b.column(1).to_numpy()
-        rows = _column_2d(b.column(2))  # (m, W) float32, a view of the batch where Arrow allows
+    for snap, at, (rows,) in kept_batches(files, ids, ["g"], ranged=sample_ids is not None):  # rows (m, W) float32
         if out is None:
             out = np.empty((n * K, rows.shape[1]), dtype=np.float32)
-        at, sel = batch_positions(ids, b_sid)  # sel: rows of kept samples (None: all)
-        pos = at * K + b_snap
-        if sel is None:
-            out[pos] = rows
-        elif sel.any():
-            out[pos[sel]] = rows[sel]
+        out[at * K + snap] = rows
     pa.default_memory_pool().release_unused()  # hand the batches' buffers back to the OS now
     return DenseFeatures(ids, out.reshape(n, K * out.shape[1]))  # (n, K*W)
 

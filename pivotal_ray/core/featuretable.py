@@ -206,13 +206,23 @@ def table_index(files: Sequence[str | Path], *, sample_ids: np.ndarray | None = 
     return sid[::K].copy(), K
 
 
-def batch_positions(ids: np.ndarray, batch_sid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Positions in ``ids`` (ascending) of a batch's sample ids, and the mask of the batch's rows
-    that are in ``ids`` (None: all of them)."""
+def kept_batches(files: Sequence[str | Path], ids: np.ndarray, columns: Sequence[str], *,
+                 ranged: bool) -> Iterator[tuple[np.ndarray, np.ndarray, list[np.ndarray]]]:
+    """Second pass of a streaming read: per batch, (snapshot (m,), position in ``ids`` (m,), the
+    2-D float ``columns`` (m, w) each) of its rows whose sample is in ``ids`` (ascending, from
+    :func:`table_index`); batches with none are skipped. ``ranged``: push the range of ``ids``
+    into the reader (a shard's part of the table). The float columns are views of the batch where
+    Arrow allows, so a caller writes them straight into its output."""
     n = ids.shape[0]
-    at = np.searchsorted(ids, batch_sid)
-    sel = (at < n) & (ids[np.minimum(at, n - 1)] == batch_sid)
-    return at, (None if sel.all() else sel)
+    for b in iter_rows(files, columns=["sample_id", "snapshot", *columns], sample_ids=ids if ranged else None):
+        sid, snap = b.column(0).to_numpy(), b.column(1).to_numpy()
+        cols = [_column_2d(b.column(2 + i)) for i in range(len(columns))]
+        at = np.searchsorted(ids, sid)
+        sel = (at < n) & (ids[np.minimum(at, n - 1)] == sid)  # rows of kept samples
+        if sel.all():
+            yield snap, at, cols
+        elif sel.any():
+            yield snap[sel], at[sel], [c[sel] for c in cols]
 
 
 def read_factor_table(paths: str | Path | Sequence[str | Path], *, sample_ids: Iterable[int] | None = None) -> FactorFeatures:
@@ -235,17 +245,10 @@ def read_factor_table(paths: str | Path | Sequence[str | Path], *, sample_ids: I
     ids, K = table_index(files, sample_ids=sample_ids, where=paths)
     n = ids.shape[0]
     A = X = None
-    for b in iter_rows(files, columns=["sample_id", "snapshot", "A", "x"],
-                       sample_ids=ids if sample_ids is not None else None):
-        at, sel = batch_positions(ids, b.column(0).to_numpy())
-        snap = b.column(1).to_numpy()
-        a, x = _column_2d(b.column(2)), _column_2d(b.column(3))  # (m, C), (m, d): views where Arrow allows
+    for snap, at, (a, x) in kept_batches(files, ids, ["A", "x"], ranged=sample_ids is not None):  # (m, C), (m, d)
         if A is None:
             A = np.empty((K, n, a.shape[1]), dtype=np.float32)
             X = np.empty((K, n, x.shape[1]), dtype=np.float32)
-        if sel is None:
-            A[snap, at], X[snap, at] = a, x
-        elif sel.any():
-            A[snap[sel], at[sel]], X[snap[sel], at[sel]] = a[sel], x[sel]
+        A[snap, at], X[snap, at] = a, x
     pa.default_memory_pool().release_unused()  # hand the batches' buffers back to the OS now
     return FactorFeatures(ids, A.transpose(1, 0, 2), X.transpose(1, 0, 2))
