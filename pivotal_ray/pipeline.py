@@ -120,23 +120,31 @@ def _clustered_layout(cfg: ExperimentConfig, bundle: Any) -> tuple[str, int, int
     return kind, C + d, f.num_snapshots * C * d
 
 
+def _centroid_count(cfg: ExperimentConfig) -> int:
+    """M, the most centres K-means holds at once: the larger of a round's picks and the meta
+    samples before the last round (the exclusion step's centres)."""
+    sizes = cfg.selection.round_sizes
+    return max(max(sizes), cfg.selection.budget - sizes[-1])
+
+
+def _memory_bytes(cfg: ExperimentConfig, bundle: Any, lay: tuple[str, int, int] | None) -> tuple[int, int]:
+    """(feature table, one centroid array) in bytes for ``lay`` = :func:`_clustered_layout`."""
+    if lay is None:
+        return 0, 0
+    return len(bundle.train) * cfg.features.num_snapshots * lay[1] * 4, _centroid_count(cfg) * lay[2] * 8
+
+
 def feature_table_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
     """Bytes of the feature table a round would write and the K-means shard actors hold (0 when
     the method clusters no features): N samples x K snapshots x one row of float32."""
-    lay = _clustered_layout(cfg, bundle)
-    return 0 if lay is None else len(bundle.train) * cfg.features.num_snapshots * lay[1] * 4
+    return _memory_bytes(cfg, bundle, _clustered_layout(cfg, bundle))[0]
 
 
 def centroid_bytes(cfg: ExperimentConfig, bundle: Any) -> int:
     """Bytes of one (M, D) float64 array of K-means centroids (0 when the method clusters none):
-    M the larger of a round's picks and the meta samples before the last round (the exclusion
-    step's centres), D the length of G_j (K C d for RBC: the factorised rows make dense centroids)."""
-    lay = _clustered_layout(cfg, bundle)
-    if lay is None:
-        return 0
-    sizes = cfg.selection.round_sizes
-    M = max(max(sizes), cfg.selection.budget - sizes[-1])
-    return M * lay[2] * 8
+    M from :func:`_centroid_count`, D the length of G_j (K C d for RBC: the factorised rows make
+    dense centroids)."""
+    return _memory_bytes(cfg, bundle, _clustered_layout(cfg, bundle))[1]
 
 
 # Memory of K-means (python -m benchmarks.kmeans_memory, local Ray; peak above the value before
@@ -169,18 +177,18 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
     RBC) held by the shard actors at FEATURE_MEMORY_FACTOR times its size, CENTROID_COPIES_BASE +
     CENTROID_COPIES_PER_SHARD x ray.kmeans_shards copies of the (M, D) centroids, and
     FEATURE_MEMORY_OVERHEAD for Ray itself; names the knobs that shrink the larger part."""
-    table = feature_table_bytes(cfg, bundle)
-    if not table:
+    lay = _clustered_layout(cfg, bundle)  # builds the model once
+    if lay is None:
         return
-    f, sel, S = cfg.features, cfg.selection, cfg.ray.kmeans_shards
+    kind, row, D = lay
+    table, cent = _memory_bytes(cfg, bundle, lay)
+    f, S = cfg.features, cfg.ray.kmeans_shards
     copies = CENTROID_COPIES_BASE + CENTROID_COPIES_PER_SHARD * S
-    cent = centroid_bytes(cfg, bundle)
     held, cents = FEATURE_MEMORY_FACTOR * table, copies * cent
     need = held + cents + FEATURE_MEMORY_OVERHEAD
     if need <= memory_bytes:
         return
     gib = 2**30
-    kind, row, D = _clustered_layout(cfg, bundle)  # type: ignore[misc]
     if kind == "gbc":
         what = (f"GBC features would take {table / gib:.1f} GiB ({len(bundle.train)} samples x K={f.num_snapshots} "
                 f"snapshots x R={f.num_layers} blocks of up to {f.proj_dim} floats)")
@@ -196,7 +204,7 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
         fix = "lower features.num_snapshots, or add nodes"
     raise ConfigError(
         f"{what}; K-means needs about {need / gib:.1f} GiB: {FEATURE_MEMORY_FACTOR:g}x the table "
-        f"({held / gib:.1f} GiB) while it reads and holds it, {copies} copies of its {cent // (8 * D)} x {D} float64 "
+        f"({held / gib:.1f} GiB) while it reads and holds it, {copies} copies of its {_centroid_count(cfg)} x {D} float64 "
         f"centroids over {S} shards and the server ({cents / gib:.1f} GiB) and {FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB "
         f"for Ray, but the Ray cluster has {memory_bytes / gib:.1f} GiB: {fix}")
 
