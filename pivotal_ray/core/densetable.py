@@ -69,15 +69,9 @@ def dense_columns(sample_id: np.ndarray, snapshot: int, epoch: int, G: np.ndarra
     }
 
 
-def _files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    return parquet_files(paths) if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-
-
 def table_kind(paths: str | Path | Sequence[str | Path]) -> str:
     """``"dense"`` (a ``g`` column) or ``"factor"`` (``A`` and ``x`` columns), from the first file's schema."""
-    files = _files(paths)
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {paths}: run the feature extraction stage first")
+    files = parquet_files(paths)
     names = set(pq.read_schema(files[0]).names)
     if "g" in names:
         return "dense"
@@ -102,9 +96,7 @@ def read_dense_table(paths: str | Path | Sequence[str | Path], *,
         sample_id (n,) int64 ascending; G (n, K*W) float32 = the K snapshot blocks side by side,
         so ``G_i . G_j`` is the sum over snapshots of the block inner products.
     """
-    files = _files(paths)
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {paths}: run the feature extraction stage first")
+    files = parquet_files(paths)
     if sample_ids is not None:
         sample_ids = np.fromiter(sample_ids, dtype=np.int64)
     # Two streaming passes (featuretable.iter_rows: the shard's id range pushed into the reader):
@@ -129,9 +121,7 @@ def table_sample_ids(paths: str | Path | Sequence[str | Path]) -> np.ndarray:
     Reads only the ``sample_id`` column, batch by batch, so a caller can choose rows and then read
     just those with ``read_feature_table(paths, sample_ids=...)``.
     """
-    files = _files(paths)
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {paths}: run the feature extraction stage first")
+    files = parquet_files(paths)
     parts = [np.unique(b.column(0).to_numpy()) for b in iter_rows(files, columns=["sample_id"])]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 

@@ -168,11 +168,16 @@ def iter_rows(files: Sequence[str | Path], *, columns: Sequence[str] | None = No
         yield from _scanner(files, columns=columns, sample_ids=sample_ids).to_batches()
 
 
-def parquet_files(path: str | Path) -> list[Path]:
-    path = Path(path)
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+def parquet_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The parquet files of a feature table: every ``*.parquet`` under a directory (sorted), the
+    file itself, or the given list of files. FileNotFoundError when there are none."""
+    if isinstance(paths, (str, Path)):
+        path = Path(paths)
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    else:
+        files = [Path(p) for p in paths]
     if not files:
-        raise FileNotFoundError(f"no parquet files under {path}: run the feature extraction stage first")
+        raise FileNotFoundError(f"no parquet files under {paths}: run the feature extraction stage first")
     return files
 
 
@@ -236,10 +241,7 @@ def read_factor_table(paths: str | Path | Sequence[str | Path], *, sample_ids: I
     and (K, n, d), and returned as (n, K, C) / (n, K, d) views of it: the layout FactorShard
     computes in, which it then takes as it is instead of copying the factors once more.
     """
-    if isinstance(paths, (str, Path)):
-        files = parquet_files(paths)
-    else:
-        files = [Path(p) for p in paths]
+    files = parquet_files(paths)
     if sample_ids is not None:
         sample_ids = np.fromiter(sample_ids, dtype=np.int64)
     ids, K = table_index(files, sample_ids=sample_ids, where=paths)
