@@ -120,10 +120,15 @@ class MWNetReweighter:
         return next(self.net.parameters()).dtype
 
     def _match(self, like: torch.Tensor) -> None:
-        # Module.to keeps the Parameter objects, so the optimizer still holds them
+        # Module.to keeps the Parameter objects, so the optimizer still holds them; its state
+        # (Adam's moments, e.g. just restored from a checkpoint onto the CPU in float32) is cast
+        # to the parameters' new device and dtype by a round trip through load_state_dict, which
+        # treats each optimizer's own entries (Adam's step count) as torch does
         p = next(self.net.parameters())
         if p.device != like.device or p.dtype != like.dtype:
             self.net.to(device=like.device, dtype=like.dtype)
+            if self.opt.state:
+                self.opt.load_state_dict(self.opt.state_dict())
 
     def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              w: torch.Tensor, x_meta: torch.Tensor, y_meta: torch.Tensor, lr: float, global_batch: int,

@@ -124,6 +124,29 @@ def test_mwnet_state_round_trip_restores_net_and_optimizer():
     assert not torch.allclose(o3.weights, o1.weights)  # without the moments the step differs
 
 
+def test_mwnet_resumes_onto_a_model_of_another_dtype():
+    """train.py resumes by building a fresh reweighter (net in float32 on the CPU) and loading the
+    checkpoint, then steps on the model's device and dtype (float64 here, a GPU on clusters): the
+    Adam moments must follow the net there, and the resumed step must equal the uninterrupted one."""
+    torch.manual_seed(4)
+    x, y, xm, ym = _problem(5)  # float64
+    model = TinyNet().double()
+    kw = dict(x=x, y=y, w=torch.ones(12, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.1, global_batch=12,
+              reducer=LocalReducer())
+    rw = build_reweighter("mwnet", meta_lr=1e-2, seed=5)  # Adam
+    rw.step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+    buf = io.BytesIO()
+    torch.save(rw.state_dict(), buf)
+    resumed = build_reweighter("mwnet", meta_lr=1e-2, seed=5)
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    o1 = rw.step(model=m1, optimizer=torch.optim.SGD(m1.parameters(), lr=0.1), **kw)
+    o2 = resumed.step(model=m2, optimizer=torch.optim.SGD(m2.parameters(), lr=0.1), **kw)
+    torch.testing.assert_close(o2.weights, o1.weights)
+    p = next(resumed.net.parameters())
+    assert p.dtype == torch.float64 and resumed.opt.state[p]["exp_avg"].dtype == torch.float64
+
+
 def test_mwnet_seed_fixes_the_initial_net():
     a, b, c = (build_reweighter("mwnet", meta_lr=1e-3, seed=s) for s in (1, 1, 2))
     assert all(torch.equal(p, q) for p, q in zip(a.net.parameters(), b.net.parameters()))
