@@ -172,11 +172,44 @@ CENTROID_COPIES_BASE = 2
 CENTROID_COPIES_PER_SHARD = 5
 
 
+def craig_bytes(cfg: ExperimentConfig, bundle: Any) -> tuple[int, int]:
+    """(one snapshot's RBC factors, the N x m float32 similarity block) in bytes that ``craig``
+    holds in the driver (m = CRAIG_COVERAGE coverage points, at most N); (0, 0) for other methods."""
+    if cfg.selection.method != "craig":
+        return 0, 0
+    from .core.models import build_model
+    from .selectors import CRAIG_COVERAGE
+
+    n = len(bundle.train)
+    d = int(build_model(cfg.model, bundle.num_classes, bundle.input_shape).feature_dim)
+    return n * (bundle.num_classes + d) * 4, n * min(CRAIG_COVERAGE, n) * 4
+
+
+def _check_craig_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
+    table, sim = craig_bytes(cfg, bundle)
+    need = FEATURE_MEMORY_FACTOR * table + sim + FEATURE_MEMORY_OVERHEAD
+    if need <= memory_bytes:
+        return
+    gib = 2**30
+    raise ConfigError(
+        f"craig holds one snapshot's RBC factors ({table / gib:.1f} GiB: {len(bundle.train)} samples x "
+        f"{table // (4 * len(bundle.train))} floats) and a {len(bundle.train)} x {sim // (4 * len(bundle.train))} "
+        f"similarity block ({sim / gib:.1f} GiB) in the driver, about {need / gib:.1f} GiB with Ray's "
+        f"{FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB, but the Ray cluster has {memory_bytes / gib:.1f} GiB: run the "
+        "driver on a node with more memory, or choose a clustering method (method=rbc shards its table over "
+        "ray.kmeans_shards actors)")
+
+
 def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
     """ConfigError when K-means would not fit in the cluster's memory: the feature table (GBC or
     RBC) held by the shard actors at FEATURE_MEMORY_FACTOR times its size, CENTROID_COPIES_BASE +
     CENTROID_COPIES_PER_SHARD x ray.kmeans_shards copies of the (M, D) centroids, and
-    FEATURE_MEMORY_OVERHEAD for Ray itself; names the knobs that shrink the larger part."""
+    FEATURE_MEMORY_OVERHEAD for Ray itself; names the knobs that shrink the larger part. For
+    ``craig``, which clusters nothing: its factors and similarity block in the driver
+    (:func:`craig_bytes`)."""
+    if cfg.selection.method == "craig":
+        _check_craig_memory(cfg, bundle, memory_bytes)
+        return
     lay = _clustered_layout(cfg, bundle)  # builds the model once
     if lay is None:
         return

@@ -194,22 +194,28 @@ def _sq_norms(f: FactorFeatures | DenseFeatures) -> np.ndarray:
 
 
 def craig_similarity(coverage: FactorFeatures | DenseFeatures, candidates: FactorFeatures | DenseFeatures, *,
-                     chunk: int = 4096) -> tuple[np.ndarray, float]:
+                     rows: np.ndarray | None = None, chunk: int = 4096) -> tuple[np.ndarray, float]:
     """``sim(v, u) = C_max - ||G_v - G_u||`` for candidates v and coverage points u.
 
     ``C_max`` is the largest distance in the block, so ``sim >= 0`` and F is monotone submodular
     (CRAIG's "constant larger than every distance"). Distances come from inner products,
     ``||G_v||^2 + ||G_u||^2 - 2 <G_v, G_u>`` (clamped at 0), candidates in chunks.
 
+    Parameters
+    ----------
+    rows : the candidates' rows of ``candidates``, in output order (default: all rows); taken one
+        chunk at a time, so the features are never copied whole
+
     Returns
     -------
     sim : (n_candidates, n_coverage) float32, candidate-major so a gain is one contiguous row
     C_max : float
     """
+    rows = np.arange(len(candidates)) if rows is None else np.asarray(rows, dtype=np.int64)
     sq_u = _sq_norms(coverage)  # (m,)
-    dist = np.empty((len(candidates), len(coverage)), dtype=np.float32)
-    for s in range(0, len(candidates), chunk):
-        part = candidates.take(np.arange(s, min(s + chunk, len(candidates))))
+    dist = np.empty((rows.size, len(coverage)), dtype=np.float32)
+    for s in range(0, rows.size, chunk):
+        part = candidates.take(rows[s:s + chunk])
         d2 = _sq_norms(part)[:, None] + sq_u[None, :] - 2.0 * _rows_inner(part, coverage)  # (c, m)
         dist[s:s + len(part)] = np.sqrt(np.maximum(d2, 0.0))
     c_max = float(dist.max()) if dist.size else 0.0
@@ -308,8 +314,8 @@ def select_craig(features: FactorFeatures | DenseFeatures, *, k: int, meta_ids: 
     m = min(int(coverage_size), cand_rows.size)
     cov_rows = np.sort(numpy_rng(seed, "craig", "coverage").choice(cand_rows, size=m, replace=False))
     cov = features.take(cov_rows)
-    both = features.take(np.concatenate([cand_rows, np.flatnonzero(is_meta)]))  # candidates, then meta
-    sim_all, c_max = craig_similarity(cov, both)  # one C_max for candidates and meta: sim >= 0 for all
+    both = np.concatenate([cand_rows, np.flatnonzero(is_meta)])  # candidates, then meta
+    sim_all, c_max = craig_similarity(cov, features, rows=both)  # one C_max for candidates and meta: sim >= 0
     sim = sim_all[:cand_rows.size]  # (n_cand, m)
     cover = sim_all[cand_rows.size:].max(0) if is_meta.any() else None  # (m,)
     picks, gains = facility_location_greedy(sim, k=k, cover=cover)

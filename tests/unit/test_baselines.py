@@ -155,6 +155,10 @@ def test_craig_similarity_matches_dense_distances() -> None:
     np.testing.assert_allclose(sim, dist.max() - dist, atol=1e-4)
     dsim, _ = craig_similarity(DenseFeatures(cov.sample_id, cov.dense()), DenseFeatures(cand.sample_id, G))
     np.testing.assert_allclose(dsim, sim, atol=1e-4)
+    rows = np.array([9, 0, 5, 5, 2])  # any rows, in their order, chunk by chunk: no copy of the features
+    rsim, r_max = craig_similarity(cov, cand, rows=rows, chunk=2)
+    np.testing.assert_allclose(rsim, dist[rows].max() - dist[rows], atol=1e-4)
+    assert r_max == pytest.approx(dist[rows].max(), rel=1e-5)
 
 
 def test_select_craig_picks() -> None:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from pivotal_ray.config import ConfigError, ExperimentConfig, FeatureConfig, ModelConfig, SelectionConfig
-from pivotal_ray.pipeline import centroid_bytes, check_feature_memory, feature_table_bytes
+from pivotal_ray.pipeline import centroid_bytes, check_feature_memory, craig_bytes, feature_table_bytes
 from pivotal_ray.selectors import clustered_feature_kind
 
 # MNIST as the pipeline sees it: 60,000 training samples, LeNet-5 whose largest tensor is the
@@ -31,10 +31,27 @@ def test_table_size_is_samples_snapshots_blocks_floats() -> None:
     assert feature_table_bytes(_cfg(proj_dim=10**6), MNIST) == 60000 * 5 * 5 * 48000 * 4
 
 
-@pytest.mark.parametrize("method, kind", [("random", "rbc"), ("craig", "gbc"), ("base", "gbc"), ("finetune", "gbc")])
+@pytest.mark.parametrize("method, kind", [("random", "rbc"), ("base", "gbc"), ("finetune", "gbc")])
 def test_no_table_for_methods_that_cluster_none(method, kind) -> None:
     assert feature_table_bytes(_cfg(method, kind=kind), MNIST) == 0
+    assert craig_bytes(_cfg(method, kind=kind), MNIST) == (0, 0)
     check_feature_memory(_cfg(method, kind=kind), MNIST, memory_bytes=0.0)
+
+
+def test_craig_counts_its_factors_and_similarity_block_in_the_driver() -> None:
+    """craig clusters nothing (no K-means table) but holds one snapshot's RBC factors (N x (C + d))
+    and an N x 1024 float32 similarity block: 22.6 MB and 245.8 MB on MNIST, 14.5 and 4.9 GiB for
+    ImageNet-1k with a ResNet-50, where 1.25 x 14.5 + 4.9 + 4 = 27.1 GiB is asked for."""
+    assert feature_table_bytes(_cfg("craig", kind="gbc"), MNIST) == 0
+    assert craig_bytes(_cfg("craig", kind="gbc"), MNIST) == (60000 * (10 + 84) * 4, 60000 * 1024 * 4)
+    check_feature_memory(_cfg("craig"), MNIST, memory_bytes=5 * GiB)
+    imagenet = SimpleNamespace(train=range(1_281_167), num_classes=1000, input_shape=(3, 224, 224))
+    cfg = ExperimentConfig(model=ModelConfig(name="resnet50"), selection=SelectionConfig(method="craig"))
+    assert craig_bytes(cfg, imagenet) == (1_281_167 * 3048 * 4, 1_281_167 * 1024 * 4)
+    with pytest.raises(ConfigError, match=r"craig holds one snapshot's RBC factors \(14\.5 GiB.*1281167 x 1024 "
+                                          r"similarity block \(4\.9 GiB\).*about 27\.1 GiB.*has 16\.0 GiB: run the driver"):
+        check_feature_memory(cfg, imagenet, memory_bytes=16 * GiB)
+    check_feature_memory(cfg, imagenet, memory_bytes=28 * GiB)
 
 
 @pytest.mark.parametrize("method, kind", [("rbc", "rbc"), ("rbc_k", "gbc")])  # rbc_k always clusters RBC
