@@ -35,7 +35,7 @@ from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 from pivotal_ray.core.registry import Registry
 from pivotal_ray.core.seeding import numpy_rng
 from pivotal_ray.core.shards import (SHARD_OPS, Candidates, DenseShard, FactorShard, PartialSums, Shard,
-                                     make_shard, top_by_score)
+                                     F64_REL_ERR, make_shard, top_by_score)
 
 __all__ = ["ShardSet", "LocalShardSet", "as_shard_set", "KMeansResult", "Selection", "INITS", "n_excluded",
            "weighted_kmeans", "assign", "select_pivotal", "FactorShard", "DenseShard", "make_shard"]
@@ -286,23 +286,83 @@ def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int) -> np.nd
         return np.zeros(0, dtype=np.int64)
     centers = _unit(_dense_rows(shards, meta_ids, what="meta sample ids"))  # (m, D)
     ids = np.concatenate(shards.call("sample_ids"))
-    sim = np.concatenate(shards.call("max_similarity", centers=centers))
+    sim = np.concatenate(shards.call("max_similarity", centers=centers))  # float64 GEMMs
+    if n_exclude < ids.size:
+        # GEMM scores are off by at most e = F64_REL_ERR (unit centers), in digits that depend on
+        # the shard split. Rows more than 2e above the cut are excluded in exact arithmetic too,
+        # rows more than 2e below it are not; the rows within 2e of it (ties, mostly) fill the
+        # remaining places by scores computed from each row alone, so the split cannot move a
+        # row across the cut
+        e2 = 2.0 * F64_REL_ERR
+        cut = np.partition(sim, ids.size - n_exclude)[ids.size - n_exclude]
+        above, band = np.flatnonzero(sim > cut + e2), np.flatnonzero(np.abs(sim - cut) <= e2)
+        if band.size <= EXACT_BAND_MAX:
+            exact = np.zeros(band.size)
+            step = max(1, 2**26 // (8 * centers.shape[1]))  # 64 MiB of rows at a time
+            for s in range(0, band.size, step):
+                G = _dense_rows(shards, ids[band[s:s + step]], what="candidate ids")  # (b', D)
+                norm = np.linalg.norm(G, axis=1)
+                cos = np.stack([np.abs((G * c).sum(1)) for c in centers], 1)  # (b', m), row by row
+                exact[s:s + step] = np.divide(cos.max(1), norm, out=np.zeros(len(G)), where=norm > 0)
+            rest = band[top_by_score(exact[None], ids[band], n_exclude - above.size)[0]]
+            return np.sort(ids[np.concatenate([above, rest])])
     return np.sort(ids[top_by_score(sim[None], ids, n_exclude)[0]])
 
 
-def _merge(cands: list[Candidates], *, k: int, n_best: int) -> Candidates:
-    """Shard candidates -> the global ones (same orders as on one shard)."""
-    ids = np.concatenate([c.ids for c in cands], axis=1)
+def _near_ties(scores: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """(R, L) bool: entries of descending rows (R, L) within margin (R,) of a row neighbour."""
+    close = -np.diff(scores, axis=1) <= margin[:, None]  # (R, L-1): entries t and t+1 tie
+    out = np.zeros(scores.shape, dtype=bool)
+    out[:, :-1] |= close
+    out[:, 1:] |= close
+    return out
+
+
+def _exact(shards: ShardSet, ids: np.ndarray, centroids: np.ndarray, *, weighted: bool) -> np.ndarray:
+    """Scores of rows ids (q,) to centroids (q, D), each computed from its row alone: (q,)."""
+    out = np.full(ids.shape[0], np.nan)
+    for pos, score in shards.call("exact_scores", sample_ids=ids, centroids=centroids, weighted=weighted):
+        out[pos] = score
+    if np.isnan(out).any():
+        raise RuntimeError(f"no shard holds the rows {ids[np.isnan(out)][:5].tolist()}; this is a bug")
+    return out
+
+
+def _merge(shards: ShardSet, cands: list[Candidates], *, k: int, n_best: int, centroids: np.ndarray,
+           weighted: bool) -> Candidates:
+    """Shard candidates -> the global ones: top k per centroid, top n_best overall.
+
+    Entries within twice the scan error of a neighbour (near-ties, in practice exact ties)
+    are scored again from their rows alone (``Shard.exact_scores``) before the cut, so neither
+    the order nor the cut depends on how the rows are split into shards and chunks.
+    """
+    ids = np.concatenate([c.ids for c in cands], axis=1)  # (M, L)
     sc = np.concatenate([c.scores for c in cands], axis=1)
-    top = top_by_score(sc, ids, k)
+    err = np.max([c.err for c in cands], axis=0) if ids.shape[0] else np.zeros(0)  # (M,)
+    order = top_by_score(sc, ids, ids.shape[1])
+    ids, sc = np.take_along_axis(ids, order, 1), np.take_along_axis(sc, order, 1)
     b_ids = np.concatenate([c.best_ids for c in cands])
     b_sc = np.concatenate([c.best_scores for c in cands])
     b_cl = np.concatenate([c.best_cluster for c in cands])
+    b_err = max(c.best_err for c in cands)
+    bo = top_by_score(b_sc[None], b_ids, b_ids.size)[0]
+    b_ids, b_sc, b_cl = b_ids[bo], b_sc[bo], b_cl[bo]
+    tied = _near_ties(sc, 2.0 * err) if ids.size else np.zeros(ids.shape, dtype=bool)
+    b_tied = _near_ties(b_sc[None], np.array([2.0 * b_err]))[0] & (b_cl >= 0)
+    if tied.any() or b_tied.any():
+        rows, _ = np.nonzero(tied)
+        q_ids = np.concatenate([ids[tied], b_ids[b_tied]])
+        q_cen = np.asarray(centroids)[np.concatenate([rows, b_cl[b_tied]])]  # (q, D)
+        exact = _exact(shards, q_ids, q_cen, weighted=weighted)
+        sc, b_sc = sc.copy(), b_sc.copy()
+        sc[tied], b_sc[b_tied] = exact[:rows.size], exact[rows.size:]
+    top = top_by_score(sc, ids, k)
     bt = top_by_score(b_sc[None], b_ids, n_best)[0]
     return Candidates(np.take_along_axis(ids, top, 1), np.take_along_axis(sc, top, 1),
-                      b_ids[bt], b_sc[bt], b_cl[bt])
+                      b_ids[bt], b_sc[bt], b_cl[bt], err, b_err)
 
 
+EXACT_BAND_MAX = 4096  # most rows near the exclusion cut rescored exactly (more: the scan's order)
 TIE_RTOL = 1e-9  # pick scores this close count as tied; the smaller sample_id wins
 
 
@@ -397,8 +457,9 @@ def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.nda
                              max_iter=max_iter, tol=tol, seed=seed, sign_align=sign_align)
         M = km.centroids.shape[0]
         # top-M per centroid suffices: centroid i loses at most i < M candidates to earlier ones
-        cands = _merge(shards.call("top_candidates", centroids=km.centroids, weighted=weighted,
-                                   k=M, n_best=budget), k=M, n_best=budget)
+        cands = _merge(shards, shards.call("top_candidates", centroids=km.centroids, weighted=weighted,
+                                           k=M, n_best=budget),
+                       k=M, n_best=budget, centroids=km.centroids, weighted=weighted)
         ids, cl, sc = _picks(cands, budget)
     finally:  # leave the shards as they came: every row active
         shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))

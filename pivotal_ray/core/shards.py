@@ -15,8 +15,14 @@ the per-cluster sum of rows):
   ``sum_{j in S} G_j`` is, per snapshot, one GEMM ``A_S^T X_S``. ``G`` is never formed.
 - :class:`DenseShard` holds any ``(n, D)`` matrix.
 
-Inner products are computed in float32 (the GEMMs), every reduction (sums over rows, norms,
-objective) in float64. Rows are processed in chunks that bound the GEMM output to
+Inner products of the Lloyd steps and seeding are computed in float32 (the GEMMs), every
+reduction (sums over rows, norms, objective) in float64. The selection scans that run once per
+round (exclusion, top candidates) use float64 GEMMs and rank rows near a cut or a tie again by
+scores computed from each row alone, so their result does not depend on how rows are split into
+shards and chunks. The float32 Lloyd steps can: a row whose two best centroids are within
+float32 error of each other (~1e-7 relative) may be assigned differently under another split,
+which changes the centroids and possibly the picks (never seen on 30 random seeds of realistic
+features; it needs near-exact ties). Rows are processed in chunks that bound the GEMM output to
 ``chunk_bytes``. A shard never copies its rows: excluding rows reorders them in place
 (:func:`permute_rows_`), so it holds its table once.
 """
@@ -33,7 +39,7 @@ from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 
 # the methods a shard set may call remotely (see pivotal_ray.distributed.kmeans.ShardActor)
 SHARD_OPS = ("count", "dim", "sample_ids", "set_active", "dense_rows", "seed_scores",
-             "max_similarity", "assign", "assign_sums", "top_candidates")
+             "max_similarity", "assign", "assign_sums", "top_candidates", "exact_scores")
 
 
 @dataclass
@@ -60,10 +66,11 @@ class PartialSums:
 class Candidates:
     """One shard's best rows for the picks (higher score = more similar).
 
-    ids, scores (M, k): the shard's k best rows per centroid, sorted by (-score, sample_id);
-    best_ids, best_scores, best_cluster (b,): the shard's b best rows by score to their assigned
-    centroid (for topping up the budget). Score: S1 ``|<G_j, C_i>| / ||G_j||`` when weighted,
-    ``-||G_j - C_i||^2`` for plain K-means.
+    ids, scores (M, L): per centroid the shard's k best rows and any within twice the scores'
+    error of the k-th (L >= k), sorted by (-score, sample_id); best_ids, best_scores,
+    best_cluster (b,): likewise the rows closest to their assigned centroid (for topping up
+    the budget). Score: S1 ``|<G_j, C_i>| / ||G_j||`` when weighted, ``-||G_j - C_i||^2`` for
+    plain K-means. err (M,), best_err: bounds on the scores' error (see ``top_candidates``).
     """
 
     ids: np.ndarray
@@ -71,6 +78,8 @@ class Candidates:
     best_ids: np.ndarray
     best_scores: np.ndarray
     best_cluster: np.ndarray
+    err: np.ndarray
+    best_err: float
 
 
 @runtime_checkable
@@ -91,6 +100,8 @@ class Shard(Protocol):
     def assign(self, *, centroids: np.ndarray, weighted: bool) -> tuple[np.ndarray, np.ndarray]: ...
     def assign_sums(self, *, centroids: np.ndarray, weighted: bool, sign_align: bool = True) -> PartialSums: ...
     def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int) -> Candidates: ...
+    def exact_scores(self, *, sample_ids: np.ndarray, centroids: np.ndarray,
+                     weighted: bool) -> tuple[np.ndarray, np.ndarray]: ...  # (positions, scores)
 
 
 def top_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
@@ -102,6 +113,29 @@ def top_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     ids = np.broadcast_to(ids, scores.shape)
     order = np.lexsort((ids, -scores), axis=-1)  # last key is primary
     return order[:, :k]
+
+
+# Selection scans (top candidates, exclusion) run their GEMMs in float64, whose error is at most
+# about D u ||G|| ||C|| (u = 1.1e-16; |G|_ce = |A_c| |x~_e| bounds the factorised sums the same
+# way): F64_REL_ERR covers D <= 9e5 in the worst case and far more in practice (~u sqrt(D)).
+F64_REL_ERR = 1e-10
+
+
+def _shortlist(scores: np.ndarray, ids: np.ndarray, k: int, margin: np.ndarray) -> np.ndarray:
+    """Column indices of each row's shortlist, ordered by (-score, sample_id): (R, L) int64.
+
+    scores (R, n) approximate, ids (n,) or (R, n), margin (R,) >= 0. Row r keeps its k best and
+    every entry within ``margin[r]`` of its k-th best score; L is the largest such count over the
+    rows (rows with fewer keep extra entries in order), at most ``2k + 64`` and n.
+    """
+    order = top_by_score(scores, ids, scores.shape[1])  # (R, n)
+    n = order.shape[1]
+    if n <= k:
+        return order
+    srt = np.take_along_axis(scores, order, 1)  # (R, n), descending
+    within = srt >= (srt[:, k - 1] - margin)[:, None]  # a prefix of each row
+    L = min(int(within.sum(1).max()), 2 * k + 64, n)
+    return order[:, :max(L, k)]
 
 
 def permute_rows_(a: np.ndarray | torch.Tensor, src: np.ndarray, *, chunk_bytes: int = 64 * 2**20) -> None:
@@ -199,7 +233,7 @@ class _ShardBase:
     # ---- primitives (subclasses) ---------------------------------------------------------
     # _row_arrays() -> the 2-D arrays whose rows are the samples (in their current order)
     # _view(n_active): point the chunked primitives at the first n_active rows of each
-    # _prepare(C (M, D) float32) -> the layout _inner wants (once per call, not per chunk)
+    # _prepare(C (M, D) float32 or float64) -> the layout _inner wants (once per call, not per chunk)
     # _inner(sl, W) -> (n, M) float64: <G_j, C_i> for a slice of active rows
     # _numerator(sl, labels, sign, M) -> (M, D) float64: sum of sign_j G_j per label
     # _dense(pos) -> (r, D) float64: G_j for a few rows (current positions)
@@ -246,15 +280,16 @@ class _ShardBase:
         rows = np.flatnonzero(np.isin(self.sample_id, np.asarray(sample_ids, dtype=np.int64)))
         return self.sample_id[rows], self._dense(self._pos[rows])
 
-    def _chunks(self, M: int) -> Iterator[slice]:
-        step = max(1, self.chunk_bytes // (4 * self._row_width(M)))
+    def _chunks(self, M: int, *, f64: bool = False) -> Iterator[slice]:
+        step = max(1, self.chunk_bytes // ((8 if f64 else 4) * self._row_width(M)))
         return (slice(s, min(s + step, self.count())) for s in range(0, self.count(), step))
 
-    def _centroids(self, centroids: np.ndarray) -> _Centroids:
+    def _centroids(self, centroids: np.ndarray, *, f64: bool = False) -> _Centroids:
+        """f64: the GEMM operands in float64 (selection scans), else float32 (Lloyd steps)."""
         C = np.asarray(centroids)
         if C.ndim != 2 or C.shape[1] != self._D:
             raise ValueError(f"centroids must be (M, {self._D}); got {C.shape}")
-        Ct = torch.as_tensor(C, dtype=torch.float32, device=self.device)  # (M, D)
+        Ct = torch.as_tensor(C, dtype=torch.float64 if f64 else torch.float32, device=self.device)  # (M, D)
         C64 = torch.as_tensor(C, dtype=torch.float64, device=self.device)  # (M, D), no copy on the CPU
         # ||C_i||^2 a few centroids at a time (squaring all at once is a whole float64 copy)
         step = max(1, self.chunk_bytes // max(8 * self._D, 1))
@@ -297,13 +332,14 @@ class _ShardBase:
     def max_similarity(self, *, centers: np.ndarray) -> np.ndarray:
         """max_i of S1 ``|<G_j, c_i>| / ||G_j||`` over centers (m, D) for the active rows: (n,) float64.
 
-        With unit-norm centers this is the largest ``|cos(G_j, c_i)|`` (the exclusion step).
+        With unit-norm centers this is the largest ``|cos(G_j, c_i)|`` (the exclusion step). The
+        GEMMs run in float64 (once per round): error at most ``F64_REL_ERR ||c_i||``.
         """
-        cen = self._centroids(centers)
+        cen = self._centroids(centers, f64=True)
         if cen.M == 0:
             return np.zeros(self.count(), dtype=np.float64)
         out = [torch.zeros(0, dtype=torch.float64, device=self.device)]
-        out += [self._scores(sl, cen, True)[0].amax(1) for sl in self._chunks(cen.M)]
+        out += [self._scores(sl, cen, True)[0].amax(1) for sl in self._chunks(cen.M, f64=True)]
         return torch.cat(out).cpu().numpy()
 
     def assign(self, *, centroids: np.ndarray, weighted: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -353,48 +389,73 @@ class _ShardBase:
         numer += self._numerator(sl, labels, sign, numer.shape[0])
 
     def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int) -> Candidates:
-        """Per centroid the k most similar active rows, plus the n_best rows closest to their own centroid."""
-        cen = self._centroids(centroids)
+        """Per centroid the k most similar active rows, plus the n_best rows closest to their own centroid.
+
+        The scan scores rows with float64 GEMMs, off by at most ``err`` (``F64_REL_ERR`` times
+        the scores' scale) in digits that depend on the GEMM's shape, i.e. on how rows are split
+        into shards and chunks. So each shortlist also keeps every row within ``2 err`` of its
+        k-th (n_best-th) score: the caller (``kmeans._merge``) scores near-ties again from each
+        row alone (:meth:`exact_scores`), so the picks do not depend on the split even for exact
+        ties, such as the two members of a 2-sample cluster, equidistant from their mean. A
+        shortlist is capped at ``2k + 64`` rows (many exact duplicates within the margin); past
+        the cap rows are kept by (scan score, smaller sample_id).
+        """
+        cen = self._centroids(centroids, f64=True)
         M = cen.M
+        c_norm = np.sqrt(cen.c_sq.cpu().numpy())  # (M,)
         ids, scores = np.zeros((M, 0), dtype=np.int64), np.zeros((M, 0), dtype=np.float64)
         b_ids, b_scores = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
         b_cluster = np.zeros(0, dtype=np.int64)
-        for sl in self._chunks(M):
+        g_max = 0.0  # largest ||G_j|| seen so far (plain K-means errors grow with it)
+        err = np.zeros(M)  # error bound of the scan scores per centroid
+        for sl in self._chunks(M, f64=True):
             rid = self._ids[sl]  # (n,)
             if M:
                 sim, gain, _ = self._scores(sl, cen, weighted)  # (n, M)
+                g_max = max(g_max, float(self._norm[sl].max()) if rid.shape[0] else 0.0)
+                # S1 divides the inner product's error by ||G_j||; plain ||G||^2 - 2<G, C> +
+                # ||C||^2 sums terms up to (||G|| + ||C||)^2
+                err = F64_REL_ERR * (c_norm if weighted else (g_max + c_norm) ** 2)  # (M,)
                 lab = gain.argmax(1)
                 own = sim.gather(1, lab.unsqueeze(1))[:, 0].cpu().numpy()
                 lab = lab.cpu().numpy()
-                # running top-k per centroid: merge the kept (M, k) with this chunk's (M, n)
+                # running shortlist per centroid: merge the kept (M, L) with this chunk's (M, n)
                 s_all = np.concatenate([scores, sim.T.cpu().numpy()], axis=1)
                 i_all = np.concatenate([ids, np.broadcast_to(rid, (M, rid.shape[0]))], axis=1)
-                top = top_by_score(s_all, i_all, k)
+                top = _shortlist(s_all, i_all, k, 2.0 * err)
                 ids, scores = np.take_along_axis(i_all, top, 1), np.take_along_axis(s_all, top, 1)
             else:  # every cluster vanished: no centroid to be close to
                 own, lab = np.zeros(rid.shape[0]), np.full(rid.shape[0], -1, dtype=np.int64)
             s_all, i_all = np.concatenate([b_scores, own]), np.concatenate([b_ids, rid])
-            top = top_by_score(s_all[None], i_all, n_best)[0]
+            top = _shortlist(s_all[None], i_all, n_best, np.array([2.0 * err.max(initial=0.0)]))[0]
             b_ids, b_scores = i_all[top], s_all[top]
             b_cluster = np.concatenate([b_cluster, lab])[top]
-        # the shortlists get exact float64 scores from the rows themselves: float32 GEMM error
-        # (and ||G||^2 - 2<G,C> + ||C||^2 cancellation) must not decide near-ties, e.g. the two
-        # members of a 2-sample cluster, equidistant from their mean
-        C64 = np.asarray(centroids, dtype=np.float64)
-        for i in range(M):
-            scores[i] = self._exact_scores(ids[i], C64[i], weighted)
-        b_scores = self._exact_scores(b_ids, C64[b_cluster], weighted) if M else b_scores
-        top, b_top = top_by_score(scores, ids, k), top_by_score(b_scores[None], b_ids, n_best)[0]
-        return Candidates(np.take_along_axis(ids, top, 1), np.take_along_axis(scores, top, 1),
-                          b_ids[b_top], b_scores[b_top], b_cluster[b_top])
+        return Candidates(ids, scores, b_ids, b_scores, b_cluster, err, float(err.max(initial=0.0)))
+
+    def exact_scores(self, *, sample_ids: np.ndarray, centroids: np.ndarray,
+                     weighted: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of query rows to query centroids, computed from each row alone (dense float64,
+        no GEMM: the same floats whatever the split), for the queries whose row (active or not)
+        this shard holds. sample_ids (q,) (may repeat), centroids (q, D) -> (positions (r,) into
+        the query, scores (r,))."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        mine = np.flatnonzero(np.isin(sample_ids, self.sample_id))
+        return mine, self._exact_scores(sample_ids[mine], np.asarray(centroids)[mine], weighted)
 
     def _exact_scores(self, ids: np.ndarray, C: np.ndarray, weighted: bool) -> np.ndarray:
-        """Scores of rows ``ids`` (r,) to centroid(s) C ((D,) or (r, D)) from dense float64 rows: (r,)."""
-        G = self._dense(self._pos[self._order[np.searchsorted(self.sample_id[self._order], ids)]])  # (r, D)
-        if weighted:  # S1
-            norm = np.linalg.norm(G, axis=1)
-            return np.divide(np.abs((G * C).sum(1)), norm, out=np.zeros(len(G)), where=norm > 0)
-        return -np.square(G - C).sum(1)
+        """Scores of rows ``ids`` (r,) to centroids C (r, D) from dense float64 rows, a chunk of
+        rows at a time: (r,). Each score is a sum along one row, the same floats whatever r."""
+        pos = self._pos[self._order[np.searchsorted(self.sample_id[self._order], ids)]]
+        out = np.zeros(len(ids), dtype=np.float64)
+        step = max(1, self.chunk_bytes // max(8 * self._D, 1))
+        for s in range(0, len(ids), step):
+            G, Cs = self._dense(pos[s:s + step]), C[s:s + step]  # (r', D) each
+            if weighted:  # S1
+                norm = np.linalg.norm(G, axis=1)
+                out[s:s + step] = np.divide(np.abs((G * Cs).sum(1)), norm, out=np.zeros(len(G)), where=norm > 0)
+            else:
+                out[s:s + step] = -np.square(G - Cs).sum(1)
+        return out
 
 
 class FactorShard(_ShardBase):
@@ -454,9 +515,10 @@ class FactorShard(_ShardBase):
         n = sl.stop - sl.start
         out = torch.zeros(n, M, dtype=torch.float64, device=self.device)  # (n, M)
         for k in range(self.K):
-            Y = (self.X[k, sl] @ W[k]).view(n, M, self.C)  # one GEMM (n, d) @ (d, M*C) -> (n, M, C)
+            dt = W[k].dtype  # float32 (Lloyd steps) or float64 (selection scans)
+            Y = (self.X[k, sl].to(dt) @ W[k]).view(n, M, self.C)  # one GEMM (n, d) @ (d, M*C) -> (n, M, C)
             # contraction with A: <G_jk, C_ik> = A_jk^T (C_ik x~_jk) (spec section 3)
-            out += torch.bmm(Y, self.A[k, sl].unsqueeze(2))[:, :, 0].double()
+            out += torch.bmm(Y, self.A[k, sl].to(dt).unsqueeze(2))[:, :, 0].double()
         return out
 
     def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
@@ -541,7 +603,7 @@ class DenseShard(_ShardBase):
         return C.T.contiguous()  # (D, M)
 
     def _inner(self, sl: slice, W: torch.Tensor) -> torch.Tensor:
-        return (self.G[sl] @ W).double()  # (n, D) @ (D, M) -> (n, M)
+        return (self.G[sl].to(W.dtype) @ W).double()  # (n, D) @ (D, M) -> (n, M), float32 or float64
 
     def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
         num = torch.zeros(M, self._D, dtype=torch.float64, device=self.device)

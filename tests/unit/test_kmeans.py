@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 from pivotal_ray.core.kmeans import (INITS, DenseShard, FactorShard, LocalShardSet, assign, n_excluded, select_pivotal,
                                      weighted_kmeans)
+from pivotal_ray.core.kmeans import _exclude, _merge
 from pivotal_ray.core.shards import _permute_rows_striped, permute_rows_
 
 
@@ -487,3 +488,75 @@ def test_factor_numerator_added_in_place_equals_adding_chunk_numerators(signs):
     want = np.zeros((6, shard.dim()))
     np.add.at(want, labels.numpy(), dense)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---- selection scans do not depend on the shard split ---------------------------------------
+
+def near_parallel(n: int, D: int, *, seed: int, offset: float = 0.0) -> tuple[DenseFeatures, np.ndarray]:
+    """Rows v + 1e-4 noise (+ offset): their scores against v differ only in the 8th digit, below
+    float32 GEMM error, so a float32 scan ranks them by rounding. Returns (features, v)."""
+    rng = np.random.default_rng(seed)
+    v = rng.random(D) + offset
+    G = (v + 1e-4 * rng.standard_normal((n, D))).astype(np.float32)
+    ids = np.sort(rng.choice(100 * n, size=n, replace=False)).astype(np.int64)
+    return DenseFeatures(ids, G), v
+
+
+def exact_top(G: np.ndarray, ids: np.ndarray, C: np.ndarray, k: int, weighted: bool) -> np.ndarray:
+    G = G.astype(np.float64)
+    s = np.abs(G @ C) / np.linalg.norm(G, axis=1) if weighted else -np.square(G - C).sum(1)
+    return ids[np.lexsort((ids, -s))[:k]]
+
+
+def splits(F: DenseFeatures):
+    """One shard, one shard in small chunks, 3 and 7 shards: built one split at a time, as a
+    shard reorders the rows it holds (F's own for the first two) while some are excluded."""
+    yield [DenseShard(F)]
+    yield [DenseShard(F, chunk_bytes=4096)]
+    yield [DenseShard(f, chunk_bytes=8192) for f in F.take(np.arange(len(F))).split(3)]
+    yield [DenseShard(f) for f in F.take(np.arange(len(F))).split(7)]
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_top_candidates_are_the_exact_ones_under_every_split(weighted):
+    F, v = near_parallel(600, 300, seed=3, offset=0.0 if weighted else 50.0)
+    C = np.stack([v, v[::-1]])  # (2, D)
+    ref = [exact_top(F.G, F.sample_id, c, 5, weighted) for c in C]
+    for shards in splits(F):
+        ss = LocalShardSet(shards)
+        got = _merge(ss, ss.call("top_candidates", centroids=C, weighted=weighted, k=5, n_best=4),
+                     k=5, n_best=4, centroids=C, weighted=weighted)
+        for i in range(2):
+            np.testing.assert_array_equal(got.ids[i], ref[i])
+
+
+def test_exclusion_is_exact_under_every_split():
+    F, v = near_parallel(500, 300, seed=5)
+    meta = F.sample_id[[7]]
+    cand = F.sample_id[np.arange(len(F)) != 7]
+    g, m = F.G[np.arange(len(F)) != 7].astype(np.float64), F.G[7].astype(np.float64)
+    cos = np.abs(g @ m) / (np.linalg.norm(g, axis=1) * np.linalg.norm(m))
+    ref = np.sort(cand[np.lexsort((cand, -cos))[:123]])
+    for shards in splits(F):
+        ss = LocalShardSet(shards)
+        ss.call("set_active", exclude_ids=meta)
+        got = _exclude(ss, meta_ids=meta, n_exclude=123)
+        ss.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))  # F's rows back in order
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_equidistant_rows_tie_to_the_smaller_id_under_every_split():
+    # centroid i is the midpoint of rows a_i, b_i: both are exactly equally far from it, but
+    # ||G||^2 - 2<G, C> + ||C||^2 rounds differently for each; the tie must go to the smaller id
+    rng = np.random.default_rng(11)
+    F = DenseFeatures(np.arange(400, dtype=np.int64) * 3, rng.standard_normal((400, 64)).astype(np.float32))
+    pairs = rng.choice(400, size=(20, 2), replace=False)  # (M, 2) row indices, 40 distinct rows
+    G = F.G.astype(np.float64)
+    C = (G[pairs[:, 0]] + G[pairs[:, 1]]) / 2.0  # (20, 64), exact in float64
+    want = F.sample_id[pairs].min(1)
+    for shards in splits(F):
+        ss = LocalShardSet(shards)
+        got = _merge(ss, ss.call("top_candidates", centroids=C, weighted=False, k=2, n_best=1),
+                     k=2, n_best=1, centroids=C, weighted=False)
+        np.testing.assert_array_equal(got.ids[:, 0], want)
+        np.testing.assert_array_equal(got.scores[:, 0], got.scores[:, 1])  # the tie, exactly
