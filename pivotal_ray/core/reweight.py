@@ -16,7 +16,11 @@ Steps 1 and 6 share one forward graph (two backward passes over it). BatchNorm r
 are updated by the real forward only: the virtual/meta and JVP passes run on copies of the buffers.
 
 Data parallel: each worker passes its own slice of the global batch and a ``Reducer`` that sums
-over workers; the result equals the single-process algorithm on the union batch.
+over workers; the result equals the single-process algorithm on the union batch for a model
+without BatchNorm. With BatchNorm each worker normalises its slice by that slice's statistics
+and updates its own running statistics (as DDP without SyncBatchNorm), so W workers are close
+to, not equal to, one process; :func:`average_buffers_` makes the running statistics agree
+across workers before a model is evaluated or saved.
 
 Modes (``REWEIGHTERS``): ``direct`` (above), ``l2rw`` (Ren et al. 2018), ``mwnet`` (Shu et al.
 2019, :mod:`pivotal_ray.core.mwnet`) and ``none`` (plain training with fixed weights, no meta
@@ -99,6 +103,23 @@ def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[i : i + t.numel()].view_as(t))
         i += t.numel()
     return out
+
+
+def average_buffers_(model: nn.Module, reducer: Reducer) -> None:
+    """Replace every floating-point buffer (BatchNorm running mean/var) by its mean over workers.
+
+    Parameters agree across workers after every step, but running statistics are updated from
+    each worker's own slice; averaging them makes every worker hold the same model, so the
+    accuracy summed over workers' evaluation shards is the accuracy of the model rank 0 saves.
+    Integer buffers (``num_batches_tracked``) already agree. No-op in one process.
+    """
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if reducer.world_size == 1 or not bufs:
+        return
+    flat = reducer.sum_(_flat([b.detach() for b in bufs]).double()) / reducer.world_size
+    with torch.no_grad():
+        for b, v in zip(bufs, _unflat(flat, bufs)):
+            b.copy_(v)
 
 
 def _buffer_copies(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,10 @@
 Every worker rebuilds the same data bundle and model from plain dicts, walks the same seeded
 global batch order, and takes its contiguous slice of each global batch; the re-weighting step
 all-reduces ``g``/``v`` and all-gathers the updated weights, so W workers compute what one
-process computes on the union batch (spec section 2, "Data parallel").
+process computes on the union batch (spec section 2, "Data parallel") -- exactly so for a model
+without BatchNorm; with BatchNorm each worker's batch statistics come from its own slice (as DDP
+without SyncBatchNorm), and the running statistics are averaged across workers at the end of
+every epoch, before the evaluation and the checkpoint.
 
 Each checkpoint (every ``snapshot_every`` epochs, and the last) is a snapshot: ``model.pt``,
 ``train_state.pt`` (optimizer, scheduler, per-sample weights, epoch) and ``metrics.json``.
@@ -29,7 +32,7 @@ import torch
 
 from ..core.data import build_data
 from ..core.models import build_model
-from ..core.reweight import LocalReducer, TorchDistReducer, build_reweighter
+from ..core.reweight import LocalReducer, TorchDistReducer, average_buffers_, build_reweighter
 from ..core.seeding import derive_seed, numpy_rng, torch_generator
 from .. import storage
 
@@ -155,6 +158,9 @@ def train_loop(config: dict[str, Any]) -> None:
             total_loss += out.loss
         sched.step()
         total_loss = float(reducer.sum_(torch.tensor([total_loss], dtype=torch.float64, device=device))[0])
+        # BatchNorm running statistics come from each worker's own slices: average them, so the
+        # workers evaluate (each its shard of val/test) the one model rank 0 saves
+        average_buffers_(model, reducer)
         val_acc = _evaluate(model, bundle.val, val_pos, device, 2048, reducer)
         test_acc = _evaluate(model, bundle.test, test_pos, device, 2048, reducer)
         metrics = {"epoch": epoch, "val_acc": val_acc, "test_acc": test_acc,

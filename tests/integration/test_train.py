@@ -70,3 +70,39 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(one_worker):
     assert again.snapshots == resumed.snapshots
     best = max(again.extra["history"], key=lambda h: (h["val_acc"], -h["epoch"]))
     assert again.best_epoch == best["epoch"] and np.isfinite(again.final_test_acc)
+
+
+def test_two_workers_with_batchnorm_average_running_stats_and_report_the_saved_model(ray_session, tmp_path):
+    # With BatchNorm each worker's running statistics come from its own slice of the batch; they
+    # are averaged before evaluation, so the workers hold (and evaluate) the model rank 0 saves.
+    # lr ~ 0 and one global batch of the whole training split: the first BatchNorm's input does
+    # not depend on any normalisation, so its averaged running mean is that of one process on
+    # the union batch (rank 0's own would be its slice's).
+    import warnings
+
+    from pivotal_ray.core.models import build_model
+    from tests.unit.test_data import _write_cifar
+
+    _write_cifar(tmp_path / "data", hundred=False, n_train=8, n_test=120)
+    data, noise = {"name": "cifar10", "root": str(tmp_path / "data")}, {"kind": "none"}
+    model = to_dict(ModelConfig(name="resnet18_cifar"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic pickles fail torchvision's md5 check
+        bundle = build_data(data, noise, 0)
+    n = len(bundle.train)
+    rw = to_dict(ReweightConfig(epochs=1, batch_size=n, lr=1e-12, momentum=0.9, meta_lr=10.0, augment=False))
+    run = run_training(name="bn2", storage_path=str(tmp_path / "runs"), data=data, noise=noise, model=model,
+                       reweight=rw, seed=0, meta_ids=bundle.train.sample_id[:4],
+                       meta_labels=bundle.train.y_true[:4], num_workers=2, cpus_per_worker=0.5)
+    saved = torch.load(Path(run.snapshots[-1]["path"]) / "model.pt", weights_only=True)
+    net = build_model(model, bundle.num_classes, bundle.input_shape)
+    net.load_state_dict(saved)
+    with torch.no_grad():
+        pred = net.eval()(bundle.test.inputs(np.arange(len(bundle.test)))).argmax(1).numpy()
+    assert run.snapshots[-1]["test_acc"] == float((pred == bundle.test.y_true).mean())
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.reset_running_stats()
+    with torch.no_grad():
+        net.train()(bundle.train.inputs(np.arange(n)))  # one process, the union batch
+    name = next(k for k, m in net.named_modules() if m is bn)
+    torch.testing.assert_close(saved[f"{name}.running_mean"], bn.running_mean, rtol=1e-4, atol=1e-6)

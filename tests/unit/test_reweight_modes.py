@@ -235,3 +235,40 @@ def test_none_mode_is_plain_sgd_and_keeps_the_weights():
     torch.testing.assert_close(dict(model.named_buffers())["body.1.running_mean"],
                                dict(ref_model.named_buffers())["body.1.running_mean"])
     assert rw.state_dict() == {}
+
+
+def test_average_buffers_makes_workers_hold_the_same_batchnorm_model():
+    from pivotal_ray.core.reweight import average_buffers_
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    workers = [copy.deepcopy(base) for _ in range(2)]
+    for r, m in enumerate(workers):  # each worker's running statistics from its own data
+        m.train()(torch.randn(8, 3) * (r + 1) + r)
+    want = {k: (workers[0].state_dict()[k].double() + workers[1].state_dict()[k].double()) / 2
+            for k in ("1.running_mean", "1.running_var")}
+    assert not torch.equal(workers[0][1].running_mean, workers[1][1].running_mean)
+    reducer, errors = ThreadReducer(2), []
+
+    def work(rank: int) -> None:
+        try:
+            average_buffers_(workers[rank], ThreadReducer.bind(reducer, rank))
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+            reducer._barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for m in workers:
+        for k, v in want.items():
+            torch.testing.assert_close(m.state_dict()[k], v.float())
+        assert int(m[1].num_batches_tracked) == 1  # integer buffers untouched
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(workers[0].eval()(x), workers[1].eval()(x))
+    before = copy.deepcopy(base.state_dict())
+    average_buffers_(base, LocalReducer())  # one process: nothing changes
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
