@@ -179,6 +179,24 @@ class ThreadReducer:
     def gather(self, t, sizes):  # pragma: no cover - not used by the step
         raise NotImplementedError
 
+    def run(self, work) -> None:
+        """Call ``work(rank, reducer_bound_to_rank)`` on every rank, one thread each; re-raise."""
+        errors: list[BaseException] = []
+
+        def one(rank: int) -> None:
+            try:
+                work(rank, self.bind(rank))
+            except BaseException as err:  # surfaced below
+                errors.append(err)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
 
 def test_mwnet_two_workers_equal_one_process_on_the_union_batch():
     torch.manual_seed(4)
@@ -188,27 +206,16 @@ def test_mwnet_two_workers_equal_one_process_on_the_union_batch():
     single_rw.step(model=single, optimizer=torch.optim.SGD(single.parameters(), lr=0.2), x=x, y=y,
                    w=torch.ones(12, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.2, global_batch=12,
                    reducer=LocalReducer())
-    reducer = ThreadReducer(2)
     workers = [(copy.deepcopy(model), _mwnet(seed=3)) for _ in range(2)]
-    errors: list[BaseException] = []
 
-    def work(rank: int) -> None:
-        try:
-            m, rw = workers[rank]
-            sl = slice(0, 5) if rank == 0 else slice(5, 12)  # unequal shares on purpose
-            rw.step(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.2), x=x[sl], y=y[sl],
-                    w=torch.ones(sl.stop - sl.start, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.2,
-                    global_batch=12, reducer=ThreadReducer.bind(reducer, rank))
-        except BaseException as err:  # surfaced below
-            errors.append(err)
-            reducer._barrier.abort()
+    def work(rank: int, reducer: ThreadReducer) -> None:
+        m, rw = workers[rank]
+        sl = slice(0, 5) if rank == 0 else slice(5, 12)  # unequal shares on purpose
+        rw.step(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.2), x=x[sl], y=y[sl],
+                w=torch.ones(sl.stop - sl.start, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.2,
+                global_batch=12, reducer=reducer)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    ThreadReducer(2).run(work)
     for m, rw in workers:
         for p, q in zip(single_rw.net.parameters(), rw.net.parameters()):
             torch.testing.assert_close(q, p)
@@ -248,21 +255,7 @@ def test_average_buffers_makes_workers_hold_the_same_batchnorm_model():
     want = {k: (workers[0].state_dict()[k].double() + workers[1].state_dict()[k].double()) / 2
             for k in ("1.running_mean", "1.running_var")}
     assert not torch.equal(workers[0][1].running_mean, workers[1][1].running_mean)
-    reducer, errors = ThreadReducer(2), []
-
-    def work(rank: int) -> None:
-        try:
-            average_buffers_(workers[rank], ThreadReducer.bind(reducer, rank))
-        except BaseException as err:  # surfaced below
-            errors.append(err)
-            reducer._barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    ThreadReducer(2).run(lambda rank, reducer: average_buffers_(workers[rank], reducer))
     for m in workers:
         for k, v in want.items():
             torch.testing.assert_close(m.state_dict()[k], v.float())
