@@ -215,6 +215,10 @@ class RayConfig:
     kmeans_shard_cpus: float = 0.25
     storage_path: str | None = None  # Ray Train storage; default <output_dir>/ray_train
     log_to_driver: bool = False  # true: actors' stdout (per-epoch progress, Ray Train chatter) in the driver / `ray job logs`
+    # true on a cluster that adds nodes on demand (cluster/cluster.yaml, cluster/rayjob.yaml):
+    # the pre-flight checks of CPUs, GPUs and memory against what the cluster has *now* are
+    # skipped (it may start with a CPU-less head and no workers); Ray waits for the autoscaler
+    autoscaling: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")

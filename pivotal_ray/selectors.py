@@ -132,7 +132,7 @@ def _clustering(weighted: bool, kind: str | None = None) -> Selector:
             path, num_shards=r["kmeans_shards"], shard_cpus=r["kmeans_shard_cpus"], budget=k,
             meta_ids=ctx.meta_ids, exclude_frac=s["exclude_frac"], weighted=weighted, init=s["kmeans_init"],
             max_iter=s["kmeans_max_iter"], tol=s["kmeans_tol"], seed=derive_seed(ctx.seed, "kmeans", ctx.round),
-            sign_align=s["kmeans_sign_align"])
+            sign_align=s["kmeans_sign_align"], autoscaling=r["autoscaling"])
         ctx.timings["kmeans_s"] = time.perf_counter() - t0
         if sel.centroids is not None:  # for plots (the paper's Figure 4); float64 (n_clusters, D), no pickle
             np.save(ctx.work_dir / f"centroids_{kind or ctx.cfg['features']['kind']}.npy",

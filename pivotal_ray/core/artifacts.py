@@ -80,6 +80,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "ray.extract_gpus",
     "ray.kmeans_shard_cpus",
     "ray.log_to_driver",
+    "ray.autoscaling",
 )
 
 # Versions recorded in every manifest: distribution name -> manifest key.

@@ -18,7 +18,6 @@ Example (inside a Ray session; the parquet layout is :mod:`pivotal_ray.core.feat
 
 from __future__ import annotations
 
-import os
 
 import time
 from pathlib import Path
@@ -136,7 +135,7 @@ def _parquet_sources(path: str | Path, num_shards: int) -> list[dict[str, Any]]:
 
 def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, num_shards: int,
                        shard_cpus: float = 0.25, device: str = "cpu",
-                       chunk_bytes: int = 64 * 2**20) -> list[Any]:
+                       chunk_bytes: int = 64 * 2**20, autoscaling: bool = False) -> list[Any]:
     """Start ``num_shards`` ShardActors over contiguous sample_id ranges of ``source``.
 
     Parameters
@@ -146,11 +145,13 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     num_shards : int, >= 1.
     shard_cpus : float
         Ray CPUs per actor (fractional so shards can share a core with other stages).
+    autoscaling : bool
+        The cluster adds nodes on demand: do not refuse more CPUs than it has now.
     """
     if num_shards < 1 or shard_cpus <= 0:
         raise ValueError(f"num_shards={num_shards} must be >= 1 and shard_cpus={shard_cpus} > 0")
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    if num_shards * shard_cpus > cpus and os.environ.get("PIVOTAL_AUTOSCALING", "0") != "1":
+    if num_shards * shard_cpus > cpus and not autoscaling:
         raise ValueError(f"{num_shards} shards x {shard_cpus} CPUs exceed the cluster's {cpus} CPUs: "
                          "lower ray.kmeans_shards or ray.kmeans_shard_cpus")
     if isinstance(source, (FactorFeatures, DenseFeatures)):
@@ -182,14 +183,14 @@ def select_pivotal_distributed(features_or_parquet_path: FactorFeatures | DenseF
                                budget: int, meta_ids: Sequence[int] | np.ndarray, exclude_frac: float,
                                weighted: bool = True, init: str = "kmeans++", max_iter: int = 200,
                                tol: float = 1e-6, seed: int, sign_align: bool = True,
-                               device: str = "cpu") -> Selection:
+                               device: str = "cpu", autoscaling: bool = False) -> Selection:
     """:func:`pivotal_ray.core.kmeans.select_pivotal` on ``num_shards`` shard actors + a parameter server.
 
     Needs a running Ray session. The actors are killed at the end, whatever happens.
     Returns the same :class:`Selection` as the in-memory run for the same seed and data.
     """
     actors = start_shard_actors(features_or_parquet_path, num_shards=num_shards, shard_cpus=shard_cpus,
-                                device=device)
+                                device=device, autoscaling=autoscaling)
     try:
         return select_on_actors(actors, server_cpus=server_cpus, budget=budget, meta_ids=np.asarray(meta_ids),
                                 exclude_frac=exclude_frac, weighted=weighted, init=init, max_iter=max_iter,

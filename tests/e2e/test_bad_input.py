@@ -107,7 +107,6 @@ def test_data_root_without_data_and_download_off(out, tripwires):
 
 
 def test_more_workers_than_the_cluster_has(out, ray_session, monkeypatch):
-    monkeypatch.delenv("PIVOTAL_AUTOSCALING", raising=False)
     monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
     cpus = ray_session.cluster_resources().get("CPU", 0)
     assert cpus < 64
@@ -198,8 +197,16 @@ def test_output_dir_that_is_a_storage_uri(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())  # not turned into a local ./s3:/bucket/run
 
 
+def test_autoscaling_skips_the_checks_against_the_resources_present_now(out, ray_session, monkeypatch):
+    # ray.autoscaling=true (configs/ray/gpu_cluster.yaml): the cluster grows on demand, so asking
+    # for more than it has now is not an error; the run gets as far as training
+    monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
+    with pytest.raises(WorkStarted):
+        _run("ray.num_workers=64", "ray.kmeans_shards=64", "ray.kmeans_shard_cpus=1", "ray.autoscaling=true",
+             f"output_dir={out}")
+
+
 def test_more_kmeans_shards_than_the_cluster_has(out, ray_session, monkeypatch):
-    monkeypatch.delenv("PIVOTAL_AUTOSCALING", raising=False)
     monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
     with pytest.raises(ConfigError, match=r"ray.kmeans_shards=64 x ray.kmeans_shard_cpus=.* needs") as err:
         _run("ray.kmeans_shards=64", "ray.kmeans_shard_cpus=1", f"output_dir={out}")
@@ -208,7 +215,6 @@ def test_more_kmeans_shards_than_the_cluster_has(out, ray_session, monkeypatch):
 
 
 def test_gpu_extraction_on_a_cluster_without_gpus(out, ray_session, monkeypatch):
-    monkeypatch.delenv("PIVOTAL_AUTOSCALING", raising=False)
     monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
     assert not ray_session.cluster_resources().get("GPU", 0)
     with pytest.raises(ConfigError, match=r"ray.extract_gpus=1(\.0)? but the cluster has no GPU: set ray.extract_gpus=0"):

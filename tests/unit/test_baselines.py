@@ -277,7 +277,7 @@ def test_rbc_k_selector_runs_plain_kmeans_on_rbc_features(toy_ctx, monkeypatch) 
     feats = _write_rbc_table(toy_ctx, "features_rbc")
     seen = {}
 
-    def local(path, *, num_shards, shard_cpus, **kw):  # the in-memory run of the same algorithm
+    def local(path, *, num_shards, shard_cpus, autoscaling, **kw):  # the in-memory run of the same algorithm
         seen.update(path=path, **kw)
         return select_pivotal(read_factor_table(path), **kw)
 
