@@ -205,9 +205,17 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
             num_gpus=num_gpus,
         )
         ds.write_parquet(str(tmp))
-        rows = sum(pq.read_metadata(f).num_rows for f in parquet_files(tmp))
+        try:
+            rows = sum(pq.read_metadata(f).num_rows for f in parquet_files(tmp))
+        except FileNotFoundError:  # nothing under tmp that this (the driver's) node can see
+            rows = 0
         if rows != len(snaps) * ids.size:  # never commit a table that lost or duplicated blocks
-            raise RuntimeError(f"feature extraction wrote {rows} rows, expected {len(snaps)} x {ids.size}")
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+            hint = (f"; the cluster has {nodes} nodes and Ray Data's write tasks may run on any of them: "
+                    f"put output_dir on storage every node mounts at the same path (NFS/EFS, the RayJob's "
+                    f"/mnt/shared), not on a disk of one node ({final.parent})") if nodes > 1 else ""
+            raise RuntimeError(f"feature extraction wrote {rows} rows visible here, expected "
+                               f"{len(snaps)} x {ids.size}{hint}")
         cfg = _build(FeatureConfig, feature_spec, "feature_spec")
         (tmp / "features.json").write_text(json.dumps({
             "kind": cfg.kind, "label_aware": cfg.label_aware, "snapshots": snaps, "num_samples": int(ids.size),

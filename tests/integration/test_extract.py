@@ -122,3 +122,21 @@ def test_failures_leave_no_table(ray_session, tmp_path, bundle, snapshots) -> No
     target.mkdir()
     with pytest.raises(FileExistsError, match="overwrite=True"):
         extract_features(snapshots=snapshots, sample_ids=ids, **common)
+
+
+def test_a_table_the_driver_cannot_see_names_shared_storage(ray_session, tmp_path, bundle, snapshots,
+                                                            monkeypatch) -> None:
+    # On a cluster of several nodes whose output_dir is a per-node disk, the write tasks leave the
+    # files on the workers: the driver sees none of them (simulated here) and says what to fix
+    import pivotal_ray.distributed.extract as extract
+
+    def nothing_here(path):
+        raise FileNotFoundError(f"no parquet files in {path}")
+
+    monkeypatch.setattr(extract, "parquet_files", nothing_here)
+    monkeypatch.setattr(extract.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    with pytest.raises(RuntimeError, match=r"wrote 0 rows visible here.*2 nodes.*every node mounts"):
+        extract_features(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, feature_spec={"kind": "rbc"},
+                         snapshots=snapshots[:1], sample_ids=bundle.train.sample_id[:40],
+                         output_path=str(tmp_path / "feats"), batch_size=64)
+    assert _leftovers(tmp_path) == []

@@ -283,3 +283,26 @@ def test_gpu_workers_fit_one_gpu_cluster_train_worker(launcher: dict, rayjob: di
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert _cpus(limits["cpu"]) >= need, f"worker group {group['groupName']}: cpu {limits['cpu']} < {need}"
     assert _cpus("500m") == 0.5
+
+
+def test_autoscaling_clusters_skip_the_preflight_resource_checks(launcher: dict, rayjob: dict) -> None:
+    # Both clusters start with a CPU-less head and no workers, so the checks of CPUs/GPUs against
+    # what the cluster has now would refuse every job: their entry points must say autoscaling.
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"].get("CPU", 0) == 0
+    assert yaml.safe_load((CONFIGS / "ray" / "gpu_cluster.yaml").read_text())["autoscaling"] is True
+    for command in [rayjob["spec"]["entrypoint"]] + [c for c in _readme_submit_commands() if "ray=gpu_cluster" in c]:
+        items = dict(_check_override(o) for o in _overrides(command))
+        assert items.get("ray") == "gpu_cluster" or items.get("ray.autoscaling") == "true", command
+
+
+def test_launcher_nodes_share_storage_and_s3_credentials(launcher: dict) -> None:
+    # Feature tables are written by Ray Data tasks on the workers and read by the driver on the
+    # head; snapshots are written by workers and read by other workers: one mount on every node.
+    assert any("/mnt/shared" in c and "mount" in c for c in launcher["setup_commands"])
+    for name, node in launcher["available_node_types"].items():
+        if name != launcher["head_node_type"]:  # the launcher gives the head its profile itself
+            assert node["node_config"].get("IamInstanceProfile"), f"{name}: no instance profile for s3://"
+    for command in _readme_submit_commands():
+        if "ray=gpu_cluster" in command:
+            out = dict(_check_override(o) for o in _overrides(command))["output_dir"]
+            assert out.startswith("/mnt/shared/"), command
