@@ -8,6 +8,7 @@ K-means); the others are plain numpy.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -88,6 +89,18 @@ def _snapshot_epochs(ctx: RoundContext) -> list[int]:
     return choose_snapshots(val, num_snapshots=f["num_snapshots"], stride=f["stride"])
 
 
+def _table_is(path: Path, *, epochs: list[int], feature_spec: dict, num_samples: int, seed: int) -> bool:
+    """Whether the feature table at ``path`` holds what this round asks for (its features.json)."""
+    try:
+        meta = json.loads((path / "features.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ([int(s["epoch"]) for s in meta.get("snapshots", [])] == list(epochs)
+            and meta.get("kind") == feature_spec["kind"]
+            and bool(meta.get("label_aware")) == bool(feature_spec["label_aware"])
+            and meta.get("num_samples") == num_samples and meta.get("seed") == seed)
+
+
 def extract_round_features(ctx: RoundContext, *, kind: str | None = None, epochs: list[int] | None = None,
                            name: str = "features") -> str:
     """Ray Data feature extraction over every training sample at the chosen snapshots.
@@ -106,12 +119,15 @@ def extract_round_features(ctx: RoundContext, *, kind: str | None = None, epochs
     cfg, r = ctx.cfg, ctx.cfg["ray"]
     feature_spec = cfg["features"] if kind is None else {**cfg["features"], "kind": kind}
     out = ctx.work_dir / name
-    if not out.exists():
+    stale = out.exists() and not _table_is(out, epochs=epochs, feature_spec=feature_spec,
+                                           num_samples=len(ctx.bundle.train), seed=ctx.seed)
+    if not out.exists() or stale:  # a table of this round is reused (resume) only if it is this one
         extract_features(
             data_spec={"data": cfg["data"], "noise": cfg["noise"], "seed": ctx.seed},
             model_spec=cfg["model"], snapshots=snapshots, sample_ids=ctx.bundle.train.sample_id,
             feature_spec=feature_spec, output_path=str(out), num_actors=r["extract_actors"],
-            num_cpus=r["extract_cpus"], num_gpus=r["extract_gpus"], batch_size=cfg["features"]["batch_size"])
+            num_cpus=r["extract_cpus"], num_gpus=r["extract_gpus"], batch_size=cfg["features"]["batch_size"],
+            overwrite=stale)
     ctx.timings["features_s"] = time.perf_counter() - t0
     ctx.timings["snapshot_epochs"] = epochs  # type: ignore[assignment]
     return str(out)

@@ -31,7 +31,7 @@ from pivotal_ray.core.kmeans import select_pivotal
 from pivotal_ray.core.models import build_model
 from pivotal_ray.core.seeding import derive_seed, numpy_rng
 from pivotal_ray.distributed.train import TrainRun
-from pivotal_ray.selectors import SELECTORS, RoundContext
+from pivotal_ray.selectors import SELECTORS, RoundContext, extract_round_features
 
 # ---------------------------------------------------------------------------------------------
 # random_balanced
@@ -257,7 +257,30 @@ def _write_rbc_table(ctx: RoundContext, name: str) -> FactorFeatures:
                                                                    type=pa.list_(pa.float32(), v.shape[1]))
                                  if v.ndim == 2 else pa.array(v)) for c, v in cols.items()},
                             schema=factor_schema(A.shape[1], X.shape[1])), out / "part-0.parquet")
+    (out / "features.json").write_text(json.dumps({
+        "kind": "rbc", "label_aware": False, "snapshots": [{"path": "-", "epoch": ctx.run.snapshots[0]["epoch"]}],
+        "num_samples": len(train), "num_rows": len(train), "seed": ctx.seed}))
     return read_factor_table(out)
+
+
+def test_a_feature_table_of_another_round_is_extracted_again(toy_ctx, monkeypatch) -> None:
+    import pivotal_ray.distributed.extract as extract
+
+    out = toy_ctx.work_dir / "features_stale"
+    _write_rbc_table(toy_ctx, out.name)
+    calls = []
+    monkeypatch.setattr(extract, "extract_features", lambda **kw: calls.append(kw))
+    epoch = toy_ctx.run.snapshots[0]["epoch"]
+    extract_round_features(toy_ctx, kind="rbc", epochs=[epoch], name=out.name)
+    assert calls == []  # the table this round asks for: reused (a resumed run)
+    extract_round_features(toy_ctx, kind="gbc", epochs=[epoch], name=out.name)  # another kind
+    meta = json.loads((out / "features.json").read_text())
+    (out / "features.json").write_text(json.dumps({**meta, "snapshots": [{"path": "-", "epoch": epoch + 1}]}))
+    extract_round_features(toy_ctx, kind="rbc", epochs=[epoch], name=out.name)  # other snapshots
+    (out / "features.json").unlink()
+    extract_round_features(toy_ctx, kind="rbc", epochs=[epoch], name=out.name)  # unknown contents
+    assert [c["overwrite"] for c in calls] == [True, True, True]
+    assert [c["feature_spec"]["kind"] for c in calls] == ["gbc", "rbc", "rbc"]
 
 
 def test_craig_selector_reads_the_best_snapshot_factors(toy_ctx) -> None:
