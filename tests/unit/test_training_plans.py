@@ -176,3 +176,20 @@ def test_run_names_ignore_settings_at_their_defaults(tmp_path):
     assert training.warmup_name(changed) != training.warmup_name(cfg)
     lr = from_dict({"output_dir": str(tmp_path / "o"), "reweight": {"lr": 0.05}})
     assert training.warmup_name(lr) != training.warmup_name(cfg)
+
+
+def test_training_resources_name_the_warmup_and_the_run(tmp_path):
+    # another worker count, thread count (floor of the CPUs) or device trains other floats: not
+    # the same warm-up, not the same run; where the run lives does not count
+    from pivotal_ray.core.artifacts import config_fingerprint
+
+    base = {"output_dir": str(tmp_path / "o")}
+    cfg = from_dict(base)
+    for change in ({"num_workers": 2}, {"cpus_per_worker": 2.0}, {"use_gpu": True}):
+        other = from_dict({**base, "ray": change})
+        assert training.warmup_name(other) != training.warmup_name(cfg), change
+    for change in ({"extract_cpus": 2.0}, {"kmeans_shard_cpus": 1.0}, {"extract_gpus": 1.0}, {"num_workers": 2}):
+        assert config_fingerprint(from_dict({**base, "ray": change})) != config_fingerprint(cfg), change
+    for change in ({"address": "auto"}, {"storage_path": "/elsewhere"}, {"extract_actors": 3}, {"autoscaling": True}):
+        assert config_fingerprint(from_dict({**base, "ray": change})) == config_fingerprint(cfg), change
+        assert training.warmup_name(from_dict({**base, "ray": change})) == training.warmup_name(cfg), change
