@@ -53,8 +53,9 @@ class DataConfig:
         _one_of("dataset", self.name, DATASETS)
         _check(0.0 < self.val_frac < 1.0, f"data.val_frac={self.val_frac} must be in (0, 1), e.g. 0.1")
         if self.name == "toy":
-            _check(len(self.toy_split) == 3 and sum(self.toy_split) == self.toy_n,
-                   f"data.toy_split={list(self.toy_split)} must be three sizes summing to data.toy_n={self.toy_n}")
+            _check(len(self.toy_split) == 3 and sum(self.toy_split) == self.toy_n and min(self.toy_split) >= 1,
+                   f"data.toy_split={list(self.toy_split)} must be three sizes (train, test, val), each at "
+                   f"least 1, summing to data.toy_n={self.toy_n}")
         elif self.root is None:
             raise ConfigError(f"data.root is required for dataset {self.name!r}: "
                               "set data.root=/abs/path (e.g. ../shared/data for MNIST)")
@@ -225,6 +226,12 @@ class RayConfig:
         _check(self.extract_actors >= 1, "ray.extract_actors must be >= 1")
         _check(self.kmeans_shards >= 1, "ray.kmeans_shards must be >= 1")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
+        _check(self.extract_cpus > 0, f"ray.extract_cpus={self.extract_cpus} must be > 0 (e.g. 0.5)")
+        _check(self.extract_gpus >= 0, f"ray.extract_gpus={self.extract_gpus} must be >= 0")
+        _check(self.kmeans_shard_cpus > 0, f"ray.kmeans_shard_cpus={self.kmeans_shard_cpus} must be > 0 (e.g. 0.25)")
+        _check(self.storage_path is None or "://" in self.storage_path or self.storage_path.startswith("/"),
+               f"ray.storage_path={self.storage_path!r} must be an absolute path or a URI (s3://...): "
+               "Ray jobs run from a temporary copy of the working dir")
 
 
 @dataclass

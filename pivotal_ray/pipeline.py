@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .config import ConfigError, ExperimentConfig, from_dict, to_dict, without_defaults
 from .core import artifacts
@@ -95,7 +96,35 @@ def validate(cfg: ExperimentConfig) -> Any:
     if cfg.selection.budget > n:
         raise ConfigError(f"selection.budget={cfg.selection.budget} is larger than the {n} training samples: "
                           "lower the budget")
+    _check_rounds_fit(cfg, n)
+    from .core.models import build_model
+
+    build_model(cfg.model, bundle.num_classes, bundle.input_shape)  # ConfigError: model and data disagree
+    if cfg.reweight.augment:
+        try:
+            bundle.train.inputs(np.arange(1), augment=True, generator=torch.Generator().manual_seed(0))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return bundle
+
+
+def _check_rounds_fit(cfg: ExperimentConfig, n: int) -> None:
+    """For methods that run the exclusion step: every round's picks fit in the candidates that
+    the step leaves (floor(exclude_frac x candidates) of them dropped, core.kmeans.n_excluded)."""
+    if clustered_feature_kind(cfg.selection.method, cfg.features.kind) is None:
+        return
+    from .core.kmeans import n_excluded
+
+    s, meta = cfg.selection, cfg.selection.warmup
+    for r, k in enumerate(s.round_sizes, start=1):
+        cand = n - meta
+        left = cand - n_excluded(cand, s.exclude_frac)
+        if k > left:
+            raise ConfigError(
+                f"round {r} picks {k} samples but the exclusion step (selection.exclude_frac={s.exclude_frac}) "
+                f"leaves {left} of the {cand} candidates ({n} training samples, {meta} meta samples): lower "
+                "selection.budget (or set selection.per_round) or lower selection.exclude_frac")
+        meta += k
 
 
 def _clustered_layout(cfg: ExperimentConfig, bundle: Any) -> tuple[str, int, int] | None:
@@ -262,10 +291,31 @@ def _check_cluster(cfg: ExperimentConfig, bundle: Any) -> None:
     if cfg.ray.extract_gpus > 0 and not res.get("GPU", 0) and not cfg.ray.autoscaling:
         raise ConfigError(f"ray.extract_gpus={cfg.ray.extract_gpus} but the cluster has no GPU: set "
                           "ray.extract_gpus=0 (CPU actors) or run on a cluster with GPU nodes")
+    if not cfg.ray.autoscaling:
+        _check_per_node(cfg, clusters or cfg.selection.method == "craig")
     need_gpu = cfg.ray.num_workers if cfg.ray.use_gpu else 0
     if need_gpu > res.get("GPU", 0) and not cfg.ray.autoscaling:
         raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "
                           f"cluster has {res.get('GPU', 0)}: set ray.use_gpu=false or lower ray.num_workers")
+
+
+def _check_per_node(cfg: ExperimentConfig, extracts: bool) -> None:
+    """One Train worker and one extraction actor must each fit on some node (Ray never splits
+    a worker's CPUs or GPUs across nodes; otherwise it waits forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    most = {k: max((r.get(k, 0.0) for r in nodes), default=0.0) for k in ("CPU", "GPU")}
+    r = cfg.ray
+    if r.cpus_per_worker > most["CPU"]:
+        raise ConfigError(f"ray.cpus_per_worker={r.cpus_per_worker} but the largest node has {most['CPU']} CPUs: "
+                          "lower ray.cpus_per_worker (a Train worker runs on one node)")
+    if extracts and r.extract_cpus > most["CPU"]:
+        raise ConfigError(f"ray.extract_cpus={r.extract_cpus} but the largest node has {most['CPU']} CPUs: "
+                          "lower ray.extract_cpus (an extraction actor runs on one node)")
+    if extracts and r.extract_gpus > most["GPU"]:
+        raise ConfigError(f"ray.extract_gpus={r.extract_gpus} but the largest node has {most['GPU']} GPUs: "
+                          "lower ray.extract_gpus (e.g. 1, or 0.5 to share a GPU between two actors)")
 
 
 # Ray Train v2's controller takes one reported result per health-check poll (default 2 s), so a

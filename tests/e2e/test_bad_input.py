@@ -97,6 +97,27 @@ def test_budget_larger_than_the_candidates(out, tripwires):
     assert not out.exists()
 
 
+def test_picks_that_the_exclusion_step_leaves_no_room_for(out, tripwires):
+    # 400 picks fit in the 600 samples, but after the warm-up's 2 the exclusion step drops half of
+    # the 598 candidates: caught before training, not in the first round's K-means
+    with pytest.raises(ConfigError, match=r"round 1 picks 398 samples but the exclusion step .* leaves 299") as err:
+        _run("selection.budget=400", f"output_dir={out}")
+    assert "lower selection.exclude_frac" in str(err.value)
+    assert not out.exists()
+    with pytest.raises(WorkStarted):  # 100 picks a round fit: round 4 has 298 candidates, keeps 149 for 98
+        _run("selection.budget=400", "selection.per_round=100", f"output_dir={out}")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("method=random", "model=lenet5"), "needs image inputs"),
+    (("reweight.augment=true",), "defines no augmentation"),
+])
+def test_model_or_augmentation_the_data_cannot_take(out, tripwires, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _run(*overrides, f"output_dir={out}")
+    assert not out.exists()
+
+
 def test_data_root_without_data_and_download_off(out, tripwires):
     with pytest.raises(ConfigError, match=r"data.root=/nonexistent does not exist and data.download=false") as err:
         _run("dataset=mnist", "data.root=/nonexistent", f"output_dir={out}")
@@ -182,6 +203,11 @@ def test_unknown_registry_names(out, tripwires, override, setting):
     ("features.proj_dim=0", "features.proj_dim=0 must be >= 1"),
     ("selection.kmeans_tol=-1", "selection.kmeans_tol=-1 must be >= 0"),
     ("reweight.meta_batch_size=0", "reweight.meta_batch_size=0 must be >= 1"),
+    ("ray.extract_cpus=0", "ray.extract_cpus=0 must be > 0"),
+    ("ray.kmeans_shard_cpus=0", "ray.kmeans_shard_cpus=0 must be > 0"),
+    ("ray.extract_gpus=-1", "ray.extract_gpus=-1 must be >= 0"),
+    ("ray.storage_path=rel_storage", "ray.storage_path='rel_storage' must be an absolute path or a URI"),
+    ("data.toy_split=[600,400,0]", "each at least 1"),
 ])
 def test_out_of_range_settings(out, tripwires, override, fix):
     with pytest.raises(ConfigError, match=re.escape(fix)):

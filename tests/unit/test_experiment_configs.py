@@ -145,3 +145,28 @@ def test_readme_job_commands_compose():
         resolve_config(cfg)
         if module == "jobs.compare":
             compare_config(cfg)
+
+
+GROUPS = {"dataset": "DataConfig", "noise": "NoiseConfig", "model": "ModelConfig", "reweight": "ReweightConfig",
+          "features": "FeatureConfig", "selection": "SelectionConfig", "ray": "RayConfig", "finetune": "FinetuneConfig"}
+COMPLETE = ("noise", "reweight", "features", "selection", "finetune")  # settings that apply to every choice
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_config_groups_mirror_the_dataclasses(group):
+    # Hydra's struct mode refuses to override a key the composed group lacks, so a group whose
+    # settings apply to every choice lists them all; none may list a key the dataclass lacks
+    import dataclasses
+
+    import yaml
+
+    from pivotal_ray import config
+
+    fields = {f.name for f in dataclasses.fields(getattr(config, GROUPS[group]))}
+    files = sorted((Path(CONFIGS) / group).glob("*.yaml"))
+    assert files
+    for path in files:
+        keys = set(yaml.safe_load(path.read_text()) or {})
+        assert keys <= fields, f"{path}: {sorted(keys - fields)} are not {GROUPS[group]} fields"
+        if group in COMPLETE or path.name == "local.yaml":
+            assert keys == fields, f"{path} lacks {sorted(fields - keys)}"
