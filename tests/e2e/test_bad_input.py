@@ -240,6 +240,15 @@ def test_more_kmeans_shards_than_the_cluster_has(out, ray_session, monkeypatch):
     assert not out.exists()
 
 
+def test_an_extraction_actor_larger_than_any_node(out, ray_session, monkeypatch):
+    # 3 CPUs per actor on 2-CPU nodes: Ray Data would wait forever after the warm-up trained
+    monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
+    with pytest.raises(ConfigError, match=r"ray.extract_cpus=3(\.0)? but the largest node has 2(\.0)? CPUs") as err:
+        _run("ray.extract_cpus=3", f"output_dir={out}")
+    assert "lower ray.extract_cpus" in str(err.value)
+    assert not out.exists()
+
+
 def test_gpu_extraction_on_a_cluster_without_gpus(out, ray_session, monkeypatch):
     monkeypatch.setattr(training, "train", lambda *a, **k: (_ for _ in ()).throw(WorkStarted("training started")))
     assert not ray_session.cluster_resources().get("GPU", 0)
