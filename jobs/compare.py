@@ -37,8 +37,7 @@ def main(cfg: DictConfig) -> None:
     try:
         cc = compare_config(cfg)
         base = resolve_config(cfg)
-        connect(base)
-        df = run_compare(base=base, cc=cc)
+        df = run_compare(base=base, cc=cc, before_runs=lambda: connect(base))  # Ray once every run is valid
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

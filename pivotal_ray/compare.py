@@ -192,13 +192,23 @@ def _load_model(cfg: ExperimentConfig, bundle: Any, snapshot: str) -> Any:
 
 def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
                 run: Callable[[ExperimentConfig], dict[str, Any]] | None = None,
-                log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Run (or read) every spec, write the results and the figures; returns the results table."""
+                log: Callable[[str], None] = print,
+                before_runs: Callable[[], None] | None = None) -> pd.DataFrame:
+    """Run (or read) every spec, write the results and the figures; returns the results table.
+
+    Every spec is validated first (``pipeline.validate``: its settings, its data, its run
+    directory), so a bad one is refused before any run trains; then ``before_runs`` is called
+    (``jobs.compare`` connects to Ray there) and the specs run in order.
+    """
     from .core.data import build_data
-    from .pipeline import run_experiment
+    from .pipeline import run_experiment, validate
 
     run = run or run_experiment
     specs = expand(base=base, cc=cc)
+    for spec in specs:
+        validate(spec.cfg)
+    if before_runs is not None:
+        before_runs()
     root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
     rows, done = [], []
     bundles: dict[str, Any] = {}

@@ -341,6 +341,8 @@ class CompareConfig:
         _check(bool(self.seeds) and all(isinstance(s, int) and s >= 0 for s in self.seeds),
                f"compare.seeds={self.seeds} must be non-empty non-negative ints, e.g. 'compare.seeds=[0,1,2]'")
         _check(len(set(self.seeds)) == len(self.seeds), f"compare.seeds={self.seeds} lists a seed twice")
+        same = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v) for v in self.vary_values]
+        _check(len(set(same)) == len(same), f"compare.vary_values={self.vary_values} lists a value twice")
         _check(self.output_root is not None, "compare.output_root is required: compare.output_root=/abs/path")
         _check(self.vary_key is None or "." in self.vary_key and bool(self.vary_values),
                f"compare.vary_key={self.vary_key!r} needs a dotted config key (e.g. noise.rate) and a non-empty "

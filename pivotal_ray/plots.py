@@ -27,10 +27,14 @@ __all__ = ["RegionPanel", "decision_regions", "accuracy_vs", "tsne_features", "w
 
 
 def _save(fig: "plt.Figure", path: str | Path) -> Path:
+    from .core.artifacts import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:  # a figure appears whole or not at all
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -151,8 +151,11 @@ def _clustering(weighted: bool, kind: str | None = None) -> Selector:
             sign_align=s["kmeans_sign_align"], autoscaling=r["autoscaling"])
         ctx.timings["kmeans_s"] = time.perf_counter() - t0
         if sel.centroids is not None:  # for plots (the paper's Figure 4); float64 (n_clusters, D), no pickle
-            np.save(ctx.work_dir / f"centroids_{kind or ctx.cfg['features']['kind']}.npy",
-                    np.asarray(sel.centroids, dtype=np.float64), allow_pickle=False)
+            from .core.artifacts import atomic_file
+
+            with atomic_file(ctx.work_dir / f"centroids_{kind or ctx.cfg['features']['kind']}.npy") as tmp, \
+                    open(tmp, "wb") as f:
+                np.save(f, np.asarray(sel.centroids, dtype=np.float64), allow_pickle=False)
         return Picks(np.asarray(sel.sample_id, dtype=np.int64), np.asarray(sel.cluster, dtype=np.int64),
                      np.asarray(sel.score, dtype=np.float64),
                      info={"objective": [float(v) for v in sel.objective], "n_iter": int(sel.n_iter),

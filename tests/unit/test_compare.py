@@ -64,7 +64,9 @@ def test_expand_keeps_a_configured_storage_and_rejects_bad_input(tmp_path):
 @pytest.mark.parametrize("bad, match", [({"methods": []}, "compare.methods"), ({"seeds": [-1]}, "compare.seeds"),
                                         ({"output_root": None}, "output_root is required"),
                                         ({"vary_key": "noise.rate"}, "vary_values"),
-                                        ({"vary_values": [1]}, "vary_key")])
+                                        ({"vary_values": [1]}, "vary_key"),
+                                        ({"vary_key": "noise.rate", "vary_values": [0.2, 0.2]}, "a value twice"),
+                                        ({"vary_key": "noise.rate", "vary_values": [1, 1.0]}, "a value twice")])
 def test_compare_config_names_the_fix(bad, match):
     with pytest.raises(ConfigError, match=match):
         CompareConfig(**{"output_root": "/x", **bad})
@@ -180,6 +182,26 @@ def test_run_compare_end_to_end_with_a_fake_pipeline(tmp_path):
     assert len(calls) == 8
     pd.testing.assert_frame_equal(df, again)
     assert sum(line.split("] ")[1].startswith("read") for line in logs if line.startswith("[")) == 8
+
+
+def test_every_run_is_validated_before_the_first_one_trains(tmp_path):
+    # the last spec's run directory holds another run (and a variant is too large for the data):
+    # refused before the first spec runs, and before Ray is connected (before_runs)
+    from pivotal_ray.core.artifacts import OutputDirError
+
+    root = tmp_path / "cmp"
+    cc = CompareConfig(methods=["random", "rbc"], seeds=[0], output_root=str(root), plots=False)
+    stale = expand(base=_base(tmp_path), cc=cc)[-1].cfg
+    artifacts.write_manifest(stale.output_dir, config={**to_dict(stale), "seed": 99}, seed=99, timings={})
+    calls, connected = [], []
+    with pytest.raises(OutputDirError, match="holds a different run"):
+        run_compare(base=_base(tmp_path), cc=cc, run=calls.append, before_runs=lambda: connected.append(1))
+    assert calls == [] and connected == []
+    big = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "c2"), plots=False,
+                        vary_key="selection.budget", vary_values=[6, 5000])
+    with pytest.raises(ConfigError, match="selection.budget=5000 is larger than the 600 training samples"):
+        run_compare(base=_base(tmp_path), cc=big, run=calls.append, before_runs=lambda: connected.append(1))
+    assert calls == [] and connected == []
 
 
 def test_plots_without_matplotlib_fail_before_any_run(tmp_path, monkeypatch):
