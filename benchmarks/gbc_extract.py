@@ -68,7 +68,6 @@ def run(args) -> dict[str, Any]:
 
     t = _common.interleaved({"extract": extract, "backward": backward}, repeats=repeats, device=device,
                             warmup=1 if args.size == "full" else 0)
-    proj_s, proj_calls = proj["s"], proj["calls"]
     proj["s"], proj["calls"] = 0.0, 0
     t_ext = _common.timed(extract, device)  # one more pass, projection timed alone
     res = {**cfg, "num_layers": 5, "proj_dim": 4096, "drawn": list(ext.draws.names), "width": ext.width,

@@ -15,7 +15,6 @@ changing; the iteration counts are reported.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np

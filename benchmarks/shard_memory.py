@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from benchmarks import _common
 from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures

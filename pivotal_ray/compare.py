@@ -11,7 +11,6 @@ not rerun. After the runs: ``results.json`` / ``results.csv`` (one row per run),
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

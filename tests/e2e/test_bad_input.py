@@ -8,7 +8,6 @@ One case also goes through the real CLI to check its exit code and one-line mess
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
