@@ -75,7 +75,11 @@ class _ExtractWorker:
 
         # match intra-op threads to the CPUs Ray reserved, so actors do not oversubscribe the node
         torch.set_num_threads(max(1, math.floor(num_cpus)))
-        self.device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        if ray.get_gpu_ids() and not torch.cuda.is_available():  # never fall back to the CPU silently
+            raise RuntimeError(f"Ray gave this extraction actor GPU {ray.get_gpu_ids()} but torch cannot use it "
+                               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): install a torch "
+                               "build that the node's NVIDIA driver supports, or set ray.extract_gpus=0")
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         bundle = build_data(data_spec["data"], data_spec["noise"], int(data_spec["seed"]))
         self.split = bundle.train
         self.batch_size = batch_size
