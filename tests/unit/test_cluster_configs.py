@@ -298,7 +298,8 @@ def test_autoscaling_clusters_skip_the_preflight_resource_checks(launcher: dict,
 def test_launcher_nodes_share_storage_and_s3_credentials(launcher: dict) -> None:
     # Feature tables are written by Ray Data tasks on the workers and read by the driver on the
     # head; snapshots are written by workers and read by other workers: one mount on every node.
-    assert any("/mnt/shared" in c and "mount" in c for c in launcher["setup_commands"])
+    assert any("/mnt/shared" in c and "mount" in c for c in launcher["initialization_commands"])  # the host
+    assert "-v /mnt/shared:/mnt/shared" in launcher["docker"]["run_options"]  # seen in the container
     for name, node in launcher["available_node_types"].items():
         if name != launcher["head_node_type"]:  # the launcher gives the head its profile itself
             assert node["node_config"].get("IamInstanceProfile"), f"{name}: no instance profile for s3://"
@@ -306,3 +307,9 @@ def test_launcher_nodes_share_storage_and_s3_credentials(launcher: dict) -> None
         if "ray=gpu_cluster" in command:
             out = dict(_check_override(o) for o in _overrides(command))["output_dir"]
             assert out.startswith("/mnt/shared/"), command
+
+
+def test_launcher_runs_the_rayjob_python_and_ray(launcher: dict) -> None:
+    # the container brings Python 3.11 and Ray 2.60 (as the RayJob's base image and pyproject.toml)
+    image = launcher["docker"]["image"]
+    assert image.startswith("rayproject/ray:2.60.") and "-py311" in image and image.endswith("-gpu")
