@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from benchmarks import e2e_stages, gbc_extract, kmeans_throughput, kmeans_vs_sklearn, reweight_step, shard_memory
+from benchmarks import (e2e_stages, gbc_extract, kmeans_throughput, kmeans_vs_sklearn, reweight_step, shard_memory,
+                        top_candidates)
 
 
 def run(module, tmp_path, *extra: str) -> dict:
@@ -41,6 +42,14 @@ def test_kmeans_throughput(tmp_path, capsys):
         # held bytes: K (C + d) float32 + 2 float64 per row, against K C d float32 + 2 float64
         assert r["mem_ratio_factor_over_dense"] == pytest.approx((4 * K * (C + d) + 16) / (4 * K * C * d + 16))
     assert "GFLOP/s ratio" in capsys.readouterr().out
+
+
+def test_top_candidates(tmp_path, capsys):
+    res = run(top_candidates, tmp_path)
+    for shape in ("mnist", "cifar100"):
+        r = res[shape]
+        assert r["top_candidates_s"] > 0 and r["iteration_s"] > 0 and r["shortlist_width"] >= r["M"]
+    assert "final pass" in capsys.readouterr().out
 
 
 def test_kmeans_throughput_flop_count():
