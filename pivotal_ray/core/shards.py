@@ -19,10 +19,8 @@ Inner products of the Lloyd steps and seeding are computed in float32 (the GEMMs
 reduction (sums over rows, norms, objective) in float64. The selection scans that run once per
 round (exclusion, top candidates) use float64 GEMMs and rank rows near a cut or a tie again by
 scores computed from each row alone, so their result does not depend on how rows are split into
-shards and chunks. The float32 Lloyd steps can: a row whose two best centroids are within
-float32 error of each other (~1e-7 relative) may be assigned differently under another split,
-which changes the centroids and possibly the picks (never seen on 30 random seeds of realistic
-features; it needs near-exact ties). Rows are processed in chunks that bound the GEMM output to
+shards and chunks. Lloyd assignments likewise: a row whose two best float32 gains are within
+twice their error bound (``F32_REL_ERR``) is assigned by float64 dot products (``_labels``). Rows are processed in chunks that bound the GEMM output to
 ``chunk_bytes``. A shard never copies its rows: excluding rows reorders them in place
 (:func:`permute_rows_`), so it holds its table once.
 """
@@ -119,6 +117,9 @@ def top_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
 # about D u ||G|| ||C|| (u = 1.1e-16; |G|_ce = |A_c| |x~_e| bounds the factorised sums the same
 # way): F64_REL_ERR covers D <= 9e5 in the worst case and far more in practice (~u sqrt(D)).
 F64_REL_ERR = 1e-10
+# The same for the float32 GEMMs of Lloyd steps: the largest error seen on RBC factors at the
+# MNIST and CIFAR-100 shapes was 3.4e-7 (centroids rounded to float32 included); 30x that.
+F32_REL_ERR = 1e-5
 
 
 def _shortlist(scores: np.ndarray, ids: np.ndarray, k: int, margin: np.ndarray) -> np.ndarray:
@@ -198,11 +199,14 @@ def _permute_rows_striped(a: np.ndarray | torch.Tensor, src: np.ndarray, *, chun
 
 @dataclass
 class _Centroids:
-    """Centroids of one call: M, the layout ``_inner`` wants, and ||C_i||^2 (M,) float64."""
+    """Centroids of one call: M, the layout ``_inner`` wants, ||C_i||^2 (M,) float64, the
+    centroids themselves (M, D) float64 and the relative error bound of the GEMM scores."""
 
     M: int
     W: Any
     c_sq: torch.Tensor
+    C64: np.ndarray
+    rel_err: float
 
 
 class _ShardBase:
@@ -295,7 +299,37 @@ class _ShardBase:
         step = max(1, self.chunk_bytes // max(8 * self._D, 1))
         c_sq = torch.cat([C64[i:i + step].square().sum(1) for i in range(0, C64.shape[0], step)]) \
             if C64.shape[0] else torch.zeros(0, dtype=torch.float64, device=self.device)  # (M,)
-        return _Centroids(int(C.shape[0]), self._prepare(Ct), c_sq)
+        return _Centroids(int(C.shape[0]), self._prepare(Ct), c_sq, np.asarray(C, dtype=np.float64),
+                          F64_REL_ERR if f64 else F32_REL_ERR)
+
+    def _labels(self, sl: slice, cen: _Centroids, gain: torch.Tensor, weighted: bool) -> torch.Tensor:
+        """Assignment of a chunk's rows: argmax of ``gain`` (n, M), except that a row whose two best
+        gains are within twice their error bound takes the argmax of float64 gains computed from
+        the row alone (no GEMM; the first on exact ties), so GEMM rounding, which depends on how
+        rows are split into shards and chunks, cannot decide it. (n,) int64."""
+        lab = gain.argmax(1)
+        if cen.M < 2 or gain.shape[0] == 0:
+            return lab
+        top = gain.topk(2, dim=1).values  # (n, 2)
+        # |error| of a gain: rel_err ||G_j|| max_i ||C_i|| (plain: twice, from -2 <G, C>)
+        err = cen.rel_err * self._norm[sl] * float(cen.c_sq.max().sqrt()) * (1.0 if weighted else 2.0)
+        # (a zero row has the gains 0 / -||C_i||^2 exactly in any arithmetic: nothing to settle)
+        near = torch.nonzero((top[:, 0] - top[:, 1] <= 2.0 * err) & (self._norm[sl] > 0)).flatten().cpu().numpy()
+        if near.size:
+            # only the centroids within 2 err of each such row's best can be its exact best
+            cands = (gain[near] >= (top[near, :1] - 2.0 * err[near, None])).cpu().numpy()  # (r, M)
+            c_sq, G = cen.c_sq.cpu().numpy(), self._dense(sl.start + near)  # (M,), (r, D)
+            for t, (row, g) in enumerate(zip(near, G)):
+                idx = np.flatnonzero(cands[t])  # ascending: the first on exact ties, as argmax
+                lab[int(row)] = int(idx[self._row_gains(g, cen.C64, c_sq, idx, weighted).argmax()])
+        return lab
+
+    @staticmethod
+    def _row_gains(g: np.ndarray, C: np.ndarray, c_sq: np.ndarray, idx: np.ndarray, weighted: bool) -> np.ndarray:
+        """Gains of one row g (D,) to the centroids C[idx] (of (M, D)) in float64, one dot product
+        each (the same floats whichever rows and centroids are settled with it): (len(idx),)."""
+        inner = np.array([C[i] @ g for i in idx])
+        return np.abs(inner) if weighted else -(c_sq[idx] - 2.0 * inner + g @ g)
 
     def _scores(self, sl: slice, cen: _Centroids, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sim, gain, inner), each (n, M) float64; assignment = argmax gain (first on ties).
@@ -350,7 +384,7 @@ class _ShardBase:
         labels, scores = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.float64)]
         for sl in self._chunks(cen.M):
             sim, gain, _ = self._scores(sl, cen, weighted)
-            lab = gain.argmax(1)  # (n,)
+            lab = self._labels(sl, cen, gain, weighted)  # (n,)
             labels.append(lab.cpu().numpy())
             scores.append(sim.gather(1, lab.unsqueeze(1))[:, 0].cpu().numpy())
         return np.concatenate(labels), np.concatenate(scores)
@@ -372,7 +406,7 @@ class _ShardBase:
         objective = torch.zeros((), dtype=torch.float64, device=self.device)
         for sl in (self._chunks(M) if M else ()):
             _, gain, inner = self._scores(sl, cen, weighted)  # (n, M)
-            lab = gain.argmax(1)  # (n,)
+            lab = self._labels(sl, cen, gain, weighted)  # (n,)
             best = gain.gather(1, lab.unsqueeze(1))[:, 0]  # (n,)
             objective += best.sum() if weighted else -best.sum()
             counts.index_add_(0, lab, torch.ones_like(lab))
@@ -416,7 +450,7 @@ class _ShardBase:
                 # S1 divides the inner product's error by ||G_j||; plain ||G||^2 - 2<G, C> +
                 # ||C||^2 sums terms up to (||G|| + ||C||)^2
                 err = F64_REL_ERR * (c_norm if weighted else (g_max + c_norm) ** 2)  # (M,)
-                lab = gain.argmax(1)
+                lab = self._labels(sl, cen, gain, weighted)
                 own = sim.gather(1, lab.unsqueeze(1))[:, 0].cpu().numpy()
                 lab = lab.cpu().numpy()
                 # running shortlist per centroid: merge the kept (M, L) with this chunk's (M, n)

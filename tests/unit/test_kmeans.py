@@ -560,3 +560,26 @@ def test_equidistant_rows_tie_to_the_smaller_id_under_every_split():
                      k=2, n_best=1, centroids=C, weighted=False)
         np.testing.assert_array_equal(got.ids[:, 0], want)
         np.testing.assert_array_equal(got.scores[:, 0], got.scores[:, 1])  # the tie, exactly
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_near_tie_assignments_follow_exact_scores_under_every_split(weighted):
+    # two centroids 1e-9 apart: every row's two gains differ below float32 GEMM error, so the
+    # float32 argmax is decided by rounding (which depends on the GEMM's shape); rows that close
+    # are assigned by float64 scores computed from the row alone instead
+    from pivotal_ray.core.kmeans import assign as assign_rows
+
+    rng = np.random.default_rng(2)
+    F = DenseFeatures(np.arange(500, dtype=np.int64) * 7, rng.random((500, 256)).astype(np.float32))
+    c = rng.random(256)
+    c /= np.linalg.norm(c)
+    C = np.stack([c, c + 1e-9 * rng.standard_normal(256)])  # (2, D)
+    G = F.G.astype(np.float64)
+    gains = np.stack([np.abs((G * ci).sum(1)) if weighted else -np.square(G - ci).sum(1) for ci in C], 1)
+    want = gains.argmax(1)
+    assert 0 < want.sum() < len(want)  # both centroids win somewhere
+    for shards in splits(F):
+        _, lab, _ = assign_rows(LocalShardSet(shards), centroids=C, weighted=weighted)
+        np.testing.assert_array_equal(lab, want)
+        p = LocalShardSet(shards).call("assign_sums", centroids=C, weighted=weighted)
+        np.testing.assert_array_equal(sum(q.counts for q in p), np.bincount(want, minlength=2))
