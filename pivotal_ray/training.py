@@ -82,7 +82,7 @@ def warmup_name(cfg: ExperimentConfig) -> str:
     """Runs with the same data, noise, model, training, M0 and training resources share one
     warm-up run (named by the settings that differ from their defaults: see
     config.without_defaults). The resources count: workers split each batch (BatchNorm
-    statistics, per-rank augmentation draws) and each runs floor(cpus_per_worker) threads."""
+    statistics) and each runs floor(cpus_per_worker) threads."""
     c = to_dict(cfg)
     key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
     key["ray"] = {k: c["ray"][k] for k in ("num_workers", "cpus_per_worker", "use_gpu")}

@@ -45,7 +45,7 @@ class Source(Protocol):
 
     input_shape: tuple[int, ...]
 
-    def load(self, rows: np.ndarray, *, augment: bool, generator: torch.Generator | None) -> torch.Tensor: ...
+    def load(self, rows: np.ndarray, *, augment: bool, seeds: np.ndarray | None) -> torch.Tensor: ...
 
 
 def _no_augment(name: str, augment: bool) -> None:
@@ -65,25 +65,40 @@ class VectorSource:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
-    def load(self, rows: np.ndarray, *, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
+    def load(self, rows: np.ndarray, *, augment: bool, seeds: np.ndarray | None) -> torch.Tensor:
         _no_augment(self.name, augment)
         return self.x[torch.from_numpy(rows)]  # (n, *input_shape)
 
 
-def crop_flip(x: torch.Tensor, *, pad: int, generator: torch.Generator) -> torch.Tensor:
+def sample_seeds(base: int, sample_ids: np.ndarray) -> np.ndarray:
+    """One 64-bit seed per sample from a base seed and its sample_id (splitmix64 of both): (n,) uint64.
+
+    A sample's augmentation is a function of (base, sample_id) alone, not of the other samples in
+    its batch: W workers, each augmenting its slice of a global batch with the same base, draw
+    what one process draws for the whole batch."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(sample_ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(base % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def crop_flip(x: torch.Tensor, *, pad: int, seeds: np.ndarray) -> torch.Tensor:
     """Per-sample random crop (zero padding ``pad``) and horizontal flip, batched.
 
     The standard CIFAR augmentation (``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``),
-    but with each sample's offsets and flip drawn from ``generator`` in one batched gather, so
-    that a batch costs a few tensor ops and is reproducible.
+    with each sample's offsets and flip taken from its own seed (``sample_seeds``) and applied in
+    one batched gather, so that a batch costs a few tensor ops and is reproducible.
 
-    x: (n, c, H, W) float, un-normalised (padding is black, as in torchvision on PIL images).
-    Returns (n, c, H, W).
+    x: (n, c, H, W) float, un-normalised (padding is black, as in torchvision on PIL images);
+    seeds: (n,) uint64. Returns (n, c, H, W).
     """
     n, c, H, W = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))  # (n, c, H+2p, W+2p)
-    off = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)  # (n, 2) top, left
-    flip = torch.rand(n, generator=generator) < 0.5  # (n,)
+    k = np.uint64(2 * pad + 1)
+    s = np.asarray(seeds, dtype=np.uint64)
+    off = torch.from_numpy(np.stack([s % k, (s // k) % k], 1).astype(np.int64))  # (n, 2) top, left
+    flip = torch.from_numpy(((s >> np.uint64(40)) & np.uint64(1)).astype(bool))  # (n,)
     rows = off[:, 0:1] + torch.arange(H)  # (n, H)
     cols = off[:, 1:2] + torch.arange(W)  # (n, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # flipping = reading the columns backwards
@@ -107,14 +122,14 @@ class ImageArraySource:
         s = self.images.shape
         return (1, s[1], s[2]) if self.images.ndim == 3 else (s[3], s[1], s[2])
 
-    def load(self, rows: np.ndarray, *, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
+    def load(self, rows: np.ndarray, *, augment: bool, seeds: np.ndarray | None) -> torch.Tensor:
         img = torch.from_numpy(self.images[rows])  # (n, H, W) or (n, H, W, c) uint8
         x = img[:, None] if img.ndim == 3 else img.permute(0, 3, 1, 2)  # (n, c, H, W)
         x = x.to(torch.float32).div_(255.0)
         if augment:
             if self.crop_pad is None:
                 _no_augment(self.name, augment)
-            x = crop_flip(x, pad=self.crop_pad, generator=_need_generator(generator))
+            x = crop_flip(x, pad=self.crop_pad, seeds=seeds)
         return v2.functional.normalize(x, list(self.mean), list(self.std))  # (n, c, H, W)
 
 
@@ -147,7 +162,7 @@ class ImageFileSource:
         return v2.Compose([*crop, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
-    def load(self, rows: np.ndarray, *, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
+    def load(self, rows: np.ndarray, *, augment: bool, seeds: np.ndarray | None) -> torch.Tensor:
         files = [self.paths[int(r)] for r in rows]
         if self.workers > 0:  # decoding dominates; PIL releases the GIL while decoding
             from concurrent.futures import ThreadPoolExecutor
@@ -160,11 +175,13 @@ class ImageFileSource:
         if not augment:
             return torch.stack([transform(im) for im in images])  # (n, 3, s, s)
         # torchvision's random transforms draw from the global torch RNG; run them in a forked RNG
-        # seeded from `generator`, so the crops depend only on it and the caller's RNG is untouched.
-        seed = int(torch.randint(0, 2**62, (1,), generator=_need_generator(generator)))
+        # seeded per sample, so a crop depends only on its seed and the caller's RNG is untouched.
+        out = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return torch.stack([transform(im) for im in images])  # (n, 3, s, s)
+            for im, seed in zip(images, seeds):
+                torch.manual_seed(int(seed >> np.uint64(1)))  # manual_seed takes < 2^63
+                out.append(transform(im))
+        return torch.stack(out)  # (n, 3, s, s)
 
 
 # ----------------------------------------------------------------------------- splits and bundle
@@ -213,8 +230,11 @@ class Split:
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Normalised float32 inputs (n, *input_shape) of the samples at ``positions`` (n,).
 
-        ``augment=True`` applies the data set's training augmentation with draws from
-        ``generator`` (required then), so the same generator state gives the same batch.
+        ``augment=True`` applies the data set's training augmentation: one base seed is drawn
+        from ``generator`` (required then) per call, and each sample is augmented from
+        ``sample_seeds(base, its sample_id)``. So the same generator state gives the same batch,
+        and slices of a batch augmented with generators in that same state (data-parallel
+        workers) give the slices of that batch.
         """
         pos = np.asarray(positions, dtype=np.int64)
         if pos.ndim != 1:
@@ -222,7 +242,11 @@ class Split:
         if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
             raise IndexError(f"positions must lie in [0, {len(self)}); got range [{pos.min()}, {pos.max()}]: "
                              "map sample ids with positions_of first")
-        return self.source.load(self.sample_id[pos], augment=augment, generator=generator)
+        seeds = None
+        if augment:
+            base = int(torch.randint(0, 2**62, (1,), generator=_need_generator(generator)))
+            seeds = sample_seeds(base, self.sample_id[pos])
+        return self.source.load(self.sample_id[pos], augment=augment, seeds=seeds)
 
 
 @dataclass(frozen=True, eq=False)

@@ -136,7 +136,10 @@ def train_loop(config: dict[str, Any]) -> None:
         order = numpy_rng(seed, tag, "epoch", epoch).permutation(n_epoch)
         if subset is not None:
             order = subset[order]
-        aug_gen = torch_generator(seed, tag, "augment", epoch, rank)
+        # one stream per epoch on every worker: each global batch draws one base seed (one call
+        # per batch on every rank) and a sample's crop depends on (base, sample_id) only, so W
+        # workers augment their slices as one process augments the whole batch
+        aug_gen = torch_generator(seed, tag, "augment", epoch)
         meta_gen = numpy_rng(seed, tag, "meta", epoch)
         total_loss = 0.0
         for b0 in range(0, n_epoch, B):

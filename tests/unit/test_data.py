@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from pivotal_ray.config import ConfigError, DataConfig, NoiseConfig
-from pivotal_ray.core.data import build_data, crop_flip
+from pivotal_ray.core.data import build_data, crop_flip, sample_seeds
 
 
 # ----------------------------------------------------------------------------- toy (Figure 1)
@@ -171,12 +171,16 @@ def test_cifar_augmentation_is_deterministic_per_generator(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (len(s), 3, 32, 32)
     with pytest.raises(ValueError, match="generator"):
         s.inputs(pos, augment=True)
+    # data-parallel workers: slices of a batch, each with a generator in the same state, give the
+    # slices of the batch (a sample's crop depends on the base draw and its sample_id only)
+    parts = [s.inputs(p, augment=True, generator=torch.Generator().manual_seed(1)) for p in np.array_split(pos, 3)]
+    assert torch.equal(torch.cat(parts), a)
 
 
 def test_crop_flip_outputs_are_padded_crops_with_varied_offsets():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(24, 2, 6, 6, generator=g) + 0.5  # strictly positive, so zero padding is visible
-    out = crop_flip(x, pad=2, generator=torch.Generator().manual_seed(3))
+    out = crop_flip(x, pad=2, seeds=sample_seeds(3, np.arange(24)))
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     seen = set()
     for i in range(24):  # reference: search all (top, left, flip) candidates of torchvision's ops
@@ -221,6 +225,8 @@ def test_imagefolder_augmentation_uses_only_the_given_generator(tmp_path):
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a, b) and a.shape == (6, 3, 12, 12)
     assert not torch.equal(a, s.inputs(np.arange(6)))  # really augmented
+    halves = [s.inputs(p, augment=True, generator=torch.Generator().manual_seed(0)) for p in (np.arange(3), np.arange(3, 6))]
+    assert torch.equal(torch.cat(halves), a)  # per-sample seeds: slices of a batch = the batch's slices
 
 
 # ----------------------------------------------------------------------------- bad input
