@@ -274,27 +274,27 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
 def _check_cluster(cfg: ExperimentConfig, bundle: Any) -> None:
     import ray
 
+    if cfg.ray.autoscaling:  # the cluster grows on demand: what it has now says nothing
+        return
     res = ray.cluster_resources()
-    if not cfg.ray.autoscaling:
-        check_feature_memory(cfg, bundle, float(res.get("memory", 0.0)))
+    check_feature_memory(cfg, bundle, float(res.get("memory", 0.0)))
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    if need_cpu > res.get("CPU", 0) and not cfg.ray.autoscaling:
+    if need_cpu > res.get("CPU", 0):
         raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
                           f"needs {need_cpu} CPUs but the cluster has {res.get('CPU', 0)}: lower ray.num_workers or "
                           "ray.cpus_per_worker")
     shard_cpu = cfg.ray.kmeans_shards * cfg.ray.kmeans_shard_cpus
     clusters = clustered_feature_kind(cfg.selection.method, cfg.features.kind) is not None
-    if clusters and shard_cpu > res.get("CPU", 0) and not cfg.ray.autoscaling:
+    if clusters and shard_cpu > res.get("CPU", 0):
         raise ConfigError(f"ray.kmeans_shards={cfg.ray.kmeans_shards} x ray.kmeans_shard_cpus="
                           f"{cfg.ray.kmeans_shard_cpus} needs {shard_cpu} CPUs but the cluster has "
                           f"{res.get('CPU', 0)}: lower ray.kmeans_shards or ray.kmeans_shard_cpus")
-    if cfg.ray.extract_gpus > 0 and not res.get("GPU", 0) and not cfg.ray.autoscaling:
+    if cfg.ray.extract_gpus > 0 and not res.get("GPU", 0):
         raise ConfigError(f"ray.extract_gpus={cfg.ray.extract_gpus} but the cluster has no GPU: set "
                           "ray.extract_gpus=0 (CPU actors) or run on a cluster with GPU nodes")
-    if not cfg.ray.autoscaling:
-        _check_per_node(cfg, clusters or cfg.selection.method == "craig")
+    _check_per_node(cfg, clusters or cfg.selection.method == "craig")
     need_gpu = cfg.ray.num_workers if cfg.ray.use_gpu else 0
-    if need_gpu > res.get("GPU", 0) and not cfg.ray.autoscaling:
+    if need_gpu > res.get("GPU", 0):
         raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "
                           f"cluster has {res.get('GPU', 0)}: set ray.use_gpu=false or lower ray.num_workers")
 

@@ -35,7 +35,7 @@ from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 from pivotal_ray.core.registry import Registry
 from pivotal_ray.core.seeding import numpy_rng
 from pivotal_ray.core.shards import (SHARD_OPS, Candidates, DenseShard, FactorShard, PartialSums, Shard,
-                                     F64_REL_ERR, make_shard, top_by_score)
+                                     F64_REL_ERR, make_shard, s1_scores, top_by_score)
 
 __all__ = ["ShardSet", "LocalShardSet", "as_shard_set", "KMeansResult", "Selection", "INITS", "n_excluded",
            "weighted_kmeans", "assign", "select_pivotal", "FactorShard", "DenseShard", "make_shard"]
@@ -301,9 +301,7 @@ def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int) -> np.nd
             step = max(1, 2**26 // (8 * centers.shape[1]))  # 64 MiB of rows at a time
             for s in range(0, band.size, step):
                 G = _dense_rows(shards, ids[band[s:s + step]], what="candidate ids")  # (b', D)
-                norm = np.linalg.norm(G, axis=1)
-                cos = np.stack([np.abs((G * c).sum(1)) for c in centers], 1)  # (b', m), row by row
-                exact[s:s + step] = np.divide(cos.max(1), norm, out=np.zeros(len(G)), where=norm > 0)
+                exact[s:s + step] = np.max([s1_scores(G, c) for c in centers], axis=0)  # max_m |cos|
             rest = band[top_by_score(exact[None], ids[band], n_exclude - above.size)[0]]
             return np.sort(ids[np.concatenate([above, rest])])
     return np.sort(ids[top_by_score(sim[None], ids, n_exclude)[0]])

@@ -122,6 +122,14 @@ F64_REL_ERR = 1e-10
 F32_REL_ERR = 1e-5
 
 
+def s1_scores(G: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """S1 ``|<G_j, C_j>| / ||G_j||`` of rows G (r, D) to centroids C ((r, D), or (D,) for all), in
+    float64 from the rows alone (a sum along each row, no GEMM: the same floats whatever the
+    split); 0 for a zero row. (r,)"""
+    norm = np.linalg.norm(G, axis=1)
+    return np.divide(np.abs((G * C).sum(1)), norm, out=np.zeros(len(G)), where=norm > 0)
+
+
 def _shortlist(scores: np.ndarray, ids: np.ndarray, k: int, margin: np.ndarray) -> np.ndarray:
     """Column indices of each row's shortlist, ordered by (-score, sample_id): (R, L) int64.
 
@@ -484,11 +492,7 @@ class _ShardBase:
         step = max(1, self.chunk_bytes // max(8 * self._D, 1))
         for s in range(0, len(ids), step):
             G, Cs = self._dense(pos[s:s + step]), C[s:s + step]  # (r', D) each
-            if weighted:  # S1
-                norm = np.linalg.norm(G, axis=1)
-                out[s:s + step] = np.divide(np.abs((G * Cs).sum(1)), norm, out=np.zeros(len(G)), where=norm > 0)
-            else:
-                out[s:s + step] = -np.square(G - Cs).sum(1)
+            out[s:s + step] = s1_scores(G, Cs) if weighted else -np.square(G - Cs).sum(1)
         return out
 
 

@@ -18,7 +18,6 @@ Example (inside a Ray session; the parquet layout is :mod:`pivotal_ray.core.feat
 
 from __future__ import annotations
 
-
 import time
 from pathlib import Path
 from typing import Any, Sequence
