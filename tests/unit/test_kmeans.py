@@ -583,3 +583,24 @@ def test_near_tie_assignments_follow_exact_scores_under_every_split(weighted):
         np.testing.assert_array_equal(lab, want)
         p = LocalShardSet(shards).call("assign_sums", centroids=C, weighted=weighted)
         np.testing.assert_array_equal(sum(q.counts for q in p), np.bincount(want, minlength=2))
+
+
+@pytest.mark.parametrize("K, C, d, M", [(5, 10, 84, 10), (5, 100, 512, 20)])  # MNIST, CIFAR-100 shapes
+def test_float32_gemm_error_is_far_below_F32_REL_ERR(K, C, d, M):
+    # the bound _labels settles near-ties with: the float32 inner products of RBC-like factors
+    # (softmax A, ReLU x~) with centroids made of member rows stay 10x inside it
+    from pivotal_ray.core.shards import F32_REL_ERR
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((200, K, C)) * 2.0
+    A = np.exp(z - z.max(-1, keepdims=True))
+    A /= A.sum(-1, keepdims=True)
+    X = np.maximum(rng.standard_normal((200, K, d)), 0.0)
+    F = FactorFeatures(np.arange(200, dtype=np.int64), A.astype(np.float32), X.astype(np.float32))
+    s = FactorShard(F)
+    Cn = s._dense(rng.choice(200, size=M, replace=False))  # (M, K C d) float64
+    inner = s._inner(slice(0, 200), s._centroids(Cn).W).numpy()  # float32 GEMMs
+    A64, X64 = F.A.astype(np.float64), F.X.astype(np.float64)
+    exact = np.einsum("nkc,mkcd,nkd->nm", A64, Cn.reshape(M, K, C, d), X64)  # float64, no float32 rounding of C
+    scale = np.sqrt(s._sq_all.numpy())[:, None] * np.linalg.norm(Cn, axis=1)[None]
+    assert (np.abs(inner - exact) / scale).max() < F32_REL_ERR / 10  # measured: 6.6e-8 and 1.1e-7
