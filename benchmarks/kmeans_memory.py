@@ -140,7 +140,7 @@ def _synthetic(args) -> tuple[Path, dict[str, Any], int, np.ndarray, None]:
     s, r = SelectionConfig(method="rbc"), RayConfig()
     cfg = {"selection": {"method": "rbc", "exclude_frac": s.exclude_frac, "kmeans_init": s.kmeans_init,
                          "kmeans_max_iter": args.max_iter, "kmeans_tol": s.kmeans_tol,
-                         "kmeans_sign_align": s.kmeans_sign_align},
+                         "kmeans_sign_align": s.kmeans_sign_align, "similarity": s.similarity},
            "ray": {"kmeans_shards": args.shards or r.kmeans_shards,
                    "kmeans_shard_cpus": min(r.kmeans_shard_cpus, 2.0 / (args.shards or r.kmeans_shards))}}
     meta = np.sort(np.random.default_rng(1).choice(n, size=20, replace=False)).astype(np.int64)
@@ -151,6 +151,7 @@ def run(args) -> dict[str, Any]:
     import ray
 
     from pivotal_ray.core.featuretable import _column_2d
+    from pivotal_ray.config import kmeans_signed
     from pivotal_ray.core.seeding import derive_seed
     from pivotal_ray.distributed.kmeans import select_pivotal_distributed
 
@@ -172,6 +173,8 @@ def run(args) -> dict[str, Any]:
     width = sum(_column_2d(first.column(c)).shape[1] for c in first.schema.names if c in ("g", "A", "x"))
     table_bytes = sum(pq.ParquetFile(f).metadata.num_rows for f in files) * width * 4
     s, r = cfg["selection"], cfg["ray"]
+    # runs made before selection.similarity existed clustered with |<G_j, C_i>|
+    signed = "similarity" in s and kmeans_signed(s, cfg.get("reweight", {}).get("mode", "direct"))
     base = {k: f() for k, f in MEASURES.items()}
     sampler = Sampler()
     sampler.start()
@@ -182,7 +185,7 @@ def run(args) -> dict[str, Any]:
             str(table), num_shards=r["kmeans_shards"], shard_cpus=r["kmeans_shard_cpus"], budget=args.budget if want is None else len(want),
             meta_ids=meta, exclude_frac=s["exclude_frac"], weighted=s["method"] != "rbc_k", init=s["kmeans_init"],
             max_iter=s["kmeans_max_iter"], tol=s["kmeans_tol"], seed=derive_seed(seed, "kmeans", 1),
-            sign_align=s["kmeans_sign_align"])
+            sign_align=s["kmeans_sign_align"], signed=signed)
         wall = time.perf_counter() - t0
     finally:
         peak = sampler.stop()

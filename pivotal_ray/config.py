@@ -144,6 +144,16 @@ class FeatureConfig:
         _check(self.proj_dim >= 1, f"features.proj_dim={self.proj_dim} must be >= 1 (e.g. 256)")
 
 
+SIMILARITIES = ("auto", "abs", "signed")
+
+
+def kmeans_signed(selection: Mapping[str, Any], reweight_mode: str) -> bool:
+    """Whether weighted K-means drops the absolute value (``selection.similarity``; "auto": under
+    l2rw, the paper's supplement eqs. S13-S14). ``selection`` is a plain dict (or the dataclass)."""
+    sim = selection["similarity"] if isinstance(selection, Mapping) else selection.similarity
+    return sim == "signed" or (sim == "auto" and reweight_mode == "l2rw")
+
+
 @dataclass
 class SelectionConfig:
     """Algorithm 2: budget, warm-up and the clustering (spec sections 1 and 4)."""
@@ -159,6 +169,11 @@ class SelectionConfig:
     # weighted K-means update: members enter S2 as sign(<G_j, C_i>) G_j (false: S2 literally; the
     # two agree on non-negative features such as label-free RBC), see core.kmeans
     kmeans_sign_align: bool = True
+    # the similarity of weighted K-means, exclusion and picks: "abs" |<G_j, C_i>| (eq. 9, for the
+    # direct and mwnet modes), "signed" <G_j, C_i> (eqs. S13-S14: the paper drops the absolute
+    # value under l2rw, whose weights max(-dL/dw, 0) only rise for a positive inner product);
+    # "auto": signed when reweight.mode is l2rw, else abs (see kmeans_signed)
+    similarity: str = "auto"
     balanced_warmup: bool = False  # M0 drawn equally per OBSERVED class (as random_balanced) instead of uniformly
 
     def __post_init__(self) -> None:
@@ -170,6 +185,7 @@ class SelectionConfig:
             _check(self.per_round >= 1, f"selection.per_round={self.per_round} must be >= 1")
         _check(0.0 <= self.exclude_frac < 1.0, f"selection.exclude_frac={self.exclude_frac} must be in [0, 1)")
         _one_of("kmeans init", self.kmeans_init, ("kmeans++", "random"))
+        _one_of("selection.similarity", self.similarity, SIMILARITIES)
         _check(self.kmeans_max_iter >= 1, "selection.kmeans_max_iter must be >= 1")
         _check(self.kmeans_tol >= 0, f"selection.kmeans_tol={self.kmeans_tol} must be >= 0 (e.g. 1e-6)")
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .config import kmeans_signed
 from .core.registry import Registry
 from .core.seeding import derive_seed, numpy_rng
 from .training import best_snapshot
@@ -148,7 +149,8 @@ def _clustering(weighted: bool, kind: str | None = None) -> Selector:
             path, num_shards=r["kmeans_shards"], shard_cpus=r["kmeans_shard_cpus"], budget=k,
             meta_ids=ctx.meta_ids, exclude_frac=s["exclude_frac"], weighted=weighted, init=s["kmeans_init"],
             max_iter=s["kmeans_max_iter"], tol=s["kmeans_tol"], seed=derive_seed(ctx.seed, "kmeans", ctx.round),
-            sign_align=s["kmeans_sign_align"], autoscaling=r["autoscaling"])
+            sign_align=s["kmeans_sign_align"], signed=kmeans_signed(s, ctx.cfg["reweight"]["mode"]),
+            autoscaling=r["autoscaling"])
         ctx.timings["kmeans_s"] = time.perf_counter() - t0
         if sel.centroids is not None:  # for plots (the paper's Figure 4); float64 (n_clusters, D), no pickle
             from .core.artifacts import atomic_file

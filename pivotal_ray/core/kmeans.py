@@ -14,6 +14,14 @@ Weighted (the paper's method, ``rbc``/``gbc``):
     inner products are >= 0 (RBC with A = p on ReLU features), and it keeps clusters from
     cancelling out on mixed-sign features (label-aware RBC, GBC), where S2 read literally
     collapses them. ``sign_align=False`` gives S2 literally.
+Signed (``signed=True``, for the l2rw re-weighting of Ren et al. 2018): the paper's supplement
+    (eqs. S13-S14) drops the absolute value when weights are ``max(-dL/dw, 0)``, since only a
+    positive inner product with the meta gradient raises a weight. Then S1 is
+    ``<G_j, C_i> / ||G_j||``, the assignment ``argmax_i <G_j, C_i>``, the objective
+    ``sum_j max_i <G_j, C_i>``, the update S2 literally, the exclusion ``max_m cos(G_j, G_m)``, and
+    k-means++ scores a row by its squared distance to the chosen half-lines. On non-negative
+    features (label-free RBC on ReLU features) every inner product is >= 0 and the two agree to
+    the last bit.
 Plain (``rbc_k``): Euclidean K-means on the same features; objective = inertia.
 
 Example::
@@ -155,7 +163,7 @@ def _as_center(g: np.ndarray, weighted: bool) -> np.ndarray:
 
 @INITS.register("random")
 def _init_random(shards: ShardSet, *, ids: np.ndarray, n_clusters: int, weighted: bool,
-                 rng: np.random.Generator) -> np.ndarray:
+                 rng: np.random.Generator, signed: bool = False) -> np.ndarray:
     """The paper's init: M distinct random samples as centroids. ids (n,) sorted -> (M, D)."""
     pos = np.sort(rng.choice(ids.shape[0], size=n_clusters, replace=False))
     return _as_center(_dense_rows(shards, ids[pos], what="seed ids"), weighted)
@@ -163,15 +171,16 @@ def _init_random(shards: ShardSet, *, ids: np.ndarray, n_clusters: int, weighted
 
 @INITS.register("kmeans++")
 def _init_kmeanspp(shards: ShardSet, *, ids: np.ndarray, n_clusters: int, weighted: bool,
-                   rng: np.random.Generator) -> np.ndarray:
+                   rng: np.random.Generator, signed: bool = False) -> np.ndarray:
     """k-means++ under the run's geometry: draw each seed with probability proportional to its
     score against the seeds so far (Shard.seed_scores: the residual ``||G_j||^2 (1 - cos^2)`` to
-    the nearest chosen direction when weighted, ``D^2`` when plain). Scores are gathered and
+    the nearest chosen direction when weighted, with ``max(cos, 0)`` when signed, ``D^2`` when
+    plain). Scores are gathered and
     sorted by sample_id before every draw, so any number of shards gives the same seeds."""
     order = np.argsort(np.concatenate(shards.call("sample_ids")), kind="stable")
 
     def scores(center: np.ndarray | None) -> np.ndarray:
-        return np.concatenate(shards.call("seed_scores", center=center, weighted=weighted))[order]
+        return np.concatenate(shards.call("seed_scores", center=center, weighted=weighted, signed=signed))[order]
 
     s = scores(None)  # (n,)
     chosen = np.zeros(ids.shape[0], dtype=bool)
@@ -206,7 +215,7 @@ def _reduce(parts: list[PartialSums]) -> PartialSums:
 
 def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
                     init: str | np.ndarray = "kmeans++", max_iter: int = 200, tol: float = 1e-6,
-                    seed: int, sign_align: bool = True, device: str = "cpu") -> KMeansResult:
+                    seed: int, sign_align: bool = True, signed: bool = False, device: str = "cpu") -> KMeansResult:
     """Cluster the active rows of a shard set (Algorithm 1; plain K-means if not ``weighted``).
 
     Parameters
@@ -224,6 +233,9 @@ def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
         Weighted update ``C_i = sum_{S_i} sign(<G_j, C_i>) G_j / sum_{S_i} ||G_j||`` (see
         ``Shard.assign_sums``); identical to S2 when members' inner products are >= 0. False:
         S2 literally.
+    signed : bool
+        The l2rw geometry (module docstring): no absolute value in the assignment, objective and
+        S1; the update is S2 literally.
 
     Empty clusters are dropped and the loop goes on with ``M - M_empty`` clusters (the paper's
     restart). Weighted clusters whose members all have ``||G_j|| = 0`` count as empty (S2 would
@@ -237,7 +249,7 @@ def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
         if not 1 <= n_clusters <= ids.shape[0]:
             raise ValueError(f"n_clusters={n_clusters} must be in [1, {ids.shape[0]}] (the active rows)")
         rng = numpy_rng(seed, "kmeans", init)
-        C = INITS.get(init)(shards, ids=ids, n_clusters=n_clusters, weighted=weighted, rng=rng)
+        C = INITS.get(init)(shards, ids=ids, n_clusters=n_clusters, weighted=weighted, rng=rng, signed=signed)
     else:
         C = np.asarray(init, dtype=np.float64)
         if C.shape != (n_clusters, shards.call("dim")[0]):
@@ -246,7 +258,8 @@ def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
     objective: list[float] = []
     sizes, n_dropped, n_iter = np.zeros(C.shape[0], dtype=np.int64), 0, 0
     while n_iter < max_iter and C.shape[0] > 0:
-        p = _reduce(shards.call("assign_sums", centroids=C, weighted=weighted, sign_align=sign_align))
+        p = _reduce(shards.call("assign_sums", centroids=C, weighted=weighted, sign_align=sign_align,
+                                signed=signed))
         n_iter += 1
         objective.append(p.objective)
         keep = (p.counts > 0) & (p.denom > 0)
@@ -262,12 +275,12 @@ def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
     return KMeansResult(C, objective, n_iter, sizes, n_dropped)
 
 
-def assign(shards: Any, *, centroids: np.ndarray, weighted: bool = True,
+def assign(shards: Any, *, centroids: np.ndarray, weighted: bool = True, signed: bool = False,
            device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Assignment of every active row: (sample_id (n,) sorted, cluster (n,), score (n,))."""
     shards = as_shard_set(shards, device=device)
     ids = np.concatenate(shards.call("sample_ids"))
-    got = shards.call("assign", centroids=np.asarray(centroids, dtype=np.float64), weighted=weighted)
+    got = shards.call("assign", centroids=np.asarray(centroids, dtype=np.float64), weighted=weighted, signed=signed)
     lab, score = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
     order = np.argsort(ids, kind="stable")
     return ids[order], lab[order], score[order]
@@ -275,9 +288,9 @@ def assign(shards: Any, *, centroids: np.ndarray, weighted: bool = True,
 
 # ---- selection (Algorithm 2, steps c-d) --------------------------------------------------
 
-def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int) -> np.ndarray:
+def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int, signed: bool = False) -> np.ndarray:
     """Ids of the n_exclude candidates with the largest ``max_m |cos(G_j, G_m)|`` over meta samples
-    m (ties: smaller sample_id first). Zero rows have similarity 0.
+    m (signed: ``max_m cos(G_j, G_m)``; ties: smaller sample_id first). Zero rows have similarity 0.
 
     This is S1 with each meta sample as a singleton cluster: its S2 centroid is
     ``G_m / ||G_m||``, a unit vector, so ``||C|| |cos(G_j, C)|`` is ``|cos(G_j, G_m)|`` and no meta
@@ -286,7 +299,7 @@ def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int) -> np.nd
         return np.zeros(0, dtype=np.int64)
     centers = _unit(_dense_rows(shards, meta_ids, what="meta sample ids"))  # (m, D)
     ids = np.concatenate(shards.call("sample_ids"))
-    sim = np.concatenate(shards.call("max_similarity", centers=centers))  # float64 GEMMs
+    sim = np.concatenate(shards.call("max_similarity", centers=centers, signed=signed))  # float64 GEMMs
     if n_exclude < ids.size:
         # GEMM scores are off by at most e = F64_REL_ERR (unit centers), in digits that depend on
         # the shard split. Rows more than 2e above the cut are excluded in exact arithmetic too,
@@ -301,7 +314,7 @@ def _exclude(shards: ShardSet, *, meta_ids: np.ndarray, n_exclude: int) -> np.nd
             step = max(1, 2**26 // (8 * centers.shape[1]))  # 64 MiB of rows at a time
             for s in range(0, band.size, step):
                 G = _dense_rows(shards, ids[band[s:s + step]], what="candidate ids")  # (b', D)
-                exact[s:s + step] = np.max([s1_scores(G, c) for c in centers], axis=0)  # max_m |cos|
+                exact[s:s + step] = np.max([s1_scores(G, c, signed=signed) for c in centers], axis=0)  # max_m cos
             rest = band[top_by_score(exact[None], ids[band], n_exclude - above.size)[0]]
             return np.sort(ids[np.concatenate([above, rest])])
     return np.sort(ids[top_by_score(sim[None], ids, n_exclude)[0]])
@@ -316,10 +329,12 @@ def _near_ties(scores: np.ndarray, margin: np.ndarray) -> np.ndarray:
     return out
 
 
-def _exact(shards: ShardSet, ids: np.ndarray, centroids: np.ndarray, *, weighted: bool) -> np.ndarray:
+def _exact(shards: ShardSet, ids: np.ndarray, centroids: np.ndarray, *, weighted: bool,
+           signed: bool = False) -> np.ndarray:
     """Scores of rows ids (q,) to centroids (q, D), each computed from its row alone: (q,)."""
     out = np.full(ids.shape[0], np.nan)
-    for pos, score in shards.call("exact_scores", sample_ids=ids, centroids=centroids, weighted=weighted):
+    for pos, score in shards.call("exact_scores", sample_ids=ids, centroids=centroids, weighted=weighted,
+                                  signed=signed):
         out[pos] = score
     if np.isnan(out).any():
         raise RuntimeError(f"no shard holds the rows {ids[np.isnan(out)][:5].tolist()}; this is a bug")
@@ -327,7 +342,7 @@ def _exact(shards: ShardSet, ids: np.ndarray, centroids: np.ndarray, *, weighted
 
 
 def _merge(shards: ShardSet, cands: list[Candidates], *, k: int, n_best: int, centroids: np.ndarray,
-           weighted: bool) -> Candidates:
+           weighted: bool, signed: bool = False) -> Candidates:
     """Shard candidates -> the global ones: top k per centroid, top n_best overall.
 
     Entries within twice the scan error of a neighbour (near-ties, in practice exact ties)
@@ -351,7 +366,7 @@ def _merge(shards: ShardSet, cands: list[Candidates], *, k: int, n_best: int, ce
         rows, _ = np.nonzero(tied)
         q_ids = np.concatenate([ids[tied], b_ids[b_tied]])
         q_cen = np.asarray(centroids)[np.concatenate([rows, b_cl[b_tied]])]  # (q, D)
-        exact = _exact(shards, q_ids, q_cen, weighted=weighted)
+        exact = _exact(shards, q_ids, q_cen, weighted=weighted, signed=signed)
         sc, b_sc = sc.copy(), b_sc.copy()
         sc[tied], b_sc[b_tied] = exact[:rows.size], exact[rows.size:]
     top = top_by_score(sc, ids, k)
@@ -409,7 +424,7 @@ def n_excluded(n_candidates: int, exclude_frac: float) -> int:
 
 def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.ndarray, exclude_frac: float,
                    weighted: bool = True, init: str = "kmeans++", max_iter: int = 200, tol: float = 1e-6,
-                   seed: int, sign_align: bool = True, device: str = "cpu") -> Selection:
+                   seed: int, sign_align: bool = True, signed: bool = False, device: str = "cpu") -> Selection:
     """Pick ``budget`` pivotal samples (Algorithm 2 steps c-d; spec section 4).
 
     Parameters
@@ -422,11 +437,13 @@ def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.nda
         Existing meta samples: never picked; candidates most similar to them are excluded.
     exclude_frac : float in [0, 1)
         Fraction of the candidates (rows not in meta_ids) dropped before clustering:
-        :func:`n_excluded` of them, ranked by ``max_m |cos(G_j, G_m)|`` (ties: smaller sample_id).
+        :func:`n_excluded` of them, ranked by ``max_m |cos(G_j, G_m)|`` (signed: ``max_m cos``;
+        ties: smaller sample_id).
         No exclusion when meta_ids is empty.
     weighted : bool
         Weighted K-means (rbc/gbc) or plain K-means (rbc_k).
-    init, max_iter, tol, seed, sign_align : see :func:`weighted_kmeans`.
+    init, max_iter, tol, seed, sign_align, signed : see :func:`weighted_kmeans` (``signed`` also
+        drops the absolute value from the exclusion's cosine and the picks' S1).
     device : torch device for shards built here from features.
 
     Returns
@@ -441,6 +458,7 @@ def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.nda
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}: choose one of {INITS.names()}")
     shards = as_shard_set(shards, device=device)
+    signed = bool(signed and weighted)  # plain K-means has no sign to keep
     meta = np.unique(np.asarray(meta_ids, dtype=np.int64))
     try:
         n_cand = sum(shards.call("set_active", exclude_ids=meta))
@@ -448,16 +466,16 @@ def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.nda
         if budget > n_cand - n_excl:
             raise ValueError(f"budget={budget} exceeds the {n_cand - n_excl} candidates left after "
                              f"excluding {n_excl} of {n_cand}: lower the budget or exclude_frac")
-        excluded = _exclude(shards, meta_ids=meta, n_exclude=n_excl)
+        excluded = _exclude(shards, meta_ids=meta, n_exclude=n_excl, signed=signed)
         if excluded.size:
             shards.call("set_active", exclude_ids=np.concatenate([meta, excluded]))
         km = weighted_kmeans(shards, n_clusters=budget, weighted=weighted, init=init,
-                             max_iter=max_iter, tol=tol, seed=seed, sign_align=sign_align)
+                             max_iter=max_iter, tol=tol, seed=seed, sign_align=sign_align, signed=signed)
         M = km.centroids.shape[0]
         # top-M per centroid suffices: centroid i loses at most i < M candidates to earlier ones
         cands = _merge(shards, shards.call("top_candidates", centroids=km.centroids, weighted=weighted,
-                                           k=M, n_best=budget),
-                       k=M, n_best=budget, centroids=km.centroids, weighted=weighted)
+                                           k=M, n_best=budget, signed=signed),
+                       k=M, n_best=budget, centroids=km.centroids, weighted=weighted, signed=signed)
         ids, cl, sc = _picks(cands, budget)
     finally:  # leave the shards as they came: every row active
         shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))

@@ -93,13 +93,16 @@ class Shard(Protocol):
     def sample_ids(self) -> np.ndarray: ...
     def set_active(self, *, exclude_ids: np.ndarray) -> int: ...
     def dense_rows(self, *, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-    def seed_scores(self, *, center: np.ndarray | None, weighted: bool) -> np.ndarray: ...
-    def max_similarity(self, *, centers: np.ndarray) -> np.ndarray: ...
-    def assign(self, *, centroids: np.ndarray, weighted: bool) -> tuple[np.ndarray, np.ndarray]: ...
-    def assign_sums(self, *, centroids: np.ndarray, weighted: bool, sign_align: bool = True) -> PartialSums: ...
-    def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int) -> Candidates: ...
-    def exact_scores(self, *, sample_ids: np.ndarray, centroids: np.ndarray,
-                     weighted: bool) -> tuple[np.ndarray, np.ndarray]: ...  # (positions, scores)
+    def seed_scores(self, *, center: np.ndarray | None, weighted: bool, signed: bool = False) -> np.ndarray: ...
+    def max_similarity(self, *, centers: np.ndarray, signed: bool = False) -> np.ndarray: ...
+    def assign(self, *, centroids: np.ndarray, weighted: bool,
+               signed: bool = False) -> tuple[np.ndarray, np.ndarray]: ...
+    def assign_sums(self, *, centroids: np.ndarray, weighted: bool, sign_align: bool = True,
+                    signed: bool = False) -> PartialSums: ...
+    def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int,
+                       signed: bool = False) -> Candidates: ...
+    def exact_scores(self, *, sample_ids: np.ndarray, centroids: np.ndarray, weighted: bool,
+                     signed: bool = False) -> tuple[np.ndarray, np.ndarray]: ...  # (positions, scores)
 
 
 def top_by_score(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
@@ -123,12 +126,13 @@ F64_REL_ERR = 1e-10
 F32_REL_ERR = 1e-5
 
 
-def s1_scores(G: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """S1 ``|<G_j, C_j>| / ||G_j||`` of rows G (r, D) to centroids C ((r, D), or (D,) for all), in
-    float64 from the rows alone (a sum along each row, no GEMM: the same floats whatever the
-    split); 0 for a zero row. (r,)"""
+def s1_scores(G: np.ndarray, C: np.ndarray, *, signed: bool = False) -> np.ndarray:
+    """S1 ``|<G_j, C_j>| / ||G_j||`` (signed: ``<G_j, C_j> / ||G_j||``) of rows G (r, D) to
+    centroids C ((r, D), or (D,) for all), in float64 from the rows alone (a sum along each row,
+    no GEMM: the same floats whatever the split); 0 for a zero row. (r,)"""
     norm = np.linalg.norm(G, axis=1)
-    return np.divide(np.abs((G * C).sum(1)), norm, out=np.zeros(len(G)), where=norm > 0)
+    inner = (G * C).sum(1)
+    return np.divide(inner if signed else np.abs(inner), norm, out=np.zeros(len(G)), where=norm > 0)
 
 
 def _shortlist(scores: np.ndarray, ids: np.ndarray, k: int, margin: np.ndarray) -> np.ndarray:
@@ -311,7 +315,8 @@ class _ShardBase:
         return _Centroids(int(C.shape[0]), self._prepare(Ct), c_sq, np.asarray(C, dtype=np.float64),
                           F64_REL_ERR if f64 else F32_REL_ERR)
 
-    def _labels(self, sl: slice, cen: _Centroids, gain: torch.Tensor, weighted: bool) -> torch.Tensor:
+    def _labels(self, sl: slice, cen: _Centroids, gain: torch.Tensor, weighted: bool,
+                signed: bool = False) -> torch.Tensor:
         """Assignment of a chunk's rows: argmax of ``gain`` (n, M), except that a row whose two best
         gains are within twice their error bound takes the argmax of float64 gains computed from
         the row alone (no GEMM; the first on exact ties), so GEMM rounding, which depends on how
@@ -330,37 +335,43 @@ class _ShardBase:
             c_sq, G = cen.c_sq.cpu().numpy(), self._dense(sl.start + near)  # (M,), (r, D)
             for t, (row, g) in enumerate(zip(near, G)):
                 idx = np.flatnonzero(cands[t])  # ascending: the first on exact ties, as argmax
-                lab[int(row)] = int(idx[self._row_gains(g, cen.C64, c_sq, idx, weighted).argmax()])
+                lab[int(row)] = int(idx[self._row_gains(g, cen.C64, c_sq, idx, weighted, signed).argmax()])
         return lab
 
     @staticmethod
-    def _row_gains(g: np.ndarray, C: np.ndarray, c_sq: np.ndarray, idx: np.ndarray, weighted: bool) -> np.ndarray:
+    def _row_gains(g: np.ndarray, C: np.ndarray, c_sq: np.ndarray, idx: np.ndarray, weighted: bool,
+                   signed: bool = False) -> np.ndarray:
         """Gains of one row g (D,) to the centroids C[idx] (of (M, D)) in float64, one dot product
         each (the same floats whichever rows and centroids are settled with it): (len(idx),)."""
         inner = np.array([C[i] @ g for i in idx])
-        return np.abs(inner) if weighted else -(c_sq[idx] - 2.0 * inner + g @ g)
+        if weighted:
+            return inner if signed else np.abs(inner)
+        return -(c_sq[idx] - 2.0 * inner + g @ g)
 
-    def _scores(self, sl: slice, cen: _Centroids, weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _scores(self, sl: slice, cen: _Centroids, weighted: bool,
+                signed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sim, gain, inner), each (n, M) float64; assignment = argmax gain (first on ties).
 
-        weighted: gain = |<G_j, C_i>| (eq. 9), sim = gain / ||G_j|| (S1; 0 for a zero row);
-        plain: gain = sim = -||G_j - C_i||^2.
+        weighted: gain = |<G_j, C_i>| (eq. 9; signed: <G_j, C_i>, eq. S14), sim = gain / ||G_j||
+        (S1; 0 for a zero row); plain: gain = sim = -||G_j - C_i||^2.
         """
         inner = self._inner(sl, cen.W)  # (n, M)
         if weighted:
-            gain = inner.abs()
+            gain = inner if signed else inner.abs()
             norm = self._norm[sl].unsqueeze(1)  # (n, 1)
             sim = torch.where(norm > 0, gain / norm.clamp_min(1e-300), torch.zeros_like(gain))
             return sim, gain, inner
         dist = (self._sq[sl].unsqueeze(1) - 2.0 * inner + cen.c_sq).clamp_min(0.0)  # (n, M)
         return -dist, -dist, inner
 
-    def seed_scores(self, *, center: np.ndarray | None, weighted: bool) -> np.ndarray:
+    def seed_scores(self, *, center: np.ndarray | None, weighted: bool, signed: bool = False) -> np.ndarray:
         """k-means++ scores of the active rows against one new center (D,): (n,) float64.
 
         weighted (S1 geometry; center of unit norm): the residual ``||G_j||^2 - <G_j, c>^2 =
-        ||G_j||^2 (1 - cos^2)`` left after projecting on the center's direction; with no center,
-        ``||G_j||^2``. Plain: ``||G_j - c||^2``; with no center, 1 (a uniform first pick).
+        ||G_j||^2 (1 - cos^2)`` left after projecting on the center's line; signed, the squared
+        distance to the center's half-line ``{t c: t >= 0}``, ``||G_j||^2 - max(<G_j, c>, 0)^2``
+        (an anti-aligned row is not served by the center); with no center, ``||G_j||^2``.
+        Plain: ``||G_j - c||^2``; with no center, 1 (a uniform first pick).
         """
         if center is None:
             return self._sq.cpu().numpy() if weighted else np.ones(self.count(), dtype=np.float64)
@@ -368,12 +379,16 @@ class _ShardBase:
         out = [torch.zeros(0, dtype=torch.float64, device=self.device)]
         for sl in self._chunks(1):
             inner = self._inner(sl, cen.W)[:, 0]  # (n,)
-            res = self._sq[sl] - inner.square() if weighted else self._sq[sl] - 2.0 * inner + cen.c_sq[0]
+            if weighted:
+                res = self._sq[sl] - (inner.clamp_min(0.0) if signed else inner).square()
+            else:
+                res = self._sq[sl] - 2.0 * inner + cen.c_sq[0]
             out.append(res.clamp_min(0.0))
         return torch.cat(out).cpu().numpy()
 
-    def max_similarity(self, *, centers: np.ndarray) -> np.ndarray:
-        """max_i of S1 ``|<G_j, c_i>| / ||G_j||`` over centers (m, D) for the active rows: (n,) float64.
+    def max_similarity(self, *, centers: np.ndarray, signed: bool = False) -> np.ndarray:
+        """max_i of S1 ``|<G_j, c_i>| / ||G_j||`` (signed: without the absolute value) over centers
+        (m, D) for the active rows: (n,) float64.
 
         With unit-norm centers this is the largest ``|cos(G_j, c_i)|`` (the exclusion step). The
         GEMMs run in float64 (once per round): error at most ``F64_REL_ERR ||c_i||``.
@@ -382,23 +397,24 @@ class _ShardBase:
         if cen.M == 0:
             return np.zeros(self.count(), dtype=np.float64)
         out = [torch.zeros(0, dtype=torch.float64, device=self.device)]
-        out += [self._scores(sl, cen, True)[0].amax(1) for sl in self._chunks(cen.M, f64=True)]
+        out += [self._scores(sl, cen, True, signed)[0].amax(1) for sl in self._chunks(cen.M, f64=True)]
         return torch.cat(out).cpu().numpy()
 
-    def assign(self, *, centroids: np.ndarray, weighted: bool) -> tuple[np.ndarray, np.ndarray]:
+    def assign(self, *, centroids: np.ndarray, weighted: bool, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Cluster of every active row and its score to that centroid: ((n,) int64, (n,) float64)."""
         cen = self._centroids(centroids)
         if cen.M == 0:
             return np.full(self.count(), -1, dtype=np.int64), np.zeros(self.count(), dtype=np.float64)
         labels, scores = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.float64)]
         for sl in self._chunks(cen.M):
-            sim, gain, _ = self._scores(sl, cen, weighted)
-            lab = self._labels(sl, cen, gain, weighted)  # (n,)
+            sim, gain, _ = self._scores(sl, cen, weighted, signed)
+            lab = self._labels(sl, cen, gain, weighted, signed)  # (n,)
             labels.append(lab.cpu().numpy())
             scores.append(sim.gather(1, lab.unsqueeze(1))[:, 0].cpu().numpy())
         return np.concatenate(labels), np.concatenate(scores)
 
-    def assign_sums(self, *, centroids: np.ndarray, weighted: bool, sign_align: bool = True) -> PartialSums:
+    def assign_sums(self, *, centroids: np.ndarray, weighted: bool, sign_align: bool = True,
+                    signed: bool = False) -> PartialSums:
         """Assignment step + this shard's part of the update step (Algorithm 1; eq. S2 when weighted).
 
         With ``sign_align`` a weighted member enters its centroid's numerator as
@@ -406,6 +422,9 @@ class _ShardBase:
         current signs. It is S2 itself whenever members have non-negative inner products with
         their centroid (RBC with A = p and ReLU features: G_j >= 0 elementwise); without it
         anti-aligned members cancel and clusters collapse on mixed-sign features.
+        ``signed`` (the l2rw objective, eq. S14: ``sum_j max_i <G_j, C_i>``, no absolute value)
+        assigns by the signed inner product and updates by S2 literally (``sign_align`` has no
+        effect): a member's own sign is what the objective rewards.
         """
         cen = self._centroids(centroids)
         M = cen.M
@@ -414,15 +433,15 @@ class _ShardBase:
         counts = torch.zeros(M, dtype=torch.int64, device=self.device)
         objective = torch.zeros((), dtype=torch.float64, device=self.device)
         for sl in (self._chunks(M) if M else ()):
-            _, gain, inner = self._scores(sl, cen, weighted)  # (n, M)
-            lab = self._labels(sl, cen, gain, weighted)  # (n,)
+            _, gain, inner = self._scores(sl, cen, weighted, signed)  # (n, M)
+            lab = self._labels(sl, cen, gain, weighted, signed)  # (n,)
             best = gain.gather(1, lab.unsqueeze(1))[:, 0]  # (n,)
             objective += best.sum() if weighted else -best.sum()
             counts.index_add_(0, lab, torch.ones_like(lab))
             # S2 divides by sum ||G_j||; plain K-means by the member count
             denom.index_add_(0, lab, self._norm[sl] if weighted else torch.ones_like(best))
             sign = torch.ones_like(best)
-            if weighted and sign_align:
+            if weighted and sign_align and not signed:
                 sign = torch.where(inner.gather(1, lab.unsqueeze(1))[:, 0] < 0, -1.0, 1.0).double()
             self._add_numerator(numer, sl, lab, sign)
         return PartialSums(numer.cpu().numpy(), denom.cpu().numpy(), counts.cpu().numpy(), float(objective))
@@ -431,7 +450,8 @@ class _ShardBase:
         """numer (M, D) += this chunk's ``_numerator`` (subclasses may add in place, no (M, D) temporary)."""
         numer += self._numerator(sl, labels, sign, numer.shape[0])
 
-    def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int) -> Candidates:
+    def top_candidates(self, *, centroids: np.ndarray, weighted: bool, k: int, n_best: int,
+                       signed: bool = False) -> Candidates:
         """Per centroid the k most similar active rows, plus the n_best rows closest to their own centroid.
 
         The scan scores rows with float64 GEMMs, off by at most ``err`` (``F64_REL_ERR`` times
@@ -454,12 +474,12 @@ class _ShardBase:
         for sl in self._chunks(M, f64=True):
             rid = self._ids[sl]  # (n,)
             if M:
-                sim, gain, _ = self._scores(sl, cen, weighted)  # (n, M)
+                sim, gain, _ = self._scores(sl, cen, weighted, signed)  # (n, M)
                 g_max = max(g_max, float(self._norm[sl].max()) if rid.shape[0] else 0.0)
                 # S1 divides the inner product's error by ||G_j||; plain ||G||^2 - 2<G, C> +
                 # ||C||^2 sums terms up to (||G|| + ||C||)^2
                 err = F64_REL_ERR * (c_norm if weighted else (g_max + c_norm) ** 2)  # (M,)
-                lab = self._labels(sl, cen, gain, weighted)
+                lab = self._labels(sl, cen, gain, weighted, signed)
                 own = sim.gather(1, lab.unsqueeze(1))[:, 0].cpu().numpy()
                 lab = lab.cpu().numpy()
                 # running shortlist per centroid: merge the kept (M, L) with this chunk's (M, n)
@@ -475,17 +495,17 @@ class _ShardBase:
             b_cluster = np.concatenate([b_cluster, lab])[top]
         return Candidates(ids, scores, b_ids, b_scores, b_cluster, err, float(err.max(initial=0.0)))
 
-    def exact_scores(self, *, sample_ids: np.ndarray, centroids: np.ndarray,
-                     weighted: bool) -> tuple[np.ndarray, np.ndarray]:
+    def exact_scores(self, *, sample_ids: np.ndarray, centroids: np.ndarray, weighted: bool,
+                     signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Scores of query rows to query centroids, computed from each row alone (dense float64,
         no GEMM: the same floats whatever the split), for the queries whose row (active or not)
         this shard holds. sample_ids (q,) (may repeat), centroids (q, D) -> (positions (r,) into
         the query, scores (r,))."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         mine = np.flatnonzero(np.isin(sample_ids, self.sample_id))
-        return mine, self._exact_scores(sample_ids[mine], np.asarray(centroids)[mine], weighted)
+        return mine, self._exact_scores(sample_ids[mine], np.asarray(centroids)[mine], weighted, signed)
 
-    def _exact_scores(self, ids: np.ndarray, C: np.ndarray, weighted: bool) -> np.ndarray:
+    def _exact_scores(self, ids: np.ndarray, C: np.ndarray, weighted: bool, signed: bool = False) -> np.ndarray:
         """Scores of rows ``ids`` (r,) to centroids C (r, D) from dense float64 rows, a chunk of
         rows at a time: (r,). Each score is a sum along one row, the same floats whatever r."""
         pos = self._pos[self._order[np.searchsorted(self.sample_id[self._order], ids)]]
@@ -493,7 +513,7 @@ class _ShardBase:
         step = max(1, self.chunk_bytes // max(8 * self._D, 1))
         for s in range(0, len(ids), step):
             G, Cs = self._dense(pos[s:s + step]), C[s:s + step]  # (r', D) each
-            out[s:s + step] = s1_scores(G, Cs) if weighted else -np.square(G - Cs).sum(1)
+            out[s:s + step] = s1_scores(G, Cs, signed=signed) if weighted else -np.square(G - Cs).sum(1)
         return out
 
 

@@ -181,7 +181,7 @@ def select_pivotal_distributed(features_or_parquet_path: FactorFeatures | DenseF
                                num_shards: int, shard_cpus: float = 0.25, server_cpus: float = 0.0,
                                budget: int, meta_ids: Sequence[int] | np.ndarray, exclude_frac: float,
                                weighted: bool = True, init: str = "kmeans++", max_iter: int = 200,
-                               tol: float = 1e-6, seed: int, sign_align: bool = True,
+                               tol: float = 1e-6, seed: int, sign_align: bool = True, signed: bool = False,
                                device: str = "cpu", autoscaling: bool = False) -> Selection:
     """:func:`pivotal_ray.core.kmeans.select_pivotal` on ``num_shards`` shard actors + a parameter server.
 
@@ -193,7 +193,7 @@ def select_pivotal_distributed(features_or_parquet_path: FactorFeatures | DenseF
     try:
         return select_on_actors(actors, server_cpus=server_cpus, budget=budget, meta_ids=np.asarray(meta_ids),
                                 exclude_frac=exclude_frac, weighted=weighted, init=init, max_iter=max_iter,
-                                tol=tol, seed=seed, sign_align=sign_align)
+                                tol=tol, seed=seed, sign_align=sign_align, signed=signed)
     finally:
         for a in actors:
             ray.kill(a)

@@ -604,3 +604,94 @@ def test_float32_gemm_error_is_far_below_F32_REL_ERR(K, C, d, M):
     exact = np.einsum("nkc,mkcd,nkd->nm", A64, Cn.reshape(M, K, C, d), X64)  # float64, no float32 rounding of C
     scale = np.sqrt(s._sq_all.numpy())[:, None] * np.linalg.norm(Cn, axis=1)[None]
     assert (np.abs(inner - exact) / scale).max() < F32_REL_ERR / 10  # measured: 6.6e-8 and 1.1e-7
+
+
+# ---- the signed (l2rw) geometry, eqs. S13-S14 ---------------------------------------------------
+
+def test_signed_update_and_objective_are_s14_and_s2_literally():
+    F = random_factor(40, seed=6, signed=True)
+    G = F.dense().astype(np.float64)
+    C0 = G[[0, 5, 11]] / np.linalg.norm(G[[0, 5, 11]], axis=1, keepdims=True)
+    for sign_align in (True, False):  # signed updates by S2 literally whatever sign_align says
+        km = weighted_kmeans(FactorShard(F), n_clusters=3, init=C0, max_iter=1, seed=0, signed=True,
+                             sign_align=sign_align)
+        inner = G @ C0.T  # (n, M)
+        lab = inner.argmax(1)  # no absolute value
+        assert (np.abs(inner).argmax(1) != lab).any()  # the two geometries disagree on this data
+        norms = np.linalg.norm(G, axis=1)
+        ref = np.stack([G[lab == i].sum(0) / norms[lab == i].sum() for i in range(3)])
+        np.testing.assert_allclose(km.centroids, ref, rtol=1e-5, atol=1e-7)
+        assert km.objective[0] == pytest.approx(inner.max(1).sum(), rel=1e-6)  # sum_j max_i <G_j, C_i>
+        np.testing.assert_array_equal(km.sizes, np.bincount(lab, minlength=3))
+    _, lab, score = assign(FactorShard(F), centroids=C0, weighted=True, signed=True)
+    np.testing.assert_array_equal(lab, inner.argmax(1))
+    np.testing.assert_allclose(score, inner.max(1) / np.linalg.norm(G, axis=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("factor", [True, False])
+def test_signed_equals_abs_bit_for_bit_on_non_negative_features(factor):
+    # label-free RBC on ReLU features: every inner product is >= 0, so dropping |.| changes nothing
+    F = random_factor(200, seed=12, signed=False)
+    feats = F if factor else as_dense(F)
+    kw = dict(budget=7, meta_ids=F.sample_id[:5], exclude_frac=0.5, seed=4)
+    a, s = select_pivotal(feats, **kw), select_pivotal(feats, signed=True, **kw)
+    np.testing.assert_array_equal(a.sample_id, s.sample_id)
+    np.testing.assert_array_equal(a.excluded, s.excluded)
+    np.testing.assert_array_equal(a.centroids, s.centroids)
+    np.testing.assert_array_equal(a.score, s.score)
+    assert a.objective == s.objective
+
+
+def test_signed_exclusion_keeps_rows_anti_aligned_with_the_meta_samples():
+    # a meta sample m, rows close to +m and rows close to -m: under l2rw a -m row's weight is not
+    # raised by m (its inner product is negative), so it is not excluded as covered; |cos| drops both
+    rng = np.random.default_rng(3)
+    m = rng.standard_normal(16)
+    plus = m + 0.05 * rng.standard_normal((20, 16))
+    minus = -m + 0.05 * rng.standard_normal((20, 16))
+    other = rng.standard_normal((60, 16))
+    G = np.concatenate([m[None], plus, minus, other]).astype(np.float32)  # ids 0 | 1-20 | 21-40 | 41-100
+    F = DenseFeatures(np.arange(len(G), dtype=np.int64), G)
+    ss = LocalShardSet([DenseShard(F)])
+    ss.call("set_active", exclude_ids=np.array([0]))
+    signed = _exclude(ss, meta_ids=np.array([0]), n_exclude=20, signed=True)
+    absolute = _exclude(ss, meta_ids=np.array([0]), n_exclude=40)
+    np.testing.assert_array_equal(signed, np.arange(1, 21))
+    np.testing.assert_array_equal(absolute, np.arange(1, 41))
+
+
+def test_signed_kmeanspp_seeds_both_sides_of_a_line():
+    # two clusters along +v and -v: one line, two half-lines. Signed seeding scores a -v row by
+    # its distance to the +v half-line (2 ||G||^2 for an exact mirror), so the two seeds land on
+    # opposite sides; the |cos| residual of a -v row to the +v line is ~0
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal(24)
+    G = np.concatenate([v + 0.01 * rng.standard_normal((30, 24)), -v + 0.01 * rng.standard_normal((30, 24))])
+    F = DenseFeatures(np.arange(60, dtype=np.int64), G.astype(np.float32))
+    for seed in range(5):
+        km = weighted_kmeans(F, n_clusters=2, seed=seed, signed=True, max_iter=20)
+        _, lab, _ = assign(F, centroids=km.centroids, weighted=True, signed=True)
+        assert sorted(np.bincount(lab, minlength=2).tolist()) == [30, 30]
+        assert same_partition(lab, np.repeat([0, 1], 30))
+
+
+@pytest.mark.parametrize("factor", [True, False])
+def test_signed_selection_does_not_depend_on_the_split(factor):
+    F = random_factor(150, seed=4)
+    feats = F if factor else as_dense(F)
+    make = FactorShard if factor else DenseShard
+    kw = dict(budget=8, meta_ids=F.sample_id[::30], exclude_frac=0.5, seed=9, signed=True)
+    one = select_pivotal(make(feats), **kw)
+    three = select_pivotal([make(f) for f in feats.split(3)], **kw)
+    small = select_pivotal(make(feats, chunk_bytes=2048), **kw)
+    for other in (three, small):
+        np.testing.assert_array_equal(one.sample_id, other.sample_id)
+        np.testing.assert_array_equal(one.excluded, other.excluded)
+        np.testing.assert_allclose(one.centroids, other.centroids, rtol=1e-9, atol=1e-12)
+    # the exclusion ranks by the signed cosine (float64 reference)
+    G = F.dense().astype(np.float64)
+    U = G / np.linalg.norm(G, axis=1, keepdims=True)
+    meta = np.isin(F.sample_id, F.sample_id[::30])
+    sim = (U @ U[meta].T).max(1)
+    ex = np.isin(F.sample_id, one.excluded)
+    assert sim[ex].min() >= sim[~meta & ~ex].max() - 1e-9
