@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import ConfigError, ExperimentConfig, from_dict, to_dict, without_defaults
+from .config import ConfigError, ExperimentConfig, from_dict, kmeans_signed, to_dict, without_defaults
 from .core import artifacts
 from .core.data import build_data
 from .core.metrics import weight_auc
@@ -40,17 +40,28 @@ GBC_KNOBS = ("num_layers", "proj_dim", "projection")  # read only where GBC feat
 
 def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """The settings that make a run what it is: ``to_dict(cfg)`` less the GBC knobs when the
-    method extracts no GBC features (rbc/random runs with another features.proj_dim are the same run)."""
+    method extracts no GBC features (rbc/random runs with another features.proj_dim are the same run),
+    with ``selection.similarity`` as the similarity weighted K-means uses ("abs" / "signed", so
+    "auto" matches what it resolves to) and without it for methods that run no weighted K-means."""
     plain = to_dict(cfg)
-    if clustered_feature_kind(cfg.selection.method, cfg.features.kind) != "gbc":
+    kind = clustered_feature_kind(cfg.selection.method, cfg.features.kind)
+    if kind != "gbc":
         for key in GBC_KNOBS:
             plain["features"].pop(key, None)
+    if kind is None or cfg.selection.method == "rbc_k":
+        plain["selection"].pop("similarity", None)
+    else:
+        plain["selection"]["similarity"] = "signed" if kmeans_signed(cfg.selection, cfg.reweight.mode) else "abs"
     return plain
 
 
 def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
     """A recorded config through the dataclasses: settings added since it was written get their
-    defaults, so an older run still matches when it computed the same thing."""
+    defaults, so an older run still matches when it computed the same thing. The exception: a run
+    recorded before ``selection.similarity`` existed clustered with ``|<G_j, C_i>|`` ("abs")."""
+    sel = recorded.get("selection")
+    if isinstance(sel, dict) and "similarity" not in sel:
+        recorded = {**recorded, "selection": {**sel, "similarity": "abs"}}
     return run_identity(from_dict(recorded))
 
 

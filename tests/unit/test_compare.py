@@ -130,6 +130,38 @@ def test_finished_metrics_needs_a_complete_manifest_of_the_same_run(tmp_path):
                                features={"proj_dim": 256}))
 
 
+
+def test_a_run_is_identified_by_the_similarity_its_kmeans_used(tmp_path):
+    def done(cfg, config=None):
+        artifacts.write_manifest(cfg.output_dir, config=config or to_dict(cfg), seed=0, timings={},
+                                 extra={"status": "complete"})
+        artifacts.write_json(Path(cfg.output_dir) / "metrics.json", {"ok": 1})
+        artifacts.write_csv(Path(cfg.output_dir) / "selection.csv", pd.DataFrame({"sample_id": [1]}))
+
+    def cfg(method, mode, sim="auto", name="r"):
+        return _base(tmp_path, output_dir=str(tmp_path / name), selection={"method": method, "similarity": sim},
+                     reweight={"mode": mode})
+
+    # "auto" is the same run as what it resolves to: signed under l2rw, abs otherwise
+    done(cfg("gbc", "l2rw", "signed"))
+    assert finished_metrics(cfg("gbc", "l2rw")) == {"ok": 1}
+    with pytest.raises(artifacts.OutputDirError, match=r"selection.similarity"):
+        finished_metrics(cfg("gbc", "l2rw", "abs"))
+    done(cfg("gbc", "direct", "abs", name="d"))
+    assert finished_metrics(cfg("gbc", "direct", name="d")) == {"ok": 1}
+    # methods without weighted K-means never read it
+    done(cfg("random", "l2rw", "abs", name="rand"))
+    assert finished_metrics(cfg("random", "l2rw", "signed", name="rand")) == {"ok": 1}
+    # a run recorded before the setting existed clustered with |<G_j, C_i>|: not today's l2rw default
+    old = cfg("gbc", "l2rw", name="old")
+    recorded = to_dict(old)
+    del recorded["selection"]["similarity"]
+    done(old, recorded)
+    with pytest.raises(artifacts.OutputDirError, match=r"selection.similarity"):
+        finished_metrics(old)
+    assert finished_metrics(cfg("gbc", "l2rw", "abs", name="old")) == {"ok": 1}
+
+
 def _fake_pipeline(calls: list):
     """Writes what run_experiment writes for a finished toy run: snapshot, selection, metrics."""
 
