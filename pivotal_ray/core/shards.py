@@ -46,7 +46,8 @@ class PartialSums:
 
     numer (M, D) float64: sum of G_j over the shard's members of each cluster;
     denom (M,) float64: sum of ||G_j|| (weighted, eq. S2) or the member count (plain K-means);
-    counts (M,) int64; objective: sum_j max_i |<G_j, C_i>| (weighted MCO, eq. 9) or
+    counts (M,) int64; objective: sum_j max_i |<G_j, C_i>| (weighted MCO, eq. 9; signed: without
+    the absolute value, eq. S14) or
     sum_j min_i ||G_j - C_i||^2 (plain K-means inertia).
     """
 
@@ -67,8 +68,8 @@ class Candidates:
     ids, scores (M, L): per centroid the shard's k best rows and any within twice the scores'
     error of the k-th (L >= k), sorted by (-score, sample_id); best_ids, best_scores,
     best_cluster (b,): likewise the rows closest to their assigned centroid (for topping up
-    the budget). Score: S1 ``|<G_j, C_i>| / ||G_j||`` when weighted, ``-||G_j - C_i||^2`` for
-    plain K-means. err (M,), best_err: bounds on the scores' error (see ``top_candidates``).
+    the budget). Score: S1 ``|<G_j, C_i>| / ||G_j||`` when weighted (``<G_j, C_i> / ||G_j||``
+    when signed), ``-||G_j - C_i||^2`` for plain K-means. err (M,), best_err: bounds on the scores' error (see ``top_candidates``).
     """
 
     ids: np.ndarray
