@@ -320,6 +320,19 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name: the first ``model name`` line of ``cpuinfo`` on Linux (x86),
+    else what :func:`platform.processor` says; ``None`` when neither names one."""
+    try:
+        for line in Path(cpuinfo).read_text(encoding="utf-8", errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def compute_platform() -> dict[str, Any]:
     """What, besides the seed, the config and the package versions, decides a run's floats.
 
@@ -331,11 +344,17 @@ def compute_platform() -> dict[str, Any]:
     picks on machines of the same capability, not across them. Recorded in every manifest (of
     the machine that writes it, the driver's: on a cluster, the workers' nodes compute).
 
-    Returns ``{"machine": "x86_64", "cpu_count": 2, "torch_cpu_capability": "AVX2",
-    "cuda_device": None}`` (``cuda_device``: the name of CUDA device 0 when one is visible);
-    ``{"machine": ..., "cpu_count": ...}`` alone when torch is not installed.
+    The capability alone does not tell machines apart: two AVX-512 machines, one Intel and one
+    AMD EPYC, trained different MNIST warm-ups from the same seed (docs/results.md), so the CPU's
+    model name is recorded too.
+
+    Returns ``{"machine": "x86_64", "cpu_model": "AMD EPYC", "cpu_count": 2,
+    "torch_cpu_capability": "AVX2", "cuda_device": None}`` (``cpu_model``: see
+    :func:`cpu_model`; ``cuda_device``: the name of CUDA device 0 when one is visible);
+    without ``torch_cpu_capability``/``cuda_device`` when torch is not installed.
     """
-    out: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count()}
+    out: dict[str, Any] = {"machine": platform.machine(), "cpu_model": cpu_model(),
+                           "cpu_count": os.cpu_count()}
     try:
         import torch
     except ImportError:

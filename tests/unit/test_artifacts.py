@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +266,19 @@ def test_write_manifest(tmp_path: Path, config: dict) -> None:
 
     assert m["platform"] == art.compute_platform()
     assert m["platform"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
+    assert "cpu_model" in m["platform"]
     with pytest.raises(TypeError, match="stage names to seconds"):
         art.write_manifest(tmp_path / "run", config=config, seed=0, timings={"total_s": "slow"})
+
+
+def test_cpu_model_reads_the_first_model_name(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
+    assert art.cpu_model(info) == "AMD EPYC 9B14"
+    info.write_text("processor\t: 0\nmodel name\t:\n")  # no name: falls back to platform.processor()
+    assert art.cpu_model(info) == (platform.processor() or None)
+    assert art.cpu_model(tmp_path / "missing") == (platform.processor() or None)
 
 
 def test_check_output_dir_allows_new_empty_and_same_run(tmp_path: Path, config: dict) -> None:
