@@ -51,6 +51,7 @@ __all__ = [
     "write_csv",
     "write_parquet",
     "package_versions",
+    "cpu_model",
     "compute_platform",
     "git_revision",
     "config_fingerprint",
