@@ -342,12 +342,13 @@ def compute_platform() -> dict[str, Any]:
     sums in another order. LeNet-5's forward and backward on one batch differ in their last bits
     between the DEFAULT and AVX2 kernels of one machine, and meta re-weighting at lr 0.1 grows
     such differences into different models within a few epochs; so the same seed gives the same
-    picks on machines of the same capability, not across them. Recorded in every manifest (of
+    picks on one kind of machine, not across kinds. Recorded in every manifest (of
     the machine that writes it, the driver's: on a cluster, the workers' nodes compute).
 
-    The capability alone does not tell machines apart: two AVX-512 machines, one Intel and one
-    AMD EPYC, trained different MNIST warm-ups from the same seed (docs/results.md), so the CPU's
-    model name is recorded too.
+    The capability alone does not tell machines apart: two AVX-512 machines (the second an AMD
+    EPYC; the first's model went unrecorded) trained different MNIST warm-ups from the same seed
+    (docs/results.md, "Table 1 rerun on an AMD EPYC machine"), so the CPU's model name is
+    recorded too.
 
     Returns ``{"machine": "x86_64", "cpu_model": "AMD EPYC", "cpu_count": 2,
     "torch_cpu_capability": "AVX2", "cuda_device": None}`` (``cpu_model``: see
