@@ -15,6 +15,11 @@ storage URI through ``ray.storage_path``)::
 
 Prints the picked samples and the test accuracy at the best-validation epoch, and writes
 ``selection.csv``, ``metrics.json`` and ``manifest.json`` under ``output_dir``.
+
+With ``labels=file`` a person labels the meta samples instead of the oracle: each run stops
+where samples need a label, writes them to ``<output_dir>/to_label_round<r>.csv`` and says
+so; add ``sample_id,label`` rows to ``<output_dir>/labels.csv`` (or ``labels.file=``) and run
+the same command again.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ def resolve_config(cfg: DictConfig):
     data = values.get("data") or {}
     if data.get("root") and "://" not in data["root"]:
         data["root"] = os.path.abspath(data["root"])
+    labels = values.get("labels") or {}
+    if labels.get("file"):
+        labels["file"] = os.path.abspath(labels["file"])
     return from_dict(values)
 
 
@@ -59,6 +67,13 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if metrics.get("status") == "awaiting_labels":
+        print(f"waiting for labels: {metrics['missing']} sample(s) of round {metrics['round']} need a clean label")
+        print(Path(metrics["to_label"]).read_text().rstrip())
+        print(f"label them: fill in the 'label' column of {metrics['to_label']} and add its rows to "
+              f"{metrics['labels_file']} (a CSV with the header 'sample_id,label'; extra columns are ignored), "
+              "then run this same command again")
+        return
     sel = Path(exp.output_dir) / "selection.csv"
     print(f"picks ({exp.selection.method}, seed {exp.seed}):")
     print(sel.read_text().rstrip())

@@ -203,6 +203,10 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     from .pipeline import run_experiment, validate
 
     run = run or run_experiment
+    if base.labels.source != "oracle":
+        raise ConfigError(f"labels.source={base.labels.source!r}: jobs.compare runs experiments, whose meta samples "
+                          "the oracle labels; label the picks of one run by hand with python -m jobs.select "
+                          "labels=file")
     specs = expand(base=base, cc=cc)
     for spec in specs:
         validate(spec.cfg)

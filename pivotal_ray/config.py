@@ -8,6 +8,7 @@ work starts. Configs cross into Ray as plain dicts (:func:`to_dict`), never as D
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -215,6 +216,29 @@ class FinetuneConfig:
                f"finetune.batch_size={self.batch_size} must be >= 1 (or null: reweight.batch_size)")
 
 
+LABEL_SOURCES = ("oracle", "file")
+
+
+@dataclass
+class LabelsConfig:
+    """Who cleans the meta samples' labels (spec section 5; core.labels).
+
+    ``oracle``: the data's true labels (experiments, where the noise is injected). ``file``: a
+    person. The job writes the samples it needs labelled to ``<output_dir>/to_label_round<r>.csv``
+    and stops; the person adds ``sample_id,label`` rows to ``labels.file`` (default
+    ``<output_dir>/labels.csv``) and runs the same command again, which goes on from there.
+    """
+
+    source: str = "oracle"
+    file: str | None = None  # absolute path of the labels CSV; None: <output_dir>/labels.csv
+
+    def __post_init__(self) -> None:
+        _one_of("labels.source", self.source, LABEL_SOURCES)
+        _check(self.file is None or self.file.startswith("/"),
+               f"labels.file={self.file!r} must be an absolute path (Ray jobs run from a temporary copy of "
+               "the working dir)")
+
+
 @dataclass
 class RayConfig:
     """Where and with what resources each stage runs."""
@@ -262,10 +286,16 @@ class ExperimentConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed={self.seed} must be a non-negative int")
+
+    @property
+    def labels_file(self) -> str:
+        """Where a person's labels are read from (``labels.source=file``)."""
+        return self.labels.file or os.path.join(self.output_dir, "labels.csv")
 
 
 _SECTIONS = {
@@ -276,6 +306,7 @@ _SECTIONS = {
     "features": FeatureConfig,
     "selection": SelectionConfig,
     "finetune": FinetuneConfig,
+    "labels": LabelsConfig,
     "ray": RayConfig,
 }
 

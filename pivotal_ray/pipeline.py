@@ -2,7 +2,7 @@
 
 warm-up (M0 random meta samples, meta re-weighting in Ray Train, a snapshot per epoch)
 -> rounds: snapshots -> features (Ray Data) -> exclusion + weighted K-means (parameter server)
-   -> picks -> oracle cleaning -> re-train
+   -> picks -> cleaning (the oracle, or a person: ``labels=file``) -> re-train
 -> final metrics and artefacts (selection.csv, metrics.json, manifest.json) in ``output_dir``.
 
 Which runs a method trains is its training plan's business (``training.PLANS``, named when the
@@ -26,6 +26,7 @@ import torch
 from .config import ConfigError, ExperimentConfig, from_dict, kmeans_signed, to_dict, without_defaults
 from .core import artifacts
 from .core.data import build_data
+from .core.labels import TO_LABEL_NAME, labels_digest, to_label_rows
 from .core.metrics import weight_auc
 from .selectors import SELECTORS, Picks, RoundContext, clustered_feature_kind, plan_of
 from .training import PLANS, TrainEnv, best_snapshot, warmup_ids, warmup_name  # noqa: F401  (warmup_* re-exported)
@@ -41,9 +42,13 @@ GBC_KNOBS = ("num_layers", "proj_dim", "projection")  # read only where GBC feat
 def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """The settings that make a run what it is: ``to_dict(cfg)`` less the GBC knobs when the
     method extracts no GBC features (rbc/random runs with another features.proj_dim are the same run),
-    with ``selection.similarity`` as the similarity weighted K-means uses ("abs" / "signed", so
+    and less ``labels`` (a person's labels file is a path; the oracle, the default, is left out so
+    run names stay as they were), with ``selection.similarity`` as the similarity weighted K-means uses ("abs" / "signed", so
     "auto" matches what it resolves to) and without it for methods that run no weighted K-means."""
     plain = to_dict(cfg)
+    labels = plain.pop("labels")  # the file is a path: where the labels come from, not what they are
+    if labels["source"] != "oracle":  # (oracle runs keep the names they had before labels existed)
+        plain["labels"] = {"source": labels["source"]}
     kind = clustered_feature_kind(cfg.selection.method, cfg.features.kind)
     if kind != "gbc":
         for key in GBC_KNOBS:
@@ -111,12 +116,22 @@ def validate(cfg: ExperimentConfig) -> Any:
     from .core.models import build_model
 
     build_model(cfg.model, bundle.num_classes, bundle.input_shape)  # ConfigError: model and data disagree
+    labeler(cfg, bundle)  # ConfigError for a labels file that cannot be used
     if cfg.reweight.augment:
         try:
             bundle.train.inputs(np.arange(1), augment=True, generator=torch.Generator().manual_seed(0))
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return bundle
+
+
+def labeler(cfg: ExperimentConfig, bundle: Any) -> Any:
+    """Who cleans the picks (``labels.source``): the oracle, or a person's labels file."""
+    from .core.labels import FileLabels, OracleLabels
+
+    if cfg.labels.source == "file":
+        return FileLabels(cfg.labels_file, train_ids=bundle.train.sample_id, num_classes=bundle.num_classes)
+    return OracleLabels(bundle.train.sample_id, bundle.train.y_true)
 
 
 def _check_rounds_fit(cfg: ExperimentConfig, n: int) -> None:
@@ -358,29 +373,43 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     if done is not None:  # the same run (validate checked the fingerprint), already finished
         log.info("%s already holds this run, complete: nothing to do (delete it to run again)", cfg.output_dir)
         return done
+    out = Path(cfg.output_dir)
+    cfg_dict = to_dict(cfg)
+    labels = labeler(cfg, bundle)
+    observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
+    selector = SELECTORS.get(cfg.selection.method)
+    plan = PLANS.get(plan_of(selector))()
+    cleaned = labels.labels
+    by_hand = labels.source == "file"
+
+    def selection_rows(ids: np.ndarray, rnd: int, clusters: Any, scores: Any) -> list[dict[str, Any]]:
+        return [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": int(y),
+                 "round": rnd, "cluster": int(c), "score": float(sc)}
+                for i, y, c, sc in zip(ids, cleaned(ids), clusters, scores)]
+
+    def wait_for_labels(ids: np.ndarray, rnd: int, clusters: Any, scores: Any) -> dict[str, Any] | None:
+        """Export the samples of ``ids`` that have no label yet and stop (``labels=file``)."""
+        missing = labels.missing(ids)
+        if not missing.size:
+            return None
+        return _await_labels(cfg, out, bundle, missing, ids=ids, observed=observed, rnd=rnd, clusters=clusters,
+                             scores=scores, cfg_dict=cfg_dict)
+
+    meta = plan.warmup_ids(cfg, bundle)
+    no_cluster, no_score = [-1] * len(meta), [float("nan")] * len(meta)
+    waiting = wait_for_labels(meta, 0, no_cluster, no_score)  # before Ray: nothing to train yet
+    if waiting is not None:
+        return waiting
     connect(cfg)
     _check_cluster(cfg, bundle)
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = to_dict(cfg)
     fingerprint = artifacts.config_fingerprint(without_defaults(run_identity(cfg)))[:12]  # names the round runs
     # claim the directory first: a crashed run can then be resumed in place (same fingerprint)
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra={"status": "running"})
     storage = cfg.ray.storage_path or str(out / "ray_train")
-    oracle = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_true.tolist()))
-    observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
     timings: dict[str, Any] = {}
-    selector = SELECTORS.get(cfg.selection.method)
-    plan = PLANS.get(plan_of(selector))()
     env = TrainEnv(cfg=cfg, storage=storage)
-    cleaned = lambda ids: np.array([oracle[int(i)] for i in ids], dtype=np.int64)  # noqa: E731
-
-    def selection_rows(ids: np.ndarray, rnd: int, clusters: Any, scores: Any) -> list[dict[str, Any]]:
-        return [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": oracle[int(i)],
-                 "round": rnd, "cluster": int(c), "score": float(sc)} for i, c, sc in zip(ids, clusters, scores)]
-
-    meta = plan.warmup_ids(cfg, bundle)
-    rows = selection_rows(meta, 0, [-1] * len(meta), [float("nan")] * len(meta))
+    rows = selection_rows(meta, 0, no_cluster, no_score)
     t0 = time.perf_counter()
     log.info("%s: %s training, %d meta samples, %d epochs", cfg.selection.method, plan.first_stage, len(meta),
              cfg.reweight.epochs)
@@ -392,17 +421,28 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         ctx = RoundContext(cfg=cfg_dict, bundle=bundle, meta_ids=meta, run=run, round=r,
                            work_dir=out / "rounds" / f"round_{r}")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        log.info("round %d: selecting %d with %s", r, k, cfg.selection.method)
-        picks: Picks = selector(ctx, k)
-        ctx.timings["select_s"] = time.perf_counter() - t0
-        _check_picks(picks, k, meta, bundle)
+        picks = _read_picks(ctx.work_dir, k=k, meta=meta, after=run.name)
+        if picks is None:
+            t0 = time.perf_counter()
+            log.info("round %d: selecting %d with %s", r, k, cfg.selection.method)
+            picks = selector(ctx, k)
+            ctx.timings["select_s"] = time.perf_counter() - t0
+            _check_picks(picks, k, meta, bundle)
+            _write_picks(ctx.work_dir, picks, meta=meta, after=run.name, timings=ctx.timings)
+        else:  # this round's picks, made before (the run stopped for labels, or crashed while re-training)
+            ctx.timings.update(picks.info.pop("timings", {}))
+            log.info("round %d: read back the %d picks of %s", r, k, ctx.work_dir / PICKS_NAME)
+        waiting = wait_for_labels(picks.sample_id, r, picks.cluster, picks.score)
+        if waiting is not None:
+            return waiting
         log.info("round %d: picked %s in %.1f s; re-training with %d meta samples", r,
                  picks.sample_id.tolist(), ctx.timings["select_s"], len(meta) + k)
         rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         t0 = time.perf_counter()
         name = f"{cfg.selection.method}-round{r}-{fingerprint}"
+        if by_hand:  # a corrected label must train a new run, not read the old one back
+            name += f"-labels{labels_digest(meta, cleaned(meta))}"
         run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
         ctx.timings["train_s"] = time.perf_counter() - t0
         _log_run(run, ctx.timings["train_s"])
@@ -420,8 +460,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "best_epoch": run.best_epoch, "final_test_acc": run.final_test_acc,
         "weight_auc": weight_auc(weights[noisy_mask], clean[noisy_mask]),
         "meta_size": int(len(meta)),
-        "meta_clean_frac_observed": (float(np.mean([observed[int(i)] == oracle[int(i)] for i in meta]))
+        "meta_clean_frac_observed": (float(np.mean(cleaned(meta) == np.array([observed[int(i)] for i in meta])))
                                      if len(meta) else None),
+        "labels_source": labels.source,
         "rounds": rounds_info,
         "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),
                       "best_snapshot": str(best_snapshot(run)["path"])},
@@ -433,6 +474,52 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings=metrics["timings"],
                              extra={"status": "complete"})
     return metrics
+
+
+PICKS_NAME = "picks.json"
+
+
+def _write_picks(work_dir: Path, picks: Picks, *, meta: np.ndarray, after: str, timings: dict[str, Any]) -> None:
+    """A round's picks, with what they were picked from (the meta set before the round and the
+    training run whose snapshots were read), so a rerun reads them back instead of picking again."""
+    artifacts.write_json(work_dir / PICKS_NAME, {
+        "meta_before": [int(i) for i in meta], "after_run": after, "sample_id": [int(i) for i in picks.sample_id],
+        "cluster": [int(c) for c in picks.cluster], "score": [float(v) for v in picks.score],
+        "info": picks.info, "timings": dict(timings)})
+
+
+def _read_picks(work_dir: Path, *, k: int, meta: np.ndarray, after: str) -> Picks | None:
+    """The picks :func:`_write_picks` left for this round, if they were made from this meta set and
+    this training run; else None (pick again)."""
+    try:
+        rec = json.loads((work_dir / PICKS_NAME).read_text())
+        if rec["after_run"] != after or rec["meta_before"] != [int(i) for i in meta] or len(rec["sample_id"]) != k:
+            return None
+        return Picks(np.asarray(rec["sample_id"], dtype=np.int64), np.asarray(rec["cluster"], dtype=np.int64),
+                     np.asarray(rec["score"], dtype=np.float64), info={**rec["info"], "timings": rec["timings"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _await_labels(cfg: ExperimentConfig, out: Path, bundle: Any, missing: np.ndarray, *, ids: np.ndarray,
+                  observed: dict[int, int], rnd: int, clusters: Any, scores: Any,
+                  cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Write the samples of ``ids`` still ``missing`` a label to ``to_label_round<rnd>.csv``, mark
+    the run as waiting, and return what ``jobs.select`` prints (``labels=file``)."""
+    keep = np.isin(ids, missing)
+    paths = getattr(bundle.train.source, "paths", None)  # ImageFolder data: the image files
+    locate = (lambda rows: [paths[int(i)] for i in rows]) if paths is not None else None
+    df = to_label_rows(np.asarray(ids)[keep], observed=observed, round_=rnd,
+                       cluster=np.asarray(clusters)[keep], score=np.asarray(scores, dtype=float)[keep], locate=locate)
+    path = out / TO_LABEL_NAME.format(round=rnd)
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={},  # claims the directory first
+                             extra={"status": "awaiting_labels", "to_label": str(path), "round": rnd})
+    artifacts.write_csv(path, df)
+    log.info("round %d: %d sample(s) need a clean label: wrote %s; add sample_id,label rows to %s and run the "
+             "same command again", rnd, len(df), path, cfg.labels_file)
+    return {"status": "awaiting_labels", "round": rnd, "missing": int(len(df)), "to_label": str(path),
+            "labels_file": cfg.labels_file}
 
 
 def _log_run(run: Any, seconds: float) -> None:

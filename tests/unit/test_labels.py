@@ -1,0 +1,90 @@
+"""Labels from the oracle or a person (core.labels): the labels file's checks and the run-name digest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pivotal_ray.config import ConfigError, from_dict
+from pivotal_ray.core.labels import FileLabels, OracleLabels, labels_digest, read_label_file, to_label_rows
+from pivotal_ray.pipeline import run_identity
+
+TRAIN_IDS = np.arange(0, 100, 2, dtype=np.int64)  # even ids only
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    return path
+
+
+def test_a_missing_file_holds_no_labels_yet(tmp_path):
+    lab = FileLabels(tmp_path / "labels.csv", train_ids=TRAIN_IDS, num_classes=3)
+    assert len(lab) == 0
+    assert lab.missing(np.array([4, 2])).tolist() == [4, 2]
+
+
+def test_labels_are_read_back_and_missing_ones_named_in_order(tmp_path):
+    path = _write(tmp_path, "sample_id,label\n4,2\n 10 , 0\n4,2\n")  # a repeated identical row is fine
+    lab = FileLabels(path, train_ids=TRAIN_IDS, num_classes=3)
+    assert lab.labels(np.array([10, 4])).tolist() == [0, 2]
+    assert lab.missing(np.array([12, 4, 6, 10])).tolist() == [12, 6]
+    with pytest.raises(KeyError):
+        lab.labels(np.array([12]))
+
+
+def test_a_filled_in_to_label_file_is_a_labels_file(tmp_path):
+    """Extra columns are ignored and rows whose label is still empty count as unlabelled."""
+    df = to_label_rows(np.array([8, 6]), observed={8: 1, 6: 0}, round_=1, cluster=[0, 1], score=[0.5, 0.25],
+                       locate=lambda ids: [f"/img/{i}.png" for i in ids])
+    assert list(df.columns) == ["sample_id", "observed_label", "round", "cluster", "score", "path", "label"]
+    assert df["path"].tolist() == ["/img/8.png", "/img/6.png"] and (df["label"] == "").all()
+    df.loc[df["sample_id"] == 8, "label"] = "2"
+    path = tmp_path / "labels.csv"
+    df.to_csv(path, index=False)
+    lab = FileLabels(path, train_ids=TRAIN_IDS, num_classes=3)
+    assert lab.labels(np.array([8])).tolist() == [2]
+    assert lab.missing(np.array([8, 6])).tolist() == [6]
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("id,label\n4,1\n", "has no column(s) ['sample_id']"),
+    ("sample_id,label\n4,one\n", "label must be an integer, got ['one'] (line(s) [2])"),
+    ("sample_id,label\n4,1.5\n", "label must be an integer"),
+    ("sample_id,label\nx4,1\n", "sample_id must be an integer"),
+    ("sample_id,label\n4,3\n", "are not classes of this data set (0 to 2)"),
+    ("sample_id,label\n4,-1\n", "are not classes of this data set"),
+    ("sample_id,label\n5,1\n", "sample id(s) [5] are not in the training split"),
+    ("sample_id,label\n4,1\n4,2\n", "sample 4 is labelled both 1 and 2"),
+])
+def test_a_bad_labels_file_names_the_file_the_rows_and_the_fix(tmp_path, text, fragment):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
+    assert fragment in str(err.value) and str(path) in str(err.value) and "sample_id,label" in str(err.value)
+
+
+def test_the_oracle_gives_the_true_labels_and_misses_none():
+    lab = OracleLabels(np.array([1, 5, 9]), np.array([2, 0, 1]))
+    assert lab.labels(np.array([9, 1])).tolist() == [1, 2]
+    assert lab.missing(np.array([9, 1])).size == 0
+
+
+def test_the_digest_depends_on_the_pairs_not_their_order():
+    a = labels_digest([3, 1, 2], [0, 1, 1])
+    assert a == labels_digest([1, 2, 3], [1, 1, 0])
+    assert a != labels_digest([1, 2, 3], [1, 1, 1])  # one corrected label: another run
+    assert a != labels_digest([1, 2, 4], [1, 1, 0])
+
+
+def test_labels_config_checks_and_run_identity(tmp_path):
+    with pytest.raises(ConfigError, match="unknown labels.source 'person'"):
+        from_dict({"labels": {"source": "person"}})
+    with pytest.raises(ConfigError, match="must be an absolute path"):
+        from_dict({"labels": {"source": "file", "file": "labels.csv"}})
+    oracle = from_dict({"output_dir": str(tmp_path)})
+    assert oracle.labels_file == str(tmp_path / "labels.csv")
+    assert "labels" not in run_identity(oracle)  # oracle runs keep their names
+    a = from_dict({"labels": {"source": "file", "file": "/a.csv"}})
+    b = from_dict({"labels": {"source": "file", "file": "/b.csv"}})
+    assert run_identity(a) == run_identity(b) and run_identity(a)["labels"] == {"source": "file"}
