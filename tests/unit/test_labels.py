@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from pivotal_ray.config import ConfigError, from_dict
@@ -88,3 +91,33 @@ def test_labels_config_checks_and_run_identity(tmp_path):
     a = from_dict({"labels": {"source": "file", "file": "/a.csv"}})
     b = from_dict({"labels": {"source": "file", "file": "/b.csv"}})
     assert run_identity(a) == run_identity(b) and run_identity(a)["labels"] == {"source": "file"}
+
+
+def test_an_image_folder_run_exports_each_samples_image_path_before_starting_ray(tmp_path, monkeypatch):
+    """The first stop (the warm-up's samples) needs no Ray: to_label_round0.csv names the files to look at."""
+    from PIL import Image
+
+    from pivotal_ray import pipeline
+    from pivotal_ray.core.data import build_data
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 5)):
+        for c in ("ant", "bee"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{k}.png")
+    monkeypatch.setattr(pipeline, "connect", lambda cfg: pytest.fail("connect() ran"))
+    out = tmp_path / "out"
+    cfg = from_dict({"output_dir": str(out), "data": {"name": "imagefolder", "root": str(tmp_path / "data"),
+                                                      "image_size": 16},
+                     "noise": {"kind": "none"}, "model": {"name": "resnet18"},
+                     "selection": {"budget": 3, "warmup": 2}, "labels": {"source": "file"}})
+    stop = pipeline.run_experiment(cfg)
+    assert (stop["status"], stop["round"], stop["missing"]) == ("awaiting_labels", 0, 2)
+    df = pd.read_csv(out / "to_label_round0.csv", keep_default_na=False)
+    bundle = build_data(cfg.data, cfg.noise, cfg.seed)
+    for sid, path in zip(df["sample_id"], df["path"]):
+        label = int(bundle.train.y_obs[bundle.train.positions_of([sid])[0]])
+        assert Path(path).parent.name == ("ant", "bee")[label] and Path(path).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "to_label_round0.csv"]
