@@ -148,8 +148,9 @@ def test_readme_job_commands_compose():
 
 
 GROUPS = {"dataset": "DataConfig", "noise": "NoiseConfig", "model": "ModelConfig", "reweight": "ReweightConfig",
-          "features": "FeatureConfig", "selection": "SelectionConfig", "ray": "RayConfig", "finetune": "FinetuneConfig"}
-COMPLETE = ("noise", "reweight", "features", "selection", "finetune")  # settings that apply to every choice
+          "features": "FeatureConfig", "selection": "SelectionConfig", "ray": "RayConfig", "finetune": "FinetuneConfig",
+          "labels": "LabelsConfig"}
+COMPLETE = ("noise", "reweight", "features", "selection", "finetune", "labels")  # settings that apply to every choice
 
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
@@ -170,3 +171,10 @@ def test_config_groups_mirror_the_dataclasses(group):
         assert keys <= fields, f"{path}: {sorted(keys - fields)} are not {GROUPS[group]} fields"
         if group in COMPLETE or path.name == "local.yaml":
             assert keys == fields, f"{path} lacks {sorted(fields - keys)}"
+
+
+def test_every_config_section_has_a_group():
+    from pivotal_ray import config
+
+    assert {k: cls.__name__ for k, cls in config._SECTIONS.items()} == {
+        ("data" if g == "dataset" else g): name for g, name in GROUPS.items()}
