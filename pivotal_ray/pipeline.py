@@ -26,7 +26,7 @@ import torch
 from .config import ConfigError, ExperimentConfig, from_dict, kmeans_signed, to_dict, without_defaults
 from .core import artifacts
 from .core.data import build_data
-from .core.labels import TO_LABEL_NAME, labels_digest, to_label_rows
+from .core.labels import TO_LABEL_NAME, Labeler, labels_suffix, to_label_rows
 from .core.metrics import weight_auc
 from .selectors import SELECTORS, Picks, RoundContext, clustered_feature_kind, plan_of
 from .training import PLANS, TrainEnv, best_snapshot, warmup_ids, warmup_name  # noqa: F401  (warmup_* re-exported)
@@ -43,8 +43,9 @@ def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """The settings that make a run what it is: ``to_dict(cfg)`` less the GBC knobs when the
     method extracts no GBC features (rbc/random runs with another features.proj_dim are the same run),
     and less ``labels`` (a person's labels file is a path; the oracle, the default, is left out so
-    run names stay as they were), with ``selection.similarity`` as the similarity weighted K-means uses ("abs" / "signed", so
-    "auto" matches what it resolves to) and without it for methods that run no weighted K-means."""
+    run names stay as they were), with ``selection.similarity`` as the similarity weighted K-means
+    uses ("abs" / "signed", so "auto" matches what it resolves to) and without it for methods that
+    run no weighted K-means."""
     plain = to_dict(cfg)
     labels = plain.pop("labels")  # the file is a path: where the labels come from, not what they are
     if labels["source"] != "oracle":  # (oracle runs keep the names they had before labels existed)
@@ -90,6 +91,11 @@ def completed_metrics(output_dir: str | Path) -> dict[str, Any] | None:
 
 def validate(cfg: ExperimentConfig) -> Any:
     """Every check that can fail before work starts; returns the driver-side data bundle."""
+    return _preflight(cfg)[0]
+
+
+def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
+    """:func:`validate`'s checks; returns the data bundle and the labeler (a labels file is read once)."""
     if cfg.selection.method not in SELECTORS:
         raise ConfigError(f"unknown method {cfg.selection.method!r}: choose one of {SELECTORS.names()} "
                           "(selection.method=... or method=...)")
@@ -116,16 +122,16 @@ def validate(cfg: ExperimentConfig) -> Any:
     from .core.models import build_model
 
     build_model(cfg.model, bundle.num_classes, bundle.input_shape)  # ConfigError: model and data disagree
-    labeler(cfg, bundle)  # ConfigError for a labels file that cannot be used
+    labels = labeler(cfg, bundle)  # ConfigError for a labels file that cannot be used
     if cfg.reweight.augment:
         try:
             bundle.train.inputs(np.arange(1), augment=True, generator=torch.Generator().manual_seed(0))
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    return bundle
+    return bundle, labels
 
 
-def labeler(cfg: ExperimentConfig, bundle: Any) -> Any:
+def labeler(cfg: ExperimentConfig, bundle: Any) -> Labeler:
     """Who cleans the picks (``labels.source``): the oracle, or a person's labels file."""
     from .core.labels import FileLabels, OracleLabels
 
@@ -368,19 +374,17 @@ def connect(cfg: ExperimentConfig) -> None:
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run Algorithm 2 end to end and write the artefacts; returns metrics.json's content."""
     t_start = time.perf_counter()
-    bundle = validate(cfg)
+    bundle, labels = _preflight(cfg)
     done = completed_metrics(cfg.output_dir)
     if done is not None:  # the same run (validate checked the fingerprint), already finished
         log.info("%s already holds this run, complete: nothing to do (delete it to run again)", cfg.output_dir)
         return done
     out = Path(cfg.output_dir)
     cfg_dict = to_dict(cfg)
-    labels = labeler(cfg, bundle)
     observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
     selector = SELECTORS.get(cfg.selection.method)
     plan = PLANS.get(plan_of(selector))()
     cleaned = labels.labels
-    by_hand = labels.source == "file"
 
     def selection_rows(ids: np.ndarray, rnd: int, clusters: Any, scores: Any) -> list[dict[str, Any]]:
         return [{"sample_id": int(i), "observed_label": observed[int(i)], "cleaned_label": int(y),
@@ -421,7 +425,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         ctx = RoundContext(cfg=cfg_dict, bundle=bundle, meta_ids=meta, run=run, round=r,
                            work_dir=out / "rounds" / f"round_{r}")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        picks = _read_picks(ctx.work_dir, k=k, meta=meta, after=run.name)
+        picks, earlier = _read_picks(ctx.work_dir, k=k, meta=meta, after=run.name)
         if picks is None:
             t0 = time.perf_counter()
             log.info("round %d: selecting %d with %s", r, k, cfg.selection.method)
@@ -430,7 +434,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             _check_picks(picks, k, meta, bundle)
             _write_picks(ctx.work_dir, picks, meta=meta, after=run.name, timings=ctx.timings)
         else:  # this round's picks, made before (the run stopped for labels, or crashed while re-training)
-            ctx.timings.update(picks.info.pop("timings", {}))
+            ctx.timings.update(earlier)
             log.info("round %d: read back the %d picks of %s", r, k, ctx.work_dir / PICKS_NAME)
         waiting = wait_for_labels(picks.sample_id, r, picks.cluster, picks.score)
         if waiting is not None:
@@ -440,9 +444,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         t0 = time.perf_counter()
-        name = f"{cfg.selection.method}-round{r}-{fingerprint}"
-        if by_hand:  # a corrected label must train a new run, not read the old one back
-            name += f"-labels{labels_digest(meta, cleaned(meta))}"
+        name = f"{cfg.selection.method}-round{r}-{fingerprint}{labels_suffix(labels.source, meta, cleaned(meta))}"
         run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
         ctx.timings["train_s"] = time.perf_counter() - t0
         _log_run(run, ctx.timings["train_s"])
@@ -488,17 +490,17 @@ def _write_picks(work_dir: Path, picks: Picks, *, meta: np.ndarray, after: str, 
         "info": picks.info, "timings": dict(timings)})
 
 
-def _read_picks(work_dir: Path, *, k: int, meta: np.ndarray, after: str) -> Picks | None:
-    """The picks :func:`_write_picks` left for this round, if they were made from this meta set and
-    this training run; else None (pick again)."""
+def _read_picks(work_dir: Path, *, k: int, meta: np.ndarray, after: str) -> tuple[Picks | None, dict[str, Any]]:
+    """The picks :func:`_write_picks` left for this round and the stage times of picking them, if
+    they were made from this meta set and this training run; else (None, {}) (pick again)."""
     try:
         rec = json.loads((work_dir / PICKS_NAME).read_text())
         if rec["after_run"] != after or rec["meta_before"] != [int(i) for i in meta] or len(rec["sample_id"]) != k:
-            return None
+            return None, {}
         return Picks(np.asarray(rec["sample_id"], dtype=np.int64), np.asarray(rec["cluster"], dtype=np.int64),
-                     np.asarray(rec["score"], dtype=np.float64), info={**rec["info"], "timings": rec["timings"]})
+                     np.asarray(rec["score"], dtype=np.float64), info=rec["info"]), rec["timings"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, {}
 
 
 def _await_labels(cfg: ExperimentConfig, out: Path, bundle: Any, missing: np.ndarray, *, ids: np.ndarray,

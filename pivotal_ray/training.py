@@ -109,11 +109,9 @@ class MetaReweightPlan:
         return warmup_ids(cfg, bundle)
 
     def first(self, env: TrainEnv, *, meta_ids: np.ndarray, meta_labels: np.ndarray) -> Any:
-        name = warmup_name(env.cfg)
-        if env.cfg.labels.source == "file":  # labels a person gave: a corrected one trains a new warm-up
-            from .core.labels import labels_digest
+        from .core.labels import labels_suffix
 
-            name += f"-labels{labels_digest(meta_ids, meta_labels)}"
+        name = warmup_name(env.cfg) + labels_suffix(env.cfg.labels.source, meta_ids, meta_labels)
         return train(env.cfg, name, meta_ids, meta_labels, env.storage)
 
     def after_round(self, env: TrainEnv, *, name: str, meta_ids: np.ndarray, meta_labels: np.ndarray) -> Any:

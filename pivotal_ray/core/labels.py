@@ -95,7 +95,7 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
     absent = [c for c in LABEL_COLUMNS if c not in df.columns]
     if absent:
         raise ConfigError(f"labels file {path} has no column(s) {absent} (it has {list(df.columns)}): {fix}")
-    df = df[df["label"].str.strip() != ""]  # to_label.csv rows not labelled yet
+    df = df[df["label"].str.strip() != ""]  # to_label_round<r>.csv rows not labelled yet
     parsed = {}
     for col in LABEL_COLUMNS:
         values = pd.to_numeric(df[col].str.strip(), errors="coerce")
@@ -130,6 +130,13 @@ def labels_digest(ids: Sequence[int] | np.ndarray, labels: Sequence[int] | np.nd
     h = hashlib.sha256(np.ascontiguousarray(ids[order]).tobytes() + b"|" +
                        np.ascontiguousarray(labels[order]).tobytes())
     return h.hexdigest()[:10]
+
+
+def labels_suffix(source: str, ids: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray) -> str:
+    """What a training run's name ends with: ``-labels<digest>`` when a person gave the meta labels
+    (a corrected label then trains a new run instead of reading the old one back), nothing for
+    the oracle (whose runs keep the names they had before labels existed)."""
+    return f"-labels{labels_digest(ids, labels)}" if source == "file" else ""
 
 
 def to_label_rows(ids: np.ndarray, *, observed: Mapping[int, int], round_: int, cluster: Sequence[int],

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from pivotal_ray.config import ConfigError, from_dict
-from pivotal_ray.core.labels import FileLabels, OracleLabels, labels_digest, read_label_file, to_label_rows
+from pivotal_ray.core.labels import (FileLabels, OracleLabels, labels_digest, labels_suffix, read_label_file,
+                                     to_label_rows)
 from pivotal_ray.pipeline import run_identity
 
 TRAIN_IDS = np.arange(0, 100, 2, dtype=np.int64)  # even ids only
@@ -78,6 +79,8 @@ def test_the_digest_depends_on_the_pairs_not_their_order():
     assert a == labels_digest([1, 2, 3], [1, 1, 0])
     assert a != labels_digest([1, 2, 3], [1, 1, 1])  # one corrected label: another run
     assert a != labels_digest([1, 2, 4], [1, 1, 0])
+    assert labels_suffix("file", [3, 1, 2], [0, 1, 1]) == f"-labels{a}"
+    assert labels_suffix("oracle", [3, 1, 2], [0, 1, 1]) == ""  # oracle runs keep their names
 
 
 def test_labels_config_checks_and_run_identity(tmp_path):
