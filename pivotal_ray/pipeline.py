@@ -419,6 +419,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
              cfg.reweight.epochs)
     run = env.warmup = plan.first(env, meta_ids=meta, meta_labels=cleaned(meta))
     timings[f"{plan.first_stage}_train_s"] = time.perf_counter() - t0
+    timings[f"{plan.first_stage}_epochs_s"] = run.epochs_s  # also when trained by an earlier invocation
     _log_run(run, timings[f"{plan.first_stage}_train_s"])
     rounds_info = []
     for r, k in enumerate(plan.round_sizes(cfg), start=1):
@@ -447,6 +448,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         name = f"{cfg.selection.method}-round{r}-{fingerprint}{labels_suffix(labels.source, meta, cleaned(meta))}"
         run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
         ctx.timings["train_s"] = time.perf_counter() - t0
+        ctx.timings["epochs_s"] = run.epochs_s
         _log_run(run, ctx.timings["train_s"])
         rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
 

@@ -57,6 +57,12 @@ class TrainRun:
                 return s
         raise KeyError(f"no snapshot for epoch {epoch} in run {self.name}")
 
+    @property
+    def epochs_s(self) -> float:
+        """Seconds spent in this run's epochs (training and evaluation, from its history), whichever
+        invocation trained them; ``wall_s`` is only this call's (near 0 when the run is read back)."""
+        return float(sum(h.get("epoch_s", 0.0) for h in self.extra.get("history", [])))
+
     def final_weights(self) -> torch.Tensor:
         """(N_train,) per-sample weights of the last snapshot."""
         return storage.torch_load(storage.join(self.snapshots[-1]["path"], "train_state.pt"))["weights"]

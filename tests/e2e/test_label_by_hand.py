@@ -99,6 +99,19 @@ def test_the_run_trains_with_and_reports_the_persons_labels(loop):
     assert final["final_run"]["name"].startswith("rbc-round1-") and "-labels" in final["final_run"]["name"]
 
 
+def test_the_warmup_trained_by_an_earlier_invocation_keeps_its_epoch_times(loop):
+    """The warm-up was trained by the second invocation, which stopped for round 1's labels; the
+    last one only read it back, yet metrics.json reports the seconds its epochs took."""
+    (warmup,) = [p for p in loop["storage"].iterdir() if p.name.startswith("warmup-") and "-labels" in p.name]
+    last = max((d for d in warmup.glob("checkpoint_*") if d.is_dir()),
+               key=lambda d: json.loads((d / "metrics.json").read_text())["epoch"])
+    history = json.loads((last / "history.json").read_text())
+    timings = loop["final"]["timings"]
+    assert timings["warmup_epochs_s"] == pytest.approx(sum(h["epoch_s"] for h in history))
+    assert timings["warmup_epochs_s"] > 0
+    assert loop["final"]["rounds"][0]["epochs_s"] > 0
+
+
 def test_rerunning_the_finished_loop_reads_it_back(loop, monkeypatch):
     def no_train(*args, **kwargs):
         raise AssertionError("training started on a finished run")
