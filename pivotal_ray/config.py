@@ -267,7 +267,8 @@ class RayConfig:
         _check(self.kmeans_shards >= 1, "ray.kmeans_shards must be >= 1")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")
         _check(self.extract_cpus > 0, f"ray.extract_cpus={self.extract_cpus} must be > 0 (e.g. 0.5)")
-        _check(self.extract_gpus >= 0, f"ray.extract_gpus={self.extract_gpus} must be >= 0")
+        _check(0 <= self.extract_gpus <= 1, f"ray.extract_gpus={self.extract_gpus} must be in [0, 1]: an extraction "
+               "actor uses one device (more actors use more GPUs: ray.extract_actors; 0.5 shares a GPU by two)")
         _check(self.kmeans_shard_cpus > 0, f"ray.kmeans_shard_cpus={self.kmeans_shard_cpus} must be > 0 (e.g. 0.25)")
         _check(self.storage_path is None or "://" in self.storage_path or self.storage_path.startswith("/"),
                f"ray.storage_path={self.storage_path!r} must be an absolute path or a URI (s3://...): "

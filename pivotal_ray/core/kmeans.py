@@ -90,15 +90,17 @@ def as_shard_set(shards: Any, *, device: str = "cpu") -> ShardSet:
 
 @dataclass
 class KMeansResult:
-    """centroids (M', D) float64 (M' <= M once empty clusters are dropped); objective per
-    iteration (MCO when weighted, inertia when plain), for the centroids entering that iteration;
-    sizes (M',) members under the last assignment; n_dropped clusters lost to emptiness."""
+    """centroids (M', D) float64 (M' = M less the clusters that came out empty); objective per
+    iteration of the last (re)start (MCO when weighted, inertia when plain), for the centroids
+    entering that iteration; n_iter assignment passes over all starts; sizes (M',) members under
+    the last assignment; n_dropped clusters lost to emptiness; restarts (0 when none was empty)."""
 
     centroids: np.ndarray
     objective: list[float]
     n_iter: int
     sizes: np.ndarray
     n_dropped: int
+    restarts: int = 0
 
 
 @dataclass
@@ -237,9 +239,12 @@ def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
         The l2rw geometry (module docstring): no absolute value in the assignment, objective and
         S1; the update is S2 literally.
 
-    Empty clusters are dropped and the loop goes on with ``M - M_empty`` clusters (the paper's
-    restart). Weighted clusters whose members all have ``||G_j|| = 0`` count as empty (S2 would
-    divide by zero).
+    Empty clusters: the paper's restart. When an assignment pass leaves ``M_empty`` clusters
+    empty, K-means starts again from a new seeding with ``M - M_empty`` clusters (the RNG stream
+    goes on, so the result is still a function of ``seed``; an explicit ``init`` restarts from its
+    rows whose clusters survived), until a run ends with none empty. Weighted clusters whose
+    members all have ``||G_j|| = 0`` count as empty (S2 would divide by zero). ``max_iter``
+    bounds each start; there are at most ``M - 1`` restarts.
     """
     shards = as_shard_set(shards, device=device)
     if max_iter < 1 or tol < 0:
@@ -249,30 +254,48 @@ def weighted_kmeans(shards: Any, *, n_clusters: int, weighted: bool = True,
         if not 1 <= n_clusters <= ids.shape[0]:
             raise ValueError(f"n_clusters={n_clusters} must be in [1, {ids.shape[0]}] (the active rows)")
         rng = numpy_rng(seed, "kmeans", init)
-        C = INITS.get(init)(shards, ids=ids, n_clusters=n_clusters, weighted=weighted, rng=rng, signed=signed)
+
+        def start(m: int, keep: np.ndarray | None) -> np.ndarray:
+            return INITS.get(init)(shards, ids=ids, n_clusters=m, weighted=weighted, rng=rng, signed=signed)
     else:
-        C = np.asarray(init, dtype=np.float64)
-        if C.shape != (n_clusters, shards.call("dim")[0]):
+        given = np.asarray(init, dtype=np.float64)
+        if given.shape != (n_clusters, shards.call("dim")[0]):
             raise ValueError(f"init centroids must be (n_clusters, D) = ({n_clusters}, "
-                             f"{shards.call('dim')[0]}); got {C.shape}")
-    objective: list[float] = []
-    sizes, n_dropped, n_iter = np.zeros(C.shape[0], dtype=np.int64), 0, 0
-    while n_iter < max_iter and C.shape[0] > 0:
-        p = _reduce(shards.call("assign_sums", centroids=C, weighted=weighted, sign_align=sign_align,
-                                signed=signed))
-        n_iter += 1
-        objective.append(p.objective)
-        keep = (p.counts > 0) & (p.denom > 0)
-        n_dropped += int((~keep).sum())
-        sizes = p.counts[keep]
-        # eq. S2 (weighted) or the mean (plain): (M', D), in the reduced numerator's memory when
-        # no cluster was lost (the same floats as a new array)
-        C = np.divide(p.numer, p.denom[:, None], out=p.numer) if keep.all() else p.numer[keep] / p.denom[keep, None]
-        if len(objective) > 1 and keep.all():
-            prev = objective[-2]
-            if abs(objective[-1] - prev) <= tol * max(abs(prev), 1e-300):
+                             f"{shards.call('dim')[0]}); got {given.shape}")
+        alive = np.arange(n_clusters)  # the rows of ``given`` still in play
+
+        def start(m: int, keep: np.ndarray | None) -> np.ndarray:
+            nonlocal alive
+            if keep is not None:
+                alive = alive[keep]
+            return given[alive].copy()
+
+    n_dropped = n_iter = restarts = 0
+    C, keep = start(n_clusters, None), None
+    while True:
+        objective: list[float] = []
+        sizes, passes, lost = np.zeros(C.shape[0], dtype=np.int64), 0, 0
+        while passes < max_iter:
+            p = _reduce(shards.call("assign_sums", centroids=C, weighted=weighted, sign_align=sign_align,
+                                    signed=signed))
+            passes += 1
+            objective.append(p.objective)
+            keep = (p.counts > 0) & (p.denom > 0)
+            if not keep.all():
+                lost = int((~keep).sum())
                 break
-    return KMeansResult(C, objective, n_iter, sizes, n_dropped)
+            sizes = p.counts
+            # eq. S2 (weighted) or the mean (plain): (M, D), in the reduced numerator's memory
+            C = np.divide(p.numer, p.denom[:, None], out=p.numer)
+            if len(objective) > 1 and abs(objective[-1] - objective[-2]) <= tol * max(abs(objective[-2]), 1e-300):
+                break
+        n_iter += passes
+        if not lost:
+            return KMeansResult(C, objective, n_iter, sizes, n_dropped, restarts)
+        n_dropped, restarts = n_dropped + lost, restarts + 1
+        if lost == C.shape[0]:  # every cluster empty: only rows with ||G_j|| = 0 (weighted)
+            return KMeansResult(C[:0], objective, n_iter, sizes[:0], n_dropped, restarts)
+        C = start(C.shape[0] - lost, keep)
 
 
 def assign(shards: Any, *, centroids: np.ndarray, weighted: bool = True, signed: bool = False,

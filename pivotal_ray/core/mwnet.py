@@ -58,8 +58,9 @@ class MetaWeightNet(nn.Module):
         super().__init__()
         if hidden < 1:
             raise ValueError(f"hidden={hidden} must be >= 1 (MW-Net uses 100)")
-        self.fc1 = nn.Linear(1, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
+        with torch.random.fork_rng(devices=[]):  # Linear's own init draws from the global RNG: keep it out
+            self.fc1 = nn.Linear(1, hidden)
+            self.fc2 = nn.Linear(hidden, 1)
         with torch.no_grad():
             for layer in (self.fc1, self.fc2):
                 bound = 1.0 / math.sqrt(layer.in_features)

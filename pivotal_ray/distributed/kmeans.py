@@ -160,8 +160,10 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     else:
         sources = _parquet_sources(source, num_shards)
     threads = max(1, int(shard_cpus))
-    return [ShardActor.options(num_cpus=shard_cpus).remote(src, device=device, chunk_bytes=chunk_bytes,
-                                                          num_threads=threads) for src in sources]
+    # a shard on a GPU reserves one: Ray shows every GPU to an actor that asks for none
+    gpus = 1 if torch.device(device).type == "cuda" else 0
+    return [ShardActor.options(num_cpus=shard_cpus, num_gpus=gpus).remote(
+        src, device=device, chunk_bytes=chunk_bytes, num_threads=threads) for src in sources]
 
 
 def select_on_actors(actors: Sequence[Any], *, server_cpus: float = 0.0, **kwargs: Any) -> Selection:

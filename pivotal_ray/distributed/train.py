@@ -65,7 +65,10 @@ class TrainRun:
 
     def final_weights(self) -> torch.Tensor:
         """(N_train,) per-sample weights of the last snapshot."""
-        return storage.torch_load(storage.join(self.snapshots[-1]["path"], "train_state.pt"))["weights"]
+        # map to the CPU: the driver reading it may have no GPU (the optimizer state in the file
+        # stays on the device it was trained on)
+        return storage.torch_load(storage.join(self.snapshots[-1]["path"], "train_state.pt"),
+                                  map_location="cpu")["weights"]
 
 
 def _evaluate(model: torch.nn.Module, split, positions: np.ndarray, device: torch.device, batch: int,

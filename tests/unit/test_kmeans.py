@@ -185,6 +185,38 @@ def test_empty_clusters_are_dropped_and_budget_topped_up():
     assert np.all(np.isfinite(sel.centroids)) and np.all(np.isfinite(sel.score))
 
 
+def test_an_empty_cluster_restarts_kmeans_with_fewer_clusters():
+    """The paper's rule: with M_empty empty clusters, K-means is run again from the start with
+    M - M_empty clusters. From explicit initial centroids that is a run from the surviving rows:
+    the same centroids, objective history and sizes as a fresh run from them."""
+    feats = planted(n_per=20, M=4, seed=2)[0]
+    init = weighted_kmeans(feats, n_clusters=4, seed=0, max_iter=50).centroids
+    D = init.shape[1]
+    stray = np.zeros((1, D))
+    stray[0, 0] = -1e-6  # wins no row: |<G_j, c>| is about 1e-6 of the others
+    km = weighted_kmeans(feats, n_clusters=5, init=np.vstack([init[:2], stray, init[2:]]), seed=0, max_iter=50)
+    fresh = weighted_kmeans(feats, n_clusters=4, init=init, seed=0, max_iter=50)
+    assert (km.n_dropped, km.restarts) == (1, 1) and (fresh.n_dropped, fresh.restarts) == (0, 0)
+    np.testing.assert_array_equal(km.centroids, fresh.centroids)
+    assert km.objective == fresh.objective and km.n_iter == fresh.n_iter + 1  # + the pass that emptied it
+    np.testing.assert_array_equal(km.sizes, fresh.sizes)
+
+
+def test_restarts_end_with_no_empty_cluster_and_repeat_for_a_seed():
+    rng = np.random.default_rng(1)
+    G = np.abs(rng.standard_normal((400, 3))) * rng.gamma(0.5, 1.0, (400, 1))  # heavy-tailed norms
+    feats = DenseFeatures(np.arange(400, dtype=np.int64), G.astype(np.float32))
+    # the paper's random init at M = 40 empties a cluster for some seeds (3 and 4 here)
+    runs = [weighted_kmeans(feats, n_clusters=40, init="random", seed=s, max_iter=30) for s in range(6) for _ in (0, 1)]
+    for a, b in zip(runs[::2], runs[1::2]):  # same seed, same result
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        assert (a.n_dropped, a.restarts, a.objective) == (b.n_dropped, b.restarts, b.objective)
+    for km in runs:
+        assert km.centroids.shape[0] == 40 - km.n_dropped and (km.sizes > 0).all() and km.sizes.sum() == 400
+        assert (km.restarts > 0) == (km.n_dropped > 0)
+    assert any(km.restarts for km in runs), "no seed emptied a cluster: the restart path went untested"
+
+
 def test_zero_rows_do_not_produce_nan():
     F = random_factor(40, seed=8)
     A = F.A.copy()
