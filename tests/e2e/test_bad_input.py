@@ -204,7 +204,8 @@ def test_unknown_registry_names(out, tripwires, override, setting):
     ("reweight.meta_batch_size=0", "reweight.meta_batch_size=0 must be >= 1"),
     ("ray.extract_cpus=0", "ray.extract_cpus=0 must be > 0"),
     ("ray.kmeans_shard_cpus=0", "ray.kmeans_shard_cpus=0 must be > 0"),
-    ("ray.extract_gpus=-1", "ray.extract_gpus=-1 must be >= 0"),
+    ("ray.extract_gpus=-1", "ray.extract_gpus=-1 must be in [0, 1]"),
+    ("ray.extract_gpus=2", "must be in [0, 1]: an extraction actor uses one device"),
     ("ray.storage_path=rel_storage", "ray.storage_path='rel_storage' must be an absolute path or a URI"),
     ("data.toy_split=[600,400,0]", "each at least 1"),
 ])

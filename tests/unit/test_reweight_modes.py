@@ -155,6 +155,14 @@ def test_mwnet_seed_fixes_the_initial_net():
         build_reweighter("mwnet", meta_lr=1e-3, optimizer="rmsprop")
 
 
+def test_building_the_mwnet_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    build_reweighter("mwnet", meta_lr=1e-3, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
 class ThreadReducer:
     """Sums across W threads (a stand-in for all_reduce with W workers)."""
 

@@ -34,3 +34,32 @@ def test_snapshot_scan_skips_checkpoints_with_a_missing_file(tmp_path):
             (d / f).write_text(json.dumps({"epoch": epoch, "val_acc": 0.5}) if f == "metrics.json" else "x")
     (tmp_path / "checkpoint_000001" / "train_state.pt").unlink()  # metrics.json arrived, the state did not
     assert [s["epoch"] for s in _scan_snapshots(str(tmp_path))] == [0, 2]
+
+
+def test_final_weights_of_a_gpu_trained_run_load_on_a_cpu_only_driver(tmp_path, monkeypatch):
+    """train_state.pt from a CUDA worker holds CUDA tensors (SGD momentum buffers); the driver,
+    on a head without a GPU, must still read the weights."""
+    import torch.serialization as ser
+
+    from pivotal_ray.distributed.train import TrainRun
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()  # momentum buffers
+    snap = tmp_path / "checkpoint_000000"
+    snap.mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(ser, "location_tag", lambda storage: "cuda:0")  # what a CUDA worker's torch.save records
+        torch.save({"optimizer": opt.state_dict(), "weights": torch.linspace(0, 1, 5)}, snap / "train_state.pt")
+    if not torch.cuda.is_available():
+        try:
+            storage.torch_load(str(snap / "train_state.pt"))
+            raise AssertionError("the file should name a CUDA device")
+        except RuntimeError as err:
+            assert "CUDA" in str(err)
+    run = TrainRun(name="r", path=str(tmp_path), snapshots=[{"path": str(snap), "epoch": 0}], best_epoch=0,
+                   best_val_acc=0.5, test_acc_at_best=0.5, final_test_acc=0.5)
+    w = run.final_weights()
+    assert w.device.type == "cpu"
+    torch.testing.assert_close(w, torch.linspace(0, 1, 5))

@@ -41,6 +41,10 @@ class FakeRun:
     def snapshot(self, epoch):
         return next(s for s in self.snapshots if s["epoch"] == epoch)
 
+    @property
+    def epochs_s(self):
+        return 2.5
+
     def final_weights(self):
         return torch.linspace(0, 1, self.n_train)
 
@@ -81,7 +85,7 @@ def test_base_trains_once_on_the_noisy_set_without_meta_samples(tmp_path, calls)
     assert call["reweight"]["mode"] == "none" and call["reweight"]["init_weight"] == 1.0
     assert call["reweight"]["epochs"] == cfg.reweight.epochs and "train_ids" not in call
     assert m["meta_size"] == 0 and m["rounds"] == [] and m["meta_clean_frac_observed"] is None
-    assert "base_train_s" in m["timings"]
+    assert "base_train_s" in m["timings"] and m["timings"]["base_epochs_s"] == 2.5
     sel = pd.read_csv(Path(cfg.output_dir) / "selection.csv")
     assert sel.empty and list(sel.columns) == pipeline.SELECTION_COLUMNS
     assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["method"] == "base"
@@ -193,3 +197,14 @@ def test_training_resources_name_the_warmup_and_the_run(tmp_path):
     for change in ({"address": "auto"}, {"storage_path": "/elsewhere"}, {"extract_actors": 3}, {"autoscaling": True}):
         assert config_fingerprint(from_dict({**base, "ray": change})) == config_fingerprint(cfg), change
         assert training.warmup_name(from_dict({**base, "ray": change})) == training.warmup_name(cfg), change
+
+
+def test_training_resources_name_the_base_run(tmp_path, calls):
+    # base trains once, without a warm-up: its run name carries the resources as a warm-up's does
+    names = {}
+    for i, ray in enumerate(({}, {"num_workers": 2}, {"cpus_per_worker": 2.0}, {"use_gpu": True}, {"address": "auto"})):
+        cfg = from_dict({"seed": 1, "output_dir": str(tmp_path / f"base{i}"), "selection": {"method": "base"},
+                         "ray": {"storage_path": str(tmp_path / "store"), **ray}})
+        pipeline.run_experiment(cfg)
+        names[i] = calls[-1]["name"]
+    assert len({names[i] for i in range(4)}) == 4 and names[4] == names[0]  # where it runs does not count
