@@ -99,6 +99,7 @@ def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
     if cfg.selection.method not in SELECTORS:
         raise ConfigError(f"unknown method {cfg.selection.method!r}: choose one of {SELECTORS.names()} "
                           "(selection.method=... or method=...)")
+    from .core import gbc as _gbc  # noqa: F401  (registers EXTRACTORS "gbc": features=gbc)
     from .core.features import EXTRACTORS
     from .core.models import MODELS
     from .core.reweight import REWEIGHTERS

@@ -178,3 +178,17 @@ def test_every_config_section_has_a_group():
 
     assert {k: cls.__name__ for k, cls in config._SECTIONS.items()} == {
         ("data" if g == "dataset" else g): name for g, name in GROUPS.items()}
+
+
+def test_features_gbc_group_passes_the_preflight_in_a_fresh_process(tmp_path):
+    """``features=gbc`` (features.kind=gbc) must be known before anything imports core.gbc: a
+    fresh interpreter, as `python -m jobs.select features=gbc` starts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tests.e2e.conftest import resolve; from pivotal_ray.pipeline import validate; "
+            "validate(resolve('features=gbc', 'output_dir=' + sys.argv[1])); print('ok')")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], cwd=root, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
