@@ -90,15 +90,20 @@ def _snapshot_epochs(ctx: RoundContext) -> list[int]:
     return choose_snapshots(val, num_snapshots=f["num_snapshots"], stride=f["stride"])
 
 
-def _table_is(path: Path, *, epochs: list[int], feature_spec: dict, num_samples: int, seed: int) -> bool:
-    """Whether the feature table at ``path`` holds what this round asks for (its features.json)."""
+def _table_is(path: Path, *, snapshots: list[dict[str, Any]], feature_spec: dict, num_samples: int,
+              seed: int) -> bool:
+    """Whether the feature table at ``path`` holds what this round asks for (its features.json):
+    the same snapshots (paths, so the same training run, and epochs), feature settings, samples
+    and seed. A table from another training run of this round (the meta labels changed, a config
+    changed) is not reused."""
+    from .distributed.extract import snapshot_records, table_settings
+
     try:
         meta = json.loads((path / "features.json").read_text())
     except (OSError, ValueError):
         return False
-    return ([int(s["epoch"]) for s in meta.get("snapshots", [])] == list(epochs)
-            and meta.get("kind") == feature_spec["kind"]
-            and bool(meta.get("label_aware")) == bool(feature_spec["label_aware"])
+    return (meta.get("snapshots") == snapshot_records(snapshots)
+            and all(meta.get(k) == v for k, v in table_settings(feature_spec).items())
             and meta.get("num_samples") == num_samples and meta.get("seed") == seed)
 
 
@@ -120,7 +125,7 @@ def extract_round_features(ctx: RoundContext, *, kind: str | None = None, epochs
     cfg, r = ctx.cfg, ctx.cfg["ray"]
     feature_spec = cfg["features"] if kind is None else {**cfg["features"], "kind": kind}
     out = ctx.work_dir / name
-    stale = out.exists() and not _table_is(out, epochs=epochs, feature_spec=feature_spec,
+    stale = out.exists() and not _table_is(out, snapshots=snapshots, feature_spec=feature_spec,
                                            num_samples=len(ctx.bundle.train), seed=ctx.seed)
     if not out.exists() or stale:  # a table of this round is reused (resume) only if it is this one
         extract_features(

@@ -30,7 +30,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -147,6 +147,23 @@ def _check_inputs(*, data_spec: dict, snapshots: list[dict], sample_ids: np.ndar
     return ids.astype(np.int64)
 
 
+def snapshot_records(snapshots: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``{"path", "epoch"}`` per snapshot as features.json records them: local paths made absolute
+    (actors may start elsewhere), storage URIs as given."""
+    return [{"path": s["path"] if "://" in str(s["path"]) else str(Path(s["path"]).resolve()),
+             "epoch": int(s["epoch"])} for s in snapshots]
+
+
+def table_settings(feature_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The feature settings that change a table's values (features.json records them): the kind,
+    the loss, and for GBC the number of tensors drawn and the projection."""
+    cfg = _build(FeatureConfig, dict(feature_spec), "feature_spec")
+    out: dict[str, Any] = {"kind": cfg.kind, "label_aware": bool(cfg.label_aware)}
+    if cfg.kind == "gbc":
+        out.update(num_layers=int(cfg.num_layers), proj_dim=int(cfg.proj_dim), projection=cfg.projection)
+    return out
+
+
 def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict], sample_ids: np.ndarray,
                      feature_spec: dict, output_path: str, num_actors: int = 1, num_cpus: float = 0.5,
                      num_gpus: float = 0.0, batch_size: int = 1024, seed: int | None = None,
@@ -188,9 +205,7 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists: remove it, choose another output_path, or pass overwrite=True")
     seed = int(data_spec["seed"] if seed is None else seed)
-    # local paths are made absolute (actors may start elsewhere); storage URIs pass through as given
-    snaps = [{"path": s["path"] if "://" in str(s["path"]) else str(Path(s["path"]).resolve()),
-              "epoch": int(s["epoch"])} for s in snapshots]
+    snaps = snapshot_records(snapshots)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"  # same filesystem => atomic rename
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -220,9 +235,8 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
                     f"/mnt/shared), not on a disk of one node ({final.parent})") if nodes > 1 else ""
             raise RuntimeError(f"feature extraction wrote {rows} rows visible here, expected "
                                f"{len(snaps)} x {ids.size}{hint}")
-        cfg = _build(FeatureConfig, feature_spec, "feature_spec")
         (tmp / "features.json").write_text(json.dumps({
-            "kind": cfg.kind, "label_aware": cfg.label_aware, "snapshots": snaps, "num_samples": int(ids.size),
+            **table_settings(feature_spec), "snapshots": snaps, "num_samples": int(ids.size),
             "num_rows": int(rows), "seed": seed}, indent=2))
         if final.exists():  # overwrite: move the old table aside first so the rename is still one step
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"

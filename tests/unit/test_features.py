@@ -220,3 +220,38 @@ def test_choose_snapshots_properties(epochs: set[int], K: int, stride: int, seed
     # when the requested stride fits, it is used exactly
     if all(t_star + m * stride in epochs for m in range(1, K)):
         assert out == [t_star + m * stride for m in range(K)]
+
+
+def test_a_rounds_feature_table_is_reused_only_for_the_same_snapshots_and_settings(tmp_path):
+    """A round's table (features.json) is read back on resume only when it came from the same
+    training run's snapshots with the same feature settings; after the meta labels change (a new
+    warm-up run, same epochs) or a GBC knob changes, it is extracted again."""
+    import json
+
+    from pivotal_ray.distributed.extract import snapshot_records, table_settings
+    from pivotal_ray.selectors import _table_is
+
+    def snaps(run):
+        return [{"path": str(tmp_path / run / f"checkpoint_00000{e}"), "epoch": e} for e in (3, 5)]
+
+    def write(spec, run):
+        (tmp_path / "t").mkdir(exist_ok=True)
+        (tmp_path / "t" / "features.json").write_text(json.dumps(
+            {**table_settings(spec), "snapshots": snapshot_records(snaps(run)), "num_samples": 10, "seed": 1}))
+
+    rbc = {"kind": "rbc", "label_aware": False}
+    gbc = {"kind": "gbc", "label_aware": False, "proj_dim": 256}
+    same = dict(num_samples=10, seed=1)
+    write(rbc, "warmup-a")
+    assert _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=rbc, **same)
+    assert _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec={**rbc, "proj_dim": 64}, **same)
+    assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-b"), feature_spec=rbc, **same)  # another run
+    assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a")[:1], feature_spec=rbc, **same)
+    assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec={**rbc, "label_aware": True},
+                         **same)
+    assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=gbc, **same)
+    assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=rbc, num_samples=10, seed=2)
+    write(gbc, "warmup-a")
+    assert _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=gbc, **same)
+    for change in ({"proj_dim": 512}, {"num_layers": 3}, {"projection": "gaussian"}):
+        assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec={**gbc, **change}, **same)
