@@ -73,7 +73,9 @@ def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
 
 def check_run_dir(cfg: ExperimentConfig) -> None:
     """OutputDirError (naming the fix and the differing keys) when ``cfg.output_dir`` holds another run."""
-    artifacts.check_output_dir(Path(cfg.output_dir), config=run_identity(cfg), normalise=_normalised)
+    labels_file = Path(cfg.labels_file)
+    inputs = [labels_file.name] if cfg.labels.source == "file" and labels_file.parent == Path(cfg.output_dir) else []
+    artifacts.check_output_dir(Path(cfg.output_dir), config=run_identity(cfg), normalise=_normalised, inputs=inputs)
 
 
 def completed_metrics(output_dir: str | Path) -> dict[str, Any] | None:
@@ -377,9 +379,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     bundle, labels = _preflight(cfg)
     done = completed_metrics(cfg.output_dir)
-    if done is not None:  # the same run (validate checked the fingerprint), already finished
+    relabelled = done is not None and _labels_changed(cfg.output_dir, labels)
+    if done is not None and not relabelled:  # the same run (validate checked the fingerprint), already finished
         log.info("%s already holds this run, complete: nothing to do (delete it to run again)", cfg.output_dir)
         return done
+    if relabelled:
+        log.info("%s: labels in %s changed since this run finished: training again from the first run they "
+                 "change", cfg.output_dir, cfg.labels_file)
     out = Path(cfg.output_dir)
     cfg_dict = to_dict(cfg)
     observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
@@ -402,11 +408,11 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
 
     meta = plan.warmup_ids(cfg, bundle)
     no_cluster, no_score = [-1] * len(meta), [float("nan")] * len(meta)
-    waiting = wait_for_labels(meta, 0, no_cluster, no_score)  # before Ray: nothing to train yet
+    connect(cfg)
+    _check_cluster(cfg, bundle)  # also before a labels=file run's first stop: it claims output_dir
+    waiting = wait_for_labels(meta, 0, no_cluster, no_score)  # nothing to train yet
     if waiting is not None:
         return waiting
-    connect(cfg)
-    _check_cluster(cfg, bundle)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.config_fingerprint(without_defaults(run_identity(cfg)))[:12]  # names the round runs
     # claim the directory first: a crashed run can then be resumed in place (same fingerprint)
@@ -479,6 +485,19 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings=metrics["timings"],
                              extra={"status": "complete"})
     return metrics
+
+
+def _labels_changed(output_dir: str | Path, labels: Labeler) -> bool:
+    """Whether a person's labels file no longer gives a finished run's meta samples the labels it
+    trained with (selection.csv's ``cleaned_label``): a corrected (or deleted) label trains again."""
+    if labels.source != "file":
+        return False
+    try:
+        sel = pd.read_csv(Path(output_dir) / "selection.csv")
+    except (OSError, ValueError):
+        return True
+    ids = sel["sample_id"].to_numpy(dtype=np.int64)
+    return bool(labels.missing(ids).size) or not np.array_equal(labels.labels(ids), sel["cleaned_label"].to_numpy())
 
 
 PICKS_NAME = "picks.json"

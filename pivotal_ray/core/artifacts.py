@@ -584,7 +584,8 @@ def _describe_diff(old: Any, new: dict[str, Any], limit: int = 5) -> str:
 
 
 def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str, Any] | Any,
-                     normalise: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None) -> None:
+                     normalise: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+                     inputs: Sequence[str] = ()) -> None:
     """Refuse an ``output_dir`` that holds another run; allow a new, empty or same-run one.
 
     Passes when ``output_dir`` is missing or empty, or when its ``manifest.json`` has the same
@@ -601,6 +602,8 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
         Applied to the recorded config before comparing, e.g. a round trip through the config
         dataclasses, so a run recorded before a setting existed matches when that setting is at
         its default. A recorded config it cannot take (it raises) is compared as recorded.
+    inputs : names of entries the run reads, put there before it starts (a person's labels
+        file): they do not count as content.
 
     Raises
     ------
@@ -622,7 +625,7 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
     manifest = out / MANIFEST_NAME
     if not manifest.exists():
         content = sorted(p.name for p in out.iterdir()
-                         if not _TEMP_RE.match(p.name) and p.name not in _TOOL_ENTRIES)
+                         if not _TEMP_RE.match(p.name) and p.name not in _TOOL_ENTRIES and p.name not in inputs)
         if content:
             shown = ", ".join(content[:5]) + (f" (+{len(content) - 5} more)" if len(content) > 5 else "")
             raise OutputDirError(f"output_dir {out} already holds files ({shown}) but no {MANIFEST_NAME}, so "

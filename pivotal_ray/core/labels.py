@@ -9,6 +9,8 @@ and for what is missing.
 
 from __future__ import annotations
 
+import csv
+
 import hashlib
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -88,10 +90,24 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
     if not path.exists():
         return {}
     fix = f"fix {path} (a CSV with a header line 'sample_id,label' and one row per labelled sample)"
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (OSError, ValueError, pd.errors.ParserError) as err:
+    try:  # csv, not pandas.read_csv: a row with one field more than the header would become the index
+        with path.open(newline="") as f:
+            reader = csv.reader(f, skipinitialspace=True)
+            rows, lines = [], []
+            for row in reader:
+                if row and any(v.strip() for v in row):  # blank lines are skipped
+                    rows.append(row)
+                    lines.append(reader.line_num)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise ConfigError(f"labels file {path} cannot be read ({err}): {fix}") from None
+    if not rows:
+        raise ConfigError(f"labels file {path} is empty: {fix}")
+    header = [c.strip() for c in rows[0]]
+    ragged = [line for row, line in zip(rows[1:], lines[1:]) if len(row) != len(header)]
+    if ragged:
+        raise ConfigError(f"labels file {path}: line(s) {ragged[:5]} have another number of fields than the "
+                          f"header's {len(header)} ({header}): {fix}")
+    df = pd.DataFrame(rows[1:], columns=header, index=lines[1:], dtype=str)
     absent = [c for c in LABEL_COLUMNS if c not in df.columns]
     if absent:
         raise ConfigError(f"labels file {path} has no column(s) {absent} (it has {list(df.columns)}): {fix}")
@@ -102,7 +118,7 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
         bad = df.loc[values.isna() | (values != values.round()), col]
         if len(bad):
             raise ConfigError(f"labels file {path}: {col} must be an integer, got {bad.head(5).tolist()} "
-                              f"(line(s) {[int(i) + 2 for i in bad.index[:5]]}): {fix}")
+                              f"(line(s) {[int(i) for i in bad.index[:5]]}): {fix}")
         parsed[col] = values.astype(np.int64).to_numpy()
     ids, labels = parsed["sample_id"], parsed["label"]
     out_of_range = (labels < 0) | (labels >= num_classes)

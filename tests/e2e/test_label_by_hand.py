@@ -138,3 +138,50 @@ def test_compare_refuses_labels_by_hand(tmp_path):
     cfg = resolve(*TINY, f"output_dir={tmp_path / 'x'}", "labels=file")
     with pytest.raises(ConfigError, match="jobs.select labels=file"):
         run_compare(base=cfg, cc=CompareConfig(output_root=str(tmp_path / "c")))
+
+
+def test_impossible_resources_are_refused_before_the_first_stop(ray_session, tmp_path):
+    """The first stop claims output_dir (its manifest names the config): a config the cluster
+    cannot run is refused before it, so fixing the config does not lock the person out."""
+    out = tmp_path / "out"
+    cfg = resolve(*TINY, f"output_dir={out}", "labels=file", "ray.num_workers=64")
+    with pytest.raises(ConfigError, match="lower ray.num_workers"):
+        pipeline.run_experiment(cfg)
+    assert not out.exists()
+
+
+def test_a_labels_file_put_in_output_dir_before_the_first_run_is_read(ray_session, tmp_path):
+    """``<output_dir>/labels.csv`` is where the person's labels go by default: writing it before the
+    first run (labels known in advance) is not a foreign file in output_dir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = resolve(*TINY, f"output_dir={out}", "labels=file")
+    bundle = build_data(cfg.data, cfg.noise, cfg.seed)
+    warm = training.warmup_ids(cfg, bundle)
+    first = int(warm[0])
+    label = int(bundle.train.y_true[bundle.train.positions_of([first])[0]])
+    (out / "labels.csv").write_text(f"sample_id,label\n{first},{label}\n")
+    stop = pipeline.run_experiment(cfg)
+    assert (stop["status"], stop["round"], stop["missing"]) == ("awaiting_labels", 0, len(warm) - 1)
+    assert pd.read_csv(out / "to_label_round0.csv")["sample_id"].tolist() == [int(i) for i in warm[1:]]
+
+
+def test_a_corrected_label_trains_the_finished_loop_again(loop):
+    """After the loop finished, the person corrects the label they got wrong: the same command
+    trains round 1 again (the warm-up's labels are unchanged, so it is read back) and reports
+    the corrected label; a rerun then reads that run back."""
+    out, wrong, truth = loop["out"], loop["wrong"], loop["truth"]
+    labels_file = out / "labels.csv"
+    df = pd.read_csv(labels_file)
+    df.loc[df["sample_id"] == wrong, "label"] = truth[wrong]
+    df.to_csv(labels_file, index=False)
+    before = sorted(p.name for p in loop["storage"].iterdir())
+    again = pipeline.run_experiment(loop["hand_cfg"])
+    after = sorted(p.name for p in loop["storage"].iterdir())
+    new = sorted(set(after) - set(before))
+    assert len(new) == 1 and new[0].startswith("rbc-round1-"), new  # only round 1 trained again
+    assert again["final_run"]["name"] == new[0] != loop["final"]["final_run"]["name"]
+    sel = pd.read_csv(out / "selection.csv")
+    assert all(y == truth[i] for i, y in zip(sel["sample_id"], sel["cleaned_label"]))
+    assert _status(out) == "complete"
+    assert pipeline.run_experiment(loop["hand_cfg"]) == again

@@ -60,6 +60,10 @@ def test_a_filled_in_to_label_file_is_a_labels_file(tmp_path):
     ("sample_id,label\n4,-1\n", "are not classes of this data set"),
     ("sample_id,label\n5,1\n", "sample id(s) [5] are not in the training split"),
     ("sample_id,label\n4,1\n4,2\n", "sample 4 is labelled both 1 and 2"),
+    ("sample_id,label\n12,0,1\n10,1,1\n", "line(s) [2, 3] have another number of fields than the header's 2"),
+    ("sample_id,label\n4,1\n\n6\n", "line(s) [4] have another number of fields"),
+    ("sample_id,label\n4,1\n\n6,x\n", "got ['x'] (line(s) [4])"),
+    ("", "is empty"),
 ])
 def test_a_bad_labels_file_names_the_file_the_rows_and_the_fix(tmp_path, text, fragment):
     path = _write(tmp_path, text)
@@ -96,8 +100,9 @@ def test_labels_config_checks_and_run_identity(tmp_path):
     assert run_identity(a) == run_identity(b) and run_identity(a)["labels"] == {"source": "file"}
 
 
-def test_an_image_folder_run_exports_each_samples_image_path_before_starting_ray(tmp_path, monkeypatch):
-    """The first stop (the warm-up's samples) needs no Ray: to_label_round0.csv names the files to look at."""
+def test_an_image_folder_run_exports_each_samples_image_path_before_any_training(tmp_path, monkeypatch):
+    """The first stop (the warm-up's samples) trains nothing, after the cluster checks (it claims
+    output_dir): to_label_round0.csv names the files to look at."""
     from PIL import Image
 
     from pivotal_ray import pipeline
@@ -110,7 +115,12 @@ def test_an_image_folder_run_exports_each_samples_image_path_before_starting_ray
             for k in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
                     tmp_path / "data" / split / c / f"{k}.png")
-    monkeypatch.setattr(pipeline, "connect", lambda cfg: pytest.fail("connect() ran"))
+    from pivotal_ray import training
+
+    checked = []
+    monkeypatch.setattr(pipeline, "connect", lambda cfg: checked.append("connect"))
+    monkeypatch.setattr(pipeline, "_check_cluster", lambda cfg, bundle: checked.append("cluster"))
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("training ran"))
     out = tmp_path / "out"
     cfg = from_dict({"output_dir": str(out), "data": {"name": "imagefolder", "root": str(tmp_path / "data"),
                                                       "image_size": 16},
@@ -118,6 +128,7 @@ def test_an_image_folder_run_exports_each_samples_image_path_before_starting_ray
                      "selection": {"budget": 3, "warmup": 2}, "labels": {"source": "file"}})
     stop = pipeline.run_experiment(cfg)
     assert (stop["status"], stop["round"], stop["missing"]) == ("awaiting_labels", 0, 2)
+    assert checked == ["connect", "cluster"]
     df = pd.read_csv(out / "to_label_round0.csv", keep_default_na=False)
     bundle = build_data(cfg.data, cfg.noise, cfg.seed)
     for sid, path in zip(df["sample_id"], df["path"]):
