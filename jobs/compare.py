@@ -32,12 +32,13 @@ def compare_config(cfg: DictConfig) -> CompareConfig:
 @hydra.main(config_path=CONFIGS, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     from pivotal_ray.compare import run_compare
-    from pivotal_ray.pipeline import connect
+    from pivotal_ray.pipeline import _check_cluster, connect
 
     try:
         cc = compare_config(cfg)
         base = resolve_config(cfg)
-        df = run_compare(base=base, cc=cc, before_runs=lambda: connect(base))  # Ray once every run is valid
+        # Ray once every run is valid; then every run that will train is checked against the cluster
+        df = run_compare(base=base, cc=cc, before_runs=lambda: connect(base), check=_check_cluster)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -192,12 +192,15 @@ def _load_model(cfg: ExperimentConfig, bundle: Any, snapshot: str) -> Any:
 def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
                 run: Callable[[ExperimentConfig], dict[str, Any]] | None = None,
                 log: Callable[[str], None] = print,
-                before_runs: Callable[[], None] | None = None) -> pd.DataFrame:
+                before_runs: Callable[[], None] | None = None,
+                check: Callable[[ExperimentConfig, Any], None] | None = None) -> pd.DataFrame:
     """Run (or read) every spec, write the results and the figures; returns the results table.
 
     Every spec is validated first (``pipeline.validate``: its settings, its data, its run
     directory), so a bad one is refused before any run trains; then ``before_runs`` is called
-    (``jobs.compare`` connects to Ray there) and the specs run in order.
+    (``jobs.compare`` connects to Ray there), then ``check(cfg, bundle)`` for every spec that has
+    not finished (``jobs.compare``: the checks against the cluster's CPUs, GPUs and memory), and
+    the specs run in order.
     """
     from .core.data import build_data
     from .pipeline import run_experiment, validate
@@ -212,6 +215,18 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
         validate(spec.cfg)
     if before_runs is not None:
         before_runs()
+
+    def data_key(cfg: ExperimentConfig) -> str:
+        return artifacts.config_fingerprint({"d": to_dict(cfg.data), "n": to_dict(cfg.noise), "s": cfg.seed})
+
+    if check is not None:  # grouped by data: one bundle built at a time
+        todo = [s.cfg for s in specs if finished_metrics(s.cfg) is None]
+        for key in dict.fromkeys(data_key(c) for c in todo):
+            group = [c for c in todo if data_key(c) == key]
+            bundle = build_data(group[0].data, group[0].noise, group[0].seed)
+            for c in group:
+                check(c, bundle)
+            del bundle
     root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
     rows, done = [], []
     bundles: dict[str, Any] = {}
@@ -220,8 +235,7 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
         status = "read"
         if metrics is None:
             metrics, status = run(spec.cfg), "ran"
-        key = artifacts.config_fingerprint({"d": to_dict(spec.cfg.data), "n": to_dict(spec.cfg.noise),
-                                            "s": spec.cfg.seed})
+        key = data_key(spec.cfg)
         if key not in bundles:
             bundles = {key: build_data(spec.cfg.data, spec.cfg.noise, spec.cfg.seed)}  # keep one at a time
         analysis = analyse_run(cfg=spec.cfg, metrics=metrics, bundle=bundles[key], frac=cc.boundary_frac)

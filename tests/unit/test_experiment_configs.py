@@ -192,3 +192,13 @@ def test_features_gbc_group_passes_the_preflight_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], cwd=root, capture_output=True,
                           text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override", ["method=random", "selection.method=random"])
+def test_the_default_output_dir_names_the_method_that_runs(override):
+    # the error messages offer selection.method=... and method=... as the same thing
+    from tests.e2e.conftest import resolve
+
+    cfg = resolve(override)
+    assert cfg.selection.method == "random"
+    assert Path(cfg.output_dir).parts[-3:] == ("toy", "random", "seed0")
