@@ -96,6 +96,10 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(math.floor(config["cpus_per_worker"]))))
+    if ray.get_gpu_ids() and not torch.cuda.is_available():  # never train on the CPU silently
+        raise RuntimeError(f"Ray gave this Train worker GPU {ray.get_gpu_ids()} but torch cannot use it "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): install a torch build "
+                           "that the node's NVIDIA driver supports, or set ray.use_gpu=false")
     device = ray.train.torch.get_device()
     reducer = TorchDistReducer() if world > 1 else LocalReducer()
     seed, tag, rw = int(config["seed"]), config["run_tag"], config["reweight"]
