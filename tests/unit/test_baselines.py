@@ -257,8 +257,12 @@ def _write_rbc_table(ctx: RoundContext, name: str) -> FactorFeatures:
                                                                    type=pa.list_(pa.float32(), v.shape[1]))
                                  if v.ndim == 2 else pa.array(v)) for c, v in cols.items()},
                             schema=factor_schema(A.shape[1], X.shape[1])), out / "part-0.parquet")
+    from pivotal_ray.distributed.extract import snapshot_records
+
+    snap = ctx.run.snapshots[0]
     (out / "features.json").write_text(json.dumps({
-        "kind": "rbc", "label_aware": False, "snapshots": [{"path": "-", "epoch": ctx.run.snapshots[0]["epoch"]}],
+        "kind": "rbc", "label_aware": False,
+        "snapshots": snapshot_records([{"path": snap["path"], "epoch": snap["epoch"]}]),
         "num_samples": len(train), "num_rows": len(train), "seed": ctx.seed}))
     return read_factor_table(out)
 
