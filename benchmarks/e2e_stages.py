@@ -3,8 +3,9 @@
 No new run: every ``metrics.json`` of a finished run under the given roots (written by
 :func:`pivotal_ray.pipeline.run_experiment`) gives one row: warm-up training, and summed over the
 selection rounds feature extraction, K-means, the rest of the selection (``select_s`` minus the
-two), re-training; then the total. Target (issue 4, MNIST, budget 20): total <= 20 minutes per
-method on a 2-core CPU machine.
+two), re-training; then the total, and what the run takes on its own (with the shared warm-up
+another method trained, see :func:`collect`). Target (issue 4, MNIST, budget 20): <= 20 minutes
+per method on its own on a 2-core CPU machine.
 
     python -m benchmarks.e2e_stages --root outputs/mnist_adv60 --out benchmarks/results/e2e_stages.jsonl
 """
@@ -19,22 +20,33 @@ from typing import Any
 from . import _common
 
 TARGET_S = 20 * 60
-STAGES = ("warmup_train_s", "features_s", "kmeans_s", "select_other_s", "train_s", "total_s")
+STAGES = ("first_train_s", "features_s", "kmeans_s", "select_other_s", "train_s", "total_s", "shared_warmup_s",
+          "alone_s")
 
 
 def stage_row(m: dict[str, Any]) -> dict[str, Any]:
-    """Per-stage seconds of one run's metrics.json content."""
+    """Per-stage seconds of one run's metrics.json content. ``first_train_s`` is the first
+    training run (the warm-up, or base's only run) as this run's invocation timed it: near 0 when
+    it read back a warm-up another method had trained (see :func:`collect`)."""
     rounds = m.get("rounds", [])
     feat = sum(float(r.get("features_s", 0.0)) for r in rounds)
     km = sum(float(r.get("kmeans_s", 0.0)) for r in rounds)
     sel = sum(float(r.get("select_s", 0.0)) for r in rounds)
+    t = m["timings"]
     return {"method": m["method"], "seed": m.get("seed"), "dataset": m.get("dataset"), "budget": m.get("budget"),
-            "warmup_train_s": float(m["timings"].get("warmup_train_s", 0.0)), "features_s": feat, "kmeans_s": km,
-            "select_other_s": max(sel - feat - km, 0.0), "train_s": sum(float(r.get("train_s", 0.0)) for r in rounds),
-            "total_s": float(m["timings"]["total_s"]), "rounds": len(rounds)}
+            "first_stage": "warmup" if "warmup_train_s" in t else "base" if "base_train_s" in t else None,
+            "first_train_s": float(t.get("warmup_train_s", t.get("base_train_s", 0.0))), "features_s": feat,
+            "kmeans_s": km, "select_other_s": max(sel - feat - km, 0.0),
+            "train_s": sum(float(r.get("train_s", 0.0)) for r in rounds),
+            "total_s": float(t["total_s"]), "rounds": len(rounds)}
 
 
 def collect(roots: list[str]) -> list[dict[str, Any]]:
+    """One row per finished run under ``roots``. Runs of one root with the same data set, seed and
+    budget share one warm-up, trained by the first of them to run and read back by the others:
+    ``shared_warmup_s`` adds the warm-up's training time (the longest ``first_train_s`` of the
+    group) to a run whose own is under half of it, and ``alone_s`` = ``total_s`` + that is what
+    the run would take on its own, which the target is checked against."""
     rows = []
     for root in roots:
         for path in sorted(Path(root).rglob("metrics.json")):
@@ -44,7 +56,17 @@ def collect(roots: list[str]) -> list[dict[str, Any]]:
                 continue
             if "method" not in m or "timings" not in m:  # snapshot metrics.json files, unfinished runs
                 continue
-            rows.append({**stage_row(m), "path": str(path)})
+            rows.append({**stage_row(m), "path": str(path), "root": root})
+    trained: dict[tuple, float] = {}
+    for r in rows:
+        if r["first_stage"] == "warmup":
+            key = (r["root"], r["dataset"], r["seed"], r["budget"])
+            trained[key] = max(trained.get(key, 0.0), r["first_train_s"])
+    for r in rows:
+        full = trained.get((r["root"], r["dataset"], r["seed"], r["budget"]), 0.0)
+        reused = r["first_stage"] == "warmup" and r["first_train_s"] < 0.5 * full
+        r["shared_warmup_s"] = full if reused else 0.0
+        r["alone_s"] = r["total_s"] + r["shared_warmup_s"]
     return rows
 
 
@@ -53,7 +75,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([str(r["method"]), str(r["seed"]), *(f"{r[s]:.0f}" for s in STAGES),
-                                        "pass" if r["total_s"] <= TARGET_S else "miss"]) + " |")
+                                        "pass" if r["alone_s"] <= TARGET_S else "miss"]) + " |")
     return "\n".join(lines)
 
 

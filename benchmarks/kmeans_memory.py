@@ -141,6 +141,7 @@ def _synthetic(args) -> tuple[Path, dict[str, Any], int, np.ndarray, None]:
     cfg = {"selection": {"method": "rbc", "exclude_frac": s.exclude_frac, "kmeans_init": s.kmeans_init,
                          "kmeans_max_iter": args.max_iter, "kmeans_tol": s.kmeans_tol,
                          "kmeans_sign_align": s.kmeans_sign_align, "similarity": s.similarity},
+           "reweight": {"mode": "l2rw"},  # as experiment=mnist_adv60 (reweight/mnist.yaml): signed similarity
            "ray": {"kmeans_shards": args.shards or r.kmeans_shards,
                    "kmeans_shard_cpus": min(r.kmeans_shard_cpus, 2.0 / (args.shards or r.kmeans_shards))}}
     meta = np.sort(np.random.default_rng(1).choice(n, size=20, replace=False)).astype(np.int64)

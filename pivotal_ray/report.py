@@ -74,7 +74,7 @@ def summary_markdown(df: pd.DataFrame, *, by: tuple[str, ...] = ("method",)) -> 
     if "boundary_auc" in df:
         cols.insert(cols.index("weight_auc") + 1, "boundary_auc")
     per_seed = _markdown(df[cols], index=False)
-    g = df.groupby(by)
+    g = df.groupby(by, dropna=False)  # a run without the key (an older manifest) is its own group, not dropped
     # +- the population standard deviation over seeds (ddof=0), as every table in docs/results.md
     pm = lambda fmt: (lambda s: f"{s.mean():{fmt}} +- {s.std(ddof=0):{fmt}}")  # noqa: E731
     agg = {"seeds": g["seed"].count(),

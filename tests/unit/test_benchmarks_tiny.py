@@ -81,9 +81,19 @@ def test_e2e_stages(tmp_path, capsys):
         "timings": {"warmup_train_s": 200.0, "total_s": 320.0}}))
     (run_dir / "checkpoint_metrics").mkdir()
     (run_dir / "checkpoint_metrics" / "metrics.json").write_text(json.dumps({"epoch": 3, "val_acc": 0.5}))
+    # random, same seed, read the warm-up back (2 s); base trains its one run
+    for method, timings in (("random", {"warmup_train_s": 2.0, "total_s": 110.0}),
+                            ("base", {"base_train_s": 90.0, "total_s": 95.0})):
+        (tmp_path / "runs" / method / "seed0").mkdir(parents=True)
+        (tmp_path / "runs" / method / "seed0" / "metrics.json").write_text(json.dumps({
+            "method": method, "seed": 0, "dataset": "mnist", "budget": 20, "rounds": [], "timings": timings}))
     res = run(e2e_stages, tmp_path, "--root", str(tmp_path / "runs"))
-    (row,) = res["rows"]
-    assert row["warmup_train_s"] == 200.0 and row["features_s"] == 10.0 and row["kmeans_s"] == 5.0
+    by = {r["method"]: r for r in res["rows"]}
+    assert (by["random"]["shared_warmup_s"], by["random"]["alone_s"]) == (200.0, 310.0)
+    assert (by["base"]["first_train_s"], by["base"]["shared_warmup_s"], by["base"]["alone_s"]) == (90.0, 0.0, 95.0)
+    row = by["rbc"]
+    assert (row["shared_warmup_s"], row["alone_s"]) == (0.0, 320.0)
+    assert row["first_train_s"] == 200.0 and row["features_s"] == 10.0 and row["kmeans_s"] == 5.0
     assert row["select_other_s"] == pytest.approx(1.0) and row["train_s"] == 100.0 and row["total_s"] == 320.0
     assert "| rbc | 0 |" in capsys.readouterr().out
 

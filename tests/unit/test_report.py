@@ -56,3 +56,18 @@ def test_summarise_by_a_config_key_from_each_manifest(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--by", "features.nope"])
     assert "no run under" in capsys.readouterr().err
+
+
+def test_a_run_without_the_key_is_summarised_not_dropped(tmp_path, capsys):
+    from jobs.summarize import main
+
+    for k, seed, acc in ((4, 0, 0.80), (None, 1, 0.84)):
+        d = tmp_path / f"k{k}" / "rbc" / f"seed{seed}"
+        _write(d, "rbc", seed, acc)
+        if k is not None:
+            (d / "manifest.json").write_text(json.dumps({"config": {"features": {"num_snapshots": k}}}))
+    main([str(tmp_path), "--by", "features.num_snapshots", "method"])
+    out = capsys.readouterr().out
+    summary = out.split("\n\n")[0]
+    assert "| 4.00 | rbc | 1 | 80.00 +- 0.00 |" in summary
+    assert "| nan | rbc | 1 | 84.00 +- 0.00 |" in summary  # its own group (was: left out of the means)
