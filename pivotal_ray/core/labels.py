@@ -10,7 +10,6 @@ and for what is missing.
 from __future__ import annotations
 
 import csv
-
 import hashlib
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
