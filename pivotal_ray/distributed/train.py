@@ -211,9 +211,16 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
     """Every persisted snapshot of a run (local path or storage URI), by epoch."""
     snaps = []
     for d in storage.list_dirs(run_path, prefix="checkpoint_"):
-        # skip an upload still in flight (or cut off): Ray does not promise the files' order
+        # skip an upload still in flight (or cut off): Ray does not promise the files' order, and a
+        # file cut off mid-copy exists (the JSON ones are parsed to catch that; the .pt files are
+        # read only by the runs that use them)
         if all(storage.exists(storage.join(d, f)) for f in SNAPSHOT_FILES):
-            snaps.append({"path": d, **storage.read_json(storage.join(d, "metrics.json"))})
+            try:
+                metrics = storage.read_json(storage.join(d, "metrics.json"))
+                storage.read_json(storage.join(d, "history.json"))
+            except ValueError:
+                continue
+            snaps.append({"path": d, **metrics})
     snaps.sort(key=lambda s: s["epoch"])
     return snaps
 

@@ -31,9 +31,12 @@ def test_snapshot_scan_skips_checkpoints_with_a_missing_file(tmp_path):
         d = tmp_path / f"checkpoint_00000{epoch}"
         d.mkdir()
         for f in SNAPSHOT_FILES:
-            (d / f).write_text(json.dumps({"epoch": epoch, "val_acc": 0.5}) if f == "metrics.json" else "x")
+            (d / f).write_text(json.dumps({"epoch": epoch, "val_acc": 0.5}) if f == "metrics.json"
+                               else "[]" if f == "history.json" else "x")
     (tmp_path / "checkpoint_000001" / "train_state.pt").unlink()  # metrics.json arrived, the state did not
     assert [s["epoch"] for s in _scan_snapshots(str(tmp_path))] == [0, 2]
+    (tmp_path / "checkpoint_000002" / "history.json").write_text('{"epoch": 2, "val')  # cut off mid-copy
+    assert [s["epoch"] for s in _scan_snapshots(str(tmp_path))] == [0]
 
 
 def test_final_weights_of_a_gpu_trained_run_load_on_a_cpu_only_driver(tmp_path, monkeypatch):
