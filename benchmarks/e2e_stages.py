@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 
+from pivotal_ray.report import superseded
+
 from . import _common
 
 TARGET_S = 20 * 60
@@ -34,6 +36,8 @@ def stage_row(m: dict[str, Any]) -> dict[str, Any]:
     sel = sum(float(r.get("select_s", 0.0)) for r in rounds)
     t = m["timings"]
     return {"method": m["method"], "seed": m.get("seed"), "dataset": m.get("dataset"), "budget": m.get("budget"),
+            "noise": json.dumps(m.get("noise")), "warmup": m.get("warmup"),
+            "warmup_epochs_s": t.get("warmup_epochs_s"),  # recorded since 807b261, whoever trained it
             "first_stage": "warmup" if "warmup_train_s" in t else "base" if "base_train_s" in t else None,
             "first_train_s": float(t.get("warmup_train_s", t.get("base_train_s", 0.0))), "features_s": feat,
             "kmeans_s": km, "select_other_s": max(sel - feat - km, 0.0),
@@ -42,11 +46,13 @@ def stage_row(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def collect(roots: list[str]) -> list[dict[str, Any]]:
-    """One row per finished run under ``roots``. Runs of one root with the same data set, seed and
-    budget share one warm-up, trained by the first of them to run and read back by the others:
-    ``shared_warmup_s`` adds the warm-up's training time (the longest ``first_train_s`` of the
-    group) to a run whose own is under half of it, and ``alone_s`` = ``total_s`` + that is what
-    the run would take on its own, which the target is checked against."""
+    """One row per finished run under ``roots``. A warm-up is shared: trained by the first run
+    that needs it, read back by the others (``first_train_s`` about 0). ``shared_warmup_s`` adds
+    its training time to a run that read it back: the run's own ``warmup_epochs_s`` (the epochs'
+    seconds from the warm-up's history, in metrics.json since 807b261), or for older metrics the
+    longest ``first_train_s`` among the runs of the same root, data set, noise, seed, budget and
+    warm-up size. ``alone_s`` = ``total_s`` + that is what the run would take on its own, which
+    the target is checked against."""
     rows = []
     for root in roots:
         for path in sorted(Path(root).rglob("metrics.json")):
@@ -54,16 +60,18 @@ def collect(roots: list[str]) -> list[dict[str, Any]]:
                 m = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if "method" not in m or "timings" not in m:  # snapshot metrics.json files, unfinished runs
+            if "method" not in m or "timings" not in m or superseded(path.parent):  # snapshots, unfinished runs
                 continue
             rows.append({**stage_row(m), "path": str(path), "root": root})
+    def key(r: dict[str, Any]) -> tuple:
+        return r["root"], r["dataset"], r["noise"], r["seed"], r["budget"], r["warmup"]
+
     trained: dict[tuple, float] = {}
     for r in rows:
         if r["first_stage"] == "warmup":
-            key = (r["root"], r["dataset"], r["seed"], r["budget"])
-            trained[key] = max(trained.get(key, 0.0), r["first_train_s"])
+            trained[key(r)] = max(trained.get(key(r), 0.0), r["first_train_s"])
     for r in rows:
-        full = trained.get((r["root"], r["dataset"], r["seed"], r["budget"]), 0.0)
+        full = r["warmup_epochs_s"] if r["warmup_epochs_s"] is not None else trained.get(key(r), 0.0)
         reused = r["first_stage"] == "warmup" and r["first_train_s"] < 0.5 * full
         r["shared_warmup_s"] = full if reused else 0.0
         r["alone_s"] = r["total_s"] + r["shared_warmup_s"]

@@ -383,11 +383,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     if done is not None and not relabelled:  # the same run (validate checked the fingerprint), already finished
         log.info("%s already holds this run, complete: nothing to do (delete it to run again)", cfg.output_dir)
         return done
-    if relabelled:
-        log.info("%s: labels in %s changed since this run finished: training again from the first run they "
-                 "change", cfg.output_dir, cfg.labels_file)
     out = Path(cfg.output_dir)
     cfg_dict = to_dict(cfg)
+    if relabelled:  # the finished results were made with other labels: they go, the run goes on
+        log.info("%s: labels in %s changed since this run finished: training again from the first run they "
+                 "change", cfg.output_dir, cfg.labels_file)
+        artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra={"status": "relabelled"})
+        for name in ("metrics.json", "selection.csv"):
+            (out / name).unlink(missing_ok=True)
     observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
     selector = SELECTORS.get(cfg.selection.method)
     plan = PLANS.get(plan_of(selector))()
@@ -492,6 +495,10 @@ def _labels_changed(output_dir: str | Path, labels: Labeler) -> bool:
     trained with (selection.csv's ``cleaned_label``): a corrected (or deleted) label trains again."""
     if labels.source != "file":
         return False
+    path = getattr(labels, "path", None)
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"{output_dir} holds a run labelled from {path}, which is gone: put it back (labels.file= "
+                          f"if it moved), or delete {output_dir} to start again")
     try:
         sel = pd.read_csv(Path(output_dir) / "selection.csv")
     except (OSError, ValueError):

@@ -19,6 +19,17 @@ def _config_value(config: dict, dotted: str):
     return node
 
 
+def superseded(run_dir: str | Path) -> bool:
+    """Whether the metrics.json in ``run_dir`` is not (or no longer) a finished run's: its
+    manifest.json says another status (running again, awaiting labels). Runs without a manifest
+    (older copies) count as finished."""
+    try:
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("extra", {}).get("status", "complete") != "complete"
+
+
 def collect(root: str | Path, keys: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per ``<root>/**/metrics.json``: method, seed, accuracies (%), weight AUC, wall time,
     and the noise kind and rate (``noise.kind``, ``noise.rate``: NaN for runs that do not record them).
@@ -29,7 +40,7 @@ def collect(root: str | Path, keys: tuple[str, ...] = ()) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(root).rglob("metrics.json")):
         m = json.loads(path.read_text())
-        if "method" not in m:
+        if "method" not in m or superseded(path.parent):
             continue
         row = {"method": m["method"], "seed": m["seed"],
                "test_acc_at_best_val": 100 * m["test_acc_at_best_val"],

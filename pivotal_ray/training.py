@@ -134,7 +134,10 @@ class PlainPlan:
         cfg, rw = env.cfg, plain_reweight(env.cfg)
         c = to_dict(cfg)
         key = {k: c[k] for k in ("data", "noise", "model", "seed")} | {"reweight": rw}
-        key["ray"] = {k: c["ray"][k] for k in ("num_workers", "cpus_per_worker", "use_gpu")}  # as warmup_name
+        # as warmup_name, but only when not at their defaults: a default base run keeps its old name
+        ray = without_defaults({"ray": {k: c["ray"][k] for k in ("num_workers", "cpus_per_worker", "use_gpu")}})["ray"]
+        if ray:
+            key["ray"] = ray
         name = f"base-{artifacts.config_fingerprint(without_defaults(key))[:12]}"
         return train(cfg, name, meta_ids, meta_labels, env.storage, reweight=rw)
 

@@ -90,7 +90,7 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
         return {}
     fix = f"fix {path} (a CSV with a header line 'sample_id,label' and one row per labelled sample)"
     try:  # csv, not pandas.read_csv: a row with one field more than the header would become the index
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.reader(f, skipinitialspace=True)
             rows, lines = [], []
             for row in reader:
@@ -102,6 +102,9 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
     if not rows:
         raise ConfigError(f"labels file {path} is empty: {fix}")
     header = [c.strip() for c in rows[0]]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"labels file {path}: the header names column(s) {repeated} more than once: {fix}")
     ragged = [line for row, line in zip(rows[1:], lines[1:]) if len(row) != len(header)]
     if ragged:
         raise ConfigError(f"labels file {path}: line(s) {ragged[:5]} have another number of fields than the "

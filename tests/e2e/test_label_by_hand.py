@@ -185,3 +185,18 @@ def test_a_corrected_label_trains_the_finished_loop_again(loop):
     assert all(y == truth[i] for i, y in zip(sel["sample_id"], sel["cleaned_label"]))
     assert _status(out) == "complete"
     assert pipeline.run_experiment(loop["hand_cfg"]) == again
+
+
+def test_a_finished_loop_whose_labels_file_is_gone_is_refused(loop, tmp_path):
+    """Without its labels file a finished loop cannot tell corrected labels from lost ones: it is
+    refused with the fix, and its results stay as they were."""
+    out = loop["out"]
+    moved = tmp_path / "labels.csv"
+    (out / "labels.csv").rename(moved)
+    try:
+        before = (out / "metrics.json").read_text()
+        with pytest.raises(ConfigError, match="which is gone: put it back"):
+            pipeline.run_experiment(loop["hand_cfg"])
+        assert (out / "metrics.json").read_text() == before and _status(out) == "complete"
+    finally:
+        moved.rename(out / "labels.csv")

@@ -93,6 +93,18 @@ def test_e2e_stages(tmp_path, capsys):
     assert (by["base"]["first_train_s"], by["base"]["shared_warmup_s"], by["base"]["alone_s"]) == (90.0, 0.0, 95.0)
     row = by["rbc"]
     assert (row["shared_warmup_s"], row["alone_s"]) == (0.0, 320.0)
+    # metrics since 807b261 carry the warm-up's epoch seconds: used whoever trained it (here no
+    # run under the root did); a run stopped for labels (manifest status) is not tabulated
+    for method, timings, status in (("gbc", {"warmup_train_s": 1.0, "warmup_epochs_s": 150.0, "total_s": 50.0},
+                                     "complete"),
+                                    ("craig", {"warmup_train_s": 1.0, "total_s": 50.0}, "awaiting_labels")):
+        d = tmp_path / "solo" / method / "seed0"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"method": method, "seed": 0, "dataset": "mnist", "budget": 20,
+                                                    "rounds": [], "timings": timings}))
+        (d / "manifest.json").write_text(json.dumps({"extra": {"status": status}}))
+    (solo,) = run(e2e_stages, tmp_path / "solo", "--root", str(tmp_path / "solo"))["rows"]
+    assert (solo["method"], solo["shared_warmup_s"], solo["alone_s"]) == ("gbc", 150.0, 200.0)
     assert row["first_train_s"] == 200.0 and row["features_s"] == 10.0 and row["kmeans_s"] == 5.0
     assert row["select_other_s"] == pytest.approx(1.0) and row["train_s"] == 100.0 and row["total_s"] == 320.0
     assert "| rbc | 0 |" in capsys.readouterr().out

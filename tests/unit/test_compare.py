@@ -237,23 +237,28 @@ def test_every_run_is_validated_before_the_first_one_trains(tmp_path):
 
 
 def test_cluster_checks_run_for_every_unfinished_spec_before_the_first_run(tmp_path):
-    """A spec the cluster cannot run (the last one here) is refused after Ray is connected and
-    before any spec trains; finished specs are not checked (they only read back)."""
+    """A spec the cluster cannot run (the last one checked here) is refused after Ray is
+    connected and before any spec trains; finished specs are not checked (they only read back)."""
     cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False)
     specs = expand(base=_base(tmp_path), cc=cc)
+    finished = specs[0].cfg  # a finished run: read back, so not checked
+    artifacts.write_manifest(finished.output_dir, config=to_dict(finished), seed=finished.seed, timings={},
+                             extra={"status": "complete"})
+    (Path(finished.output_dir) / "selection.csv").write_text("sample_id\n")
+    (Path(finished.output_dir) / "metrics.json").write_text("{}")
     order, checked = [], []
 
     def check(cfg, bundle):
         order.append("check")
         checked.append((cfg.selection.method, cfg.seed, len(bundle.train)))
-        if (cfg.selection.method, cfg.seed) == (specs[-1].method, specs[-1].seed):
+        if len(checked) == 3:  # the last one checked cannot run
             raise ConfigError("the cluster cannot run it")
 
     with pytest.raises(ConfigError, match="the cluster cannot run it"):
         run_compare(base=_base(tmp_path), cc=cc, run=lambda cfg: order.append("run"),
                     before_runs=lambda: order.append("connect"), check=check)
-    assert order == ["connect"] + ["check"] * 4
-    assert sorted(checked) == sorted((s.method, s.seed, 600) for s in specs)
+    assert order == ["connect"] + ["check"] * 3
+    assert sorted(checked) == sorted((s.method, s.seed, 600) for s in specs[1:])
 
 
 def test_plots_without_matplotlib_fail_before_any_run(tmp_path, monkeypatch):

@@ -64,6 +64,7 @@ def test_a_filled_in_to_label_file_is_a_labels_file(tmp_path):
     ("sample_id,label\n4,1\n\n6\n", "line(s) [4] have another number of fields"),
     ("sample_id,label\n4,1\n\n6,x\n", "got ['x'] (line(s) [4])"),
     ("", "is empty"),
+    ("sample_id,label,label\n4,1,1\n", "names column(s) ['label'] more than once"),
 ])
 def test_a_bad_labels_file_names_the_file_the_rows_and_the_fix(tmp_path, text, fragment):
     path = _write(tmp_path, text)
@@ -135,3 +136,9 @@ def test_an_image_folder_run_exports_each_samples_image_path_before_any_training
         label = int(bundle.train.y_obs[bundle.train.positions_of([sid])[0]])
         assert Path(path).parent.name == ("ant", "bee")[label] and Path(path).is_file()
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "to_label_round0.csv"]
+
+
+def test_a_spreadsheets_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("sample_id,label\n4,2\n".encode("utf-8-sig"))  # Excel's "CSV UTF-8"
+    assert FileLabels(path, train_ids=TRAIN_IDS, num_classes=3).labels(np.array([4])).tolist() == [2]

@@ -71,3 +71,13 @@ def test_a_run_without_the_key_is_summarised_not_dropped(tmp_path, capsys):
     summary = out.split("\n\n")[0]
     assert "| 4.00 | rbc | 1 | 80.00 +- 0.00 |" in summary
     assert "| nan | rbc | 1 | 84.00 +- 0.00 |" in summary  # its own group (was: left out of the means)
+
+
+def test_a_run_no_longer_finished_is_not_summarised(tmp_path):
+    """A finished labels=file run whose labels changed runs again: its manifest says so, and any
+    metrics.json still beside it is not a result."""
+    _write(tmp_path / "rbc" / "seed0", "rbc", 0, 0.90)
+    _write(tmp_path / "rbc" / "seed1", "rbc", 1, 0.94)
+    (tmp_path / "rbc" / "seed1" / "manifest.json").write_text(json.dumps({"extra": {"status": "relabelled"}}))
+    (tmp_path / "rbc" / "seed0" / "manifest.json").write_text(json.dumps({"extra": {"status": "complete"}}))
+    assert collect(tmp_path)["seed"].tolist() == [0]

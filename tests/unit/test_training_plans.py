@@ -208,3 +208,9 @@ def test_training_resources_name_the_base_run(tmp_path, calls):
         pipeline.run_experiment(cfg)
         names[i] = calls[-1]["name"]
     assert len({names[i] for i in range(4)}) == 4 and names[4] == names[0]  # where it runs does not count
+    from pivotal_ray.config import to_dict, without_defaults
+    from pivotal_ray.core.artifacts import config_fingerprint
+
+    c = to_dict(from_dict({"seed": 1}))  # default resources: the name base runs had before resources counted
+    old = {k: c[k] for k in ("data", "noise", "model", "seed")} | {"reweight": training.plain_reweight(from_dict({}))}
+    assert names[0] == f"base-{config_fingerprint(without_defaults(old))[:12]}"
