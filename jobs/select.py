@@ -52,7 +52,7 @@ def resolve_config(cfg: DictConfig):
     if data.get("root") and "://" not in data["root"]:
         data["root"] = os.path.abspath(data["root"])
     labels = values.get("labels") or {}
-    if labels.get("file"):
+    if labels.get("file") and "://" not in labels["file"]:  # a URI is refused by LabelsConfig
         labels["file"] = os.path.abspath(labels["file"])
     return from_dict(values)
 

@@ -64,6 +64,8 @@ def tsne_sample(fdir: Path, *, picked_ids: np.ndarray, seed: int, max_rows: int)
     picked = np.flatnonzero(np.isin(ids, picked_ids))
     rest = np.setdiff1d(np.arange(len(ids)), picked)
     rng = numpy_rng(seed, "compare", "tsne")
+    if len(picked) > max_rows:  # more picks than the plot holds (compare.tsne_max): a seeded subset of them
+        picked = np.sort(rng.choice(picked, max_rows, replace=False))
     keep = np.sort(np.concatenate([picked, rng.choice(rest, min(len(rest), max_rows - len(picked)),
                                                       replace=False)]))
     sub = read_feature_table(fdir, sample_ids=ids[keep])

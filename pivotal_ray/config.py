@@ -53,6 +53,10 @@ class DataConfig:
         self.toy_split = tuple(int(v) for v in self.toy_split)  # Hydra hands lists
         _one_of("dataset", self.name, DATASETS)
         _check(0.0 < self.val_frac < 1.0, f"data.val_frac={self.val_frac} must be in (0, 1), e.g. 0.1")
+        _check(self.image_size >= 8, f"data.image_size={self.image_size} must be >= 8 (ImageNet-10: 224)")
+        _check(self.loader_workers >= 0, f"data.loader_workers={self.loader_workers} must be >= 0 (0: no workers)")
+        _check(self.toy_std > 0 and 0.0 <= self.toy_base_flip < 1.0,
+               f"data.toy_std={self.toy_std} must be > 0 and data.toy_base_flip={self.toy_base_flip} in [0, 1)")
         if self.name == "toy":
             _check(len(self.toy_split) == 3 and sum(self.toy_split) == self.toy_n and min(self.toy_split) >= 1,
                    f"data.toy_split={list(self.toy_split)} must be three sizes (train, test, val), each at "
@@ -234,6 +238,9 @@ class LabelsConfig:
 
     def __post_init__(self) -> None:
         _one_of("labels.source", self.source, LABEL_SOURCES)
+        _check(self.file is None or "://" not in self.file,
+               f"labels.file={self.file!r} must be a local or mounted path, not a storage URI: the driver reads "
+               "it and the person writes it (copy it to a volume the driver sees)")
         _check(self.file is None or self.file.startswith("/"),
                f"labels.file={self.file!r} must be an absolute path (Ray jobs run from a temporary copy of "
                "the working dir)")
@@ -312,11 +319,35 @@ _SECTIONS = {
 }
 
 
+_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_type(name: str, annotation: Any, value: Any) -> None:
+    """ConfigError when ``value`` is not of a scalar field's annotated type (``int``, ``float``,
+    ``bool``, ``str``, each optionally ``| None``); other annotations are left to __post_init__.
+    A bool is not an int here, and an int is a float (the value is kept as given: run names hash it)."""
+    parts = [p.strip() for p in str(annotation).split("|")]
+    optional = "None" in parts
+    kinds = [p for p in parts if p != "None"]
+    if len(kinds) != 1 or kinds[0] not in _SCALARS:
+        return
+    if value is None:
+        _check(optional, f"{name} must be set ({_SCALAR_NAMES[kinds[0]]}), not null")
+        return
+    allowed = _SCALARS[kinds[0]]
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    _check(ok, f"{name}={value!r} must be {_SCALAR_NAMES[kinds[0]]}")
+
+
 def _build(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    _check(not unknown, f"unknown key(s) {unknown} in {where}: known keys are {sorted(known)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    _check(not unknown, f"unknown key(s) {unknown} in {where}: known keys are {sorted(fields)}")
+    prefix = "" if cls is ExperimentConfig else f"{where}."
+    for name, value in values.items():
+        _check_type(prefix + name, fields[name].type, value)
     return cls(**values)
 
 
@@ -392,6 +423,9 @@ class CompareConfig:
         same = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v) for v in self.vary_values]
         _check(len(set(same)) == len(same), f"compare.vary_values={self.vary_values} lists a value twice")
         _check(self.output_root is not None, "compare.output_root is required: compare.output_root=/abs/path")
+        _check("://" not in str(self.output_root),
+               f"compare.output_root={self.output_root!r} must be a local or mounted path, not a storage URI: "
+               "the runs' artefacts are written there (training checkpoints can go to a URI: ray.storage_path=)")
         _check(self.vary_key is None or "." in self.vary_key and bool(self.vary_values),
                f"compare.vary_key={self.vary_key!r} needs a dotted config key (e.g. noise.rate) and a non-empty "
                "compare.vary_values list, e.g. 'compare.vary_values=[0.2,0.4]'")

@@ -91,10 +91,15 @@ def accuracy_vs(*, df: pd.DataFrame, x: str, path: str | Path, y: str = "test_ac
         if col not in df:
             raise ValueError(f"accuracy_vs: column {col!r} missing; columns are {list(df.columns)}")
     fig, ax = plt.subplots(figsize=(5.0, 3.8))
+    values = sorted(df[x].unique(), key=lambda v: (isinstance(v, str), v))
+    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
     for method, g in df.groupby("method"):
         s = g.groupby(x)[y].agg(["mean", "std"]).sort_index()
-        ax.errorbar(s.index.to_numpy(dtype=float), s["mean"], yerr=s["std"].fillna(0.0), marker="o", capsize=3,
-                    label=str(method))
+        # a numeric sweep at its values; others (e.g. selection.similarity=[abs,signed]) at positions
+        pos = s.index.to_numpy(dtype=float) if numeric else np.array([values.index(v) for v in s.index], dtype=float)
+        ax.errorbar(pos, s["mean"], yerr=s["std"].fillna(0.0), marker="o", capsize=3, label=str(method))
+    if not numeric:
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 import torch
@@ -23,7 +24,14 @@ def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+    """``parts`` appended to the path of ``base`` (a local path or a URI): a URI's query (e.g.
+    ``s3://bucket/runs?endpoint_override=host:9000``) stays at the end, and ``file:///`` keeps
+    its root."""
+    if "://" not in base:
+        return "/".join([base.rstrip("/"), *parts])
+    u = urlsplit(base)
+    path = u.path.rstrip("/")
+    return urlunsplit(u._replace(path="/".join([path, *parts]) if path or u.netloc else "/" + "/".join(parts)))
 
 
 def exists(path: str) -> bool:

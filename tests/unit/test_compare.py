@@ -315,3 +315,7 @@ def test_tsne_sample_reads_only_the_rows_it_plots(tmp_path, monkeypatch):
     np.testing.assert_array_equal(sub.G, full.G[keep])
     np.testing.assert_array_equal(sub.sample_id[picks], picked)
     np.testing.assert_array_equal(densetable.table_sample_ids(tmp_path), ids)
+    # more picks than the plot holds (compare.tsne_max): a seeded subset of the picks, nothing else
+    many = ids[::5]  # 60 picks
+    sub, picks = compare_figures.tsne_sample(tmp_path, picked_ids=many, seed=4, max_rows=40)
+    assert len(sub.sample_id) == 40 and len(picks) == 40 and np.isin(sub.sample_id, many).all()

@@ -34,6 +34,9 @@ def test_accuracy_vs(tmp_path):
     assert _is_png(plots.accuracy_vs(df=df, x="noise.rate", path=tmp_path / "acc.png"))
     with pytest.raises(ValueError, match="'noise.rat' missing"):
         plots.accuracy_vs(df=df, x="noise.rat", path=tmp_path / "bad.png")
+    # a sweep over names (compare.vary_key=selection.similarity, vary_values=[abs,signed])
+    named = df.assign(**{"selection.similarity": ["abs", "abs", "signed", "signed"] * 2})
+    assert _is_png(plots.accuracy_vs(df=named, x="selection.similarity", path=tmp_path / "named.png"))
 
 
 def test_tsne_features(tmp_path):

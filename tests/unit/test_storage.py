@@ -66,3 +66,12 @@ def test_final_weights_of_a_gpu_trained_run_load_on_a_cpu_only_driver(tmp_path, 
     w = run.final_weights()
     assert w.device.type == "cpu"
     torch.testing.assert_close(w, torch.linspace(0, 1, 5))
+
+
+def test_join_keeps_a_uris_query_and_root():
+    # e.g. an S3-compatible store: ray.storage_path=s3://bucket/runs?endpoint_override=host:9000
+    assert (storage.join("s3://b/runs?endpoint_override=localhost:9000", "exp", "checkpoint_1")
+            == "s3://b/runs/exp/checkpoint_1?endpoint_override=localhost:9000")
+    assert storage.join("s3://b/runs/", "exp") == "s3://b/runs/exp"
+    assert storage.join("file:///", "x") == "file:///x"
+    assert storage.join("/tmp/a/", "b", "c") == "/tmp/a/b/c"
