@@ -48,6 +48,11 @@ def test_quotas_are_as_equal_as_the_classes_allow(avail, data) -> None:
     prio = np.array(data.draw(st.permutations(range(len(n)))))
     q = balanced_quotas(n, k=k, priority=prio)
     assert q.sum() == k and (q >= 0).all() and (q <= n).all()
+    # the remainder: one each to the classes above the water level L, first in priority order
+    level = max(L for L in range(int(n.max()) + 1) if np.minimum(n, L).sum() <= k)
+    above = [int(c) for c in prio if n[c] > level]
+    r = k - int(np.minimum(n, level).sum())
+    assert [int(c) for c in above if q[c] == level + 1] == above[:r]
     open_ = q < n  # classes that could have taken more
     if open_.any():
         # nobody below capacity has fewer than anyone else minus one, and no class holds more
@@ -312,6 +317,7 @@ def test_rbc_k_selector_runs_plain_kmeans_on_rbc_features(toy_ctx, monkeypatch) 
     picks = SELECTORS.get("rbc_k")(toy_ctx, 3)
     assert seen["weighted"] is False and Path(seen["path"]).name == "features_rbc"
     assert picks.sample_id.size == 3 and not np.isin(picks.sample_id, toy_ctx.meta_ids).any()
+    assert seen["seed"] == derive_seed(toy_ctx.seed, "kmeans", toy_ctx.round)  # the round's own seed
     plain = select_pivotal(feats, budget=3, meta_ids=toy_ctx.meta_ids, exclude_frac=0.5, weighted=False,
-                           seed=seen["seed"], max_iter=seen["max_iter"])
+                           seed=derive_seed(toy_ctx.seed, "kmeans", toy_ctx.round), max_iter=seen["max_iter"])
     np.testing.assert_array_equal(picks.sample_id, plain.sample_id)

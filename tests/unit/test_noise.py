@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pivotal_ray.core import noise
@@ -22,6 +22,9 @@ def _labels(seed: int, n: int, C: int) -> np.ndarray:
 
 @SETTINGS
 @given(n=st.integers(0, 400), C=st.integers(2, 12), pct=st.integers(0, 100), seed=st.integers(0, 2**31))
+@example(n=100, C=10, pct=29, seed=0)  # 0.29 * 100 = 28.999999999999996 in floats
+@example(n=100, C=10, pct=57, seed=0)
+@example(n=180, C=3, pct=35, seed=1)
 def test_adversarial_flips_exactly_floor_pn_through_one_derangement(n, C, pct, seed):
     y = _labels(seed, n, C)
     noisy, perm = noise.adversarial_noise(y, rate=pct / 100, num_classes=C, rng=np.random.default_rng(seed))
@@ -130,3 +133,9 @@ def test_split_val_test_is_random_and_deterministic_per_seed():
     c = noise.split_val_test(1000, val_frac=0.1, rng=np.random.default_rng(1))
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
     assert a[0].max() > 900 and a[0].min() < 100  # spread over the set, not a prefix
+
+
+@pytest.mark.parametrize("pct, n", [(29, 100), (57, 100), (35, 180), (41, 300), (29, 200)])
+def test_floor_count_is_exact_where_floats_round_down(pct, n):
+    assert math.floor(pct / 100 * n) == pct * n // 100 - 1  # the float product falls just short
+    assert noise.floor_count(pct / 100, n) == pct * n // 100

@@ -93,6 +93,7 @@ def test_meta_pass_does_not_touch_batchnorm_statistics():
                                        y=y, w=torch.ones(8), x_meta=torch.randn(4, 5), y_meta=torch.randint(0, 3, (4,)),
                                        lr=0.1, global_batch=8, reducer=LocalReducer())
     torch.testing.assert_close(bn.running_mean, expected.body[1].running_mean)
+    torch.testing.assert_close(bn.running_var, expected.body[1].running_var)
     assert int(bn.num_batches_tracked) == 1
 
 
@@ -123,6 +124,26 @@ def test_l2rw_weights_match_autograd_at_zero_eps():
     with torch.no_grad():
         for p, q in zip(ref_model.parameters(), model.parameters()):
             torch.testing.assert_close(q, p - 0.2 * p.grad)
+
+
+def test_l2rw_clips_every_sample_to_zero_weight_without_nan(monkeypatch):
+    """When no training sample's gradient agrees with the meta gradient (every <v, grad f_j> <= 0),
+    every weight is 0 (eq. S11's normaliser is 0): no NaN, and the real step changes nothing."""
+    from pivotal_ray.core import reweight as rw
+
+    real = rw.per_sample_grad_dot
+    monkeypatch.setattr(rw, "per_sample_grad_dot", lambda *a, **k: -real(*a, **k).abs())  # all disagree
+    torch.manual_seed(3)
+    model = TinyNet().double()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    xm, ym = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    out = build_reweighter("l2rw").step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2), x=x,
+                                        y=y, w=torch.ones(12, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.2,
+                                        global_batch=12, reducer=LocalReducer())
+    assert torch.equal(out.weights, torch.zeros(12, dtype=torch.float64)) and out.loss == 0.0
+    for p, q in zip(before, model.parameters()):
+        assert torch.isfinite(q).all() and torch.equal(p, q)
 
 
 def test_class_balanced_meta_loss_is_the_mean_of_class_means():
