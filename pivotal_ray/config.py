@@ -323,21 +323,30 @@ _SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "
 _SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
-def _check_type(name: str, annotation: Any, value: Any) -> None:
-    """ConfigError when ``value`` is not of a scalar field's annotated type (``int``, ``float``,
-    ``bool``, ``str``, each optionally ``| None``); other annotations are left to __post_init__.
-    A bool is not an int here, and an int is a float (the value is kept as given: run names hash it)."""
+def _checked_value(name: str, annotation: Any, value: Any) -> Any:
+    """``value`` for a scalar field (``int``, ``float``, ``bool``, ``str``, each optionally
+    ``| None``), or ConfigError when it is not of that type; other annotations are left to
+    __post_init__. A bool is not a number here. An int is a float and is kept as given (run names
+    hash it); a whole float for an int field (``2e9`` bytes) becomes that int; a number for a str
+    field (Hydra reads ``name=2024`` as an int) becomes its text."""
     parts = [p.strip() for p in str(annotation).split("|")]
     optional = "None" in parts
     kinds = [p for p in parts if p != "None"]
     if len(kinds) != 1 or kinds[0] not in _SCALARS:
-        return
+        return value
+    kind = kinds[0]
     if value is None:
-        _check(optional, f"{name} must be set ({_SCALAR_NAMES[kinds[0]]}), not null")
-        return
-    allowed = _SCALARS[kinds[0]]
+        _check(optional, f"{name} must be set ({_SCALAR_NAMES[kind]}), not null")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "str" and number:
+        return str(value)
+    allowed = _SCALARS[kind]
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-    _check(ok, f"{name}={value!r} must be {_SCALAR_NAMES[kinds[0]]}")
+    _check(ok, f"{name}={value!r} must be {_SCALAR_NAMES[kind]}")
+    return value
 
 
 def _build(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
@@ -346,8 +355,7 @@ def _build(cls: type, values: Mapping[str, Any] | None, where: str) -> Any:
     unknown = sorted(set(values) - set(fields))
     _check(not unknown, f"unknown key(s) {unknown} in {where}: known keys are {sorted(fields)}")
     prefix = "" if cls is ExperimentConfig else f"{where}."
-    for name, value in values.items():
-        _check_type(prefix + name, fields[name].type, value)
+    values = {name: _checked_value(prefix + name, fields[name].type, value) for name, value in values.items()}
     return cls(**values)
 
 

@@ -11,7 +11,6 @@ import io
 import json
 import os
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 import torch
@@ -29,9 +28,13 @@ def join(base: str, *parts: str) -> str:
     its root."""
     if "://" not in base:
         return "/".join([base.rstrip("/"), *parts])
-    u = urlsplit(base)
-    path = u.path.rstrip("/")
-    return urlunsplit(u._replace(path="/".join([path, *parts]) if path or u.netloc else "/" + "/".join(parts)))
+    head, sep, query = base.partition("?")  # the rest of the URI is kept as written
+    head = head.rstrip("/")
+    if head.endswith(":/"):  # a bare root, e.g. file:/// stripped to file:
+        head += "/"
+    elif head.endswith(":"):
+        head += "//"
+    return "/".join([head, *parts]) + sep + query
 
 
 def exists(path: str) -> bool:

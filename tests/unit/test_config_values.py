@@ -31,6 +31,14 @@ def test_types_that_are_right_pass_unchanged():
     assert cfg.reweight.lr == 1 and isinstance(cfg.reweight.lr, int)  # kept as given: run names hash it
 
 
+def test_what_hydra_reads_as_numbers_is_taken():
+    from tests.e2e.conftest import resolve
+
+    cfg = resolve("name=2024", "ray.object_store_memory=2e9", "output_dir=/tmp/x")
+    assert cfg.name == "2024" and cfg.ray.object_store_memory == 2_000_000_000
+    assert isinstance(cfg.ray.object_store_memory, int)
+
+
 def test_compare_output_root_must_be_a_path():
     with pytest.raises(ConfigError, match="must be a local or mounted path, not a storage URI"):
         CompareConfig(output_root="s3://bucket/compare")

@@ -74,4 +74,6 @@ def test_join_keeps_a_uris_query_and_root():
             == "s3://b/runs/exp/checkpoint_1?endpoint_override=localhost:9000")
     assert storage.join("s3://b/runs/", "exp") == "s3://b/runs/exp"
     assert storage.join("file:///", "x") == "file:///x"
+    assert storage.join("hdfs:///user/x", "exp") == "hdfs:///user/x/exp"  # the rest kept as written
+    assert storage.join("S3://Bucket/X", "exp") == "S3://Bucket/X/exp"
     assert storage.join("/tmp/a/", "b", "c") == "/tmp/a/b/c"
