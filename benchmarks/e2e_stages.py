@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from pivotal_ray.report import superseded
 
 from . import _common
@@ -63,6 +62,7 @@ def collect(roots: list[str]) -> list[dict[str, Any]]:
             if "method" not in m or "timings" not in m or superseded(path.parent):  # snapshots, unfinished runs
                 continue
             rows.append({**stage_row(m), "path": str(path), "root": root})
+
     def key(r: dict[str, Any]) -> tuple:
         return r["root"], r["dataset"], r["noise"], r["seed"], r["budget"], r["warmup"]
 

@@ -219,8 +219,9 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     def data_key(cfg: ExperimentConfig) -> str:
         return artifacts.config_fingerprint({"d": to_dict(cfg.data), "n": to_dict(cfg.noise), "s": cfg.seed})
 
+    finished = [finished_metrics(spec.cfg) for spec in specs]  # read once: a spec's run never finishes another's
     if check is not None:  # grouped by data: one bundle built at a time
-        todo = [s.cfg for s in specs if finished_metrics(s.cfg) is None]
+        todo = [s.cfg for s, m in zip(specs, finished) if m is None]
         for key in dict.fromkeys(data_key(c) for c in todo):
             group = [c for c in todo if data_key(c) == key]
             bundle = build_data(group[0].data, group[0].noise, group[0].seed)
@@ -230,8 +231,7 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
     rows, done = [], []
     bundles: dict[str, Any] = {}
-    for i, spec in enumerate(specs, 1):
-        metrics = finished_metrics(spec.cfg)
+    for i, (spec, metrics) in enumerate(zip(specs, finished), 1):
         status = "read"
         if metrics is None:
             metrics, status = run(spec.cfg), "ran"

@@ -83,8 +83,7 @@ def completed_metrics(output_dir: str | Path) -> dict[str, Any] | None:
     selection.csv and metrics.json present), else None. Pair it with :func:`check_run_dir`."""
     out = Path(output_dir)
     try:
-        manifest = json.loads((out / artifacts.MANIFEST_NAME).read_text())
-        if manifest.get("extra", {}).get("status") == "complete" and (out / "selection.csv").is_file():
+        if artifacts.manifest_status(out) == "complete" and (out / "selection.csv").is_file():
             return json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
         pass

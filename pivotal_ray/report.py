@@ -23,11 +23,9 @@ def superseded(run_dir: str | Path) -> bool:
     """Whether the metrics.json in ``run_dir`` is not (or no longer) a finished run's: its
     manifest.json says another status (running again, awaiting labels). Runs without a manifest
     (older copies) count as finished."""
-    try:
-        manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return manifest.get("extra", {}).get("status", "complete") != "complete"
+    from .core.artifacts import manifest_status
+
+    return manifest_status(run_dir) not in (None, "complete")
 
 
 def collect(root: str | Path, keys: tuple[str, ...] = ()) -> pd.DataFrame:

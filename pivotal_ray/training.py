@@ -48,6 +48,10 @@ class TrainingPlan(Protocol):
 
 PLANS: Registry[type] = Registry("training plan")
 
+# the ray.* settings that change a training run's floats (workers split BatchNorm batches, each
+# runs floor(cpus_per_worker) threads, GPU kernels): part of the warm-up's and base's run names
+TRAINING_RESOURCES = ("num_workers", "cpus_per_worker", "use_gpu")
+
 
 def train(cfg: ExperimentConfig, name: str, meta_ids: np.ndarray, meta_labels: np.ndarray, storage: str, *,
           reweight: dict | None = None, train_ids: np.ndarray | None = None, init_from: str | None = None,
@@ -85,7 +89,7 @@ def warmup_name(cfg: ExperimentConfig) -> str:
     statistics) and each runs floor(cpus_per_worker) threads."""
     c = to_dict(cfg)
     key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
-    key["ray"] = {k: c["ray"][k] for k in ("num_workers", "cpus_per_worker", "use_gpu")}
+    key["ray"] = {k: c["ray"][k] for k in TRAINING_RESOURCES}
     if cfg.selection.balanced_warmup:  # only when set, so the names of uniform warm-ups never change
         key["balanced_warmup"] = True
     return f"warmup-{artifacts.config_fingerprint(without_defaults(key))[:12]}"
@@ -135,7 +139,7 @@ class PlainPlan:
         c = to_dict(cfg)
         key = {k: c[k] for k in ("data", "noise", "model", "seed")} | {"reweight": rw}
         # as warmup_name, but only when not at their defaults: a default base run keeps its old name
-        ray = without_defaults({"ray": {k: c["ray"][k] for k in ("num_workers", "cpus_per_worker", "use_gpu")}})["ray"]
+        ray = without_defaults({"ray": {k: c["ray"][k] for k in TRAINING_RESOURCES}})["ray"]
         if ray:
             key["ray"] = ray
         name = f"base-{artifacts.config_fingerprint(without_defaults(key))[:12]}"

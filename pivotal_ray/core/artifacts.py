@@ -513,6 +513,16 @@ def config_fingerprint(config: Mapping[str, Any] | Any, *, ignore: Iterable[str]
 # ------------------------------------------------------------------------------- manifest
 
 
+def manifest_status(run_dir: str | os.PathLike[str]) -> str | None:
+    """``extra.status`` of the manifest.json in ``run_dir`` (``running``, ``awaiting_labels``,
+    ``relabelled``, ``complete``); None when there is no readable manifest."""
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("extra", {}).get("status")
+
+
 def write_manifest(output_dir: str | os.PathLike[str], *, config: Mapping[str, Any] | Any, seed: int,
                    timings: Mapping[str, float], extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``<output_dir>/manifest.json``, which names the run that owns ``output_dir``.
