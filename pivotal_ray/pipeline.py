@@ -368,6 +368,10 @@ def connect(cfg: ExperimentConfig) -> None:
     env = {"env_vars": {"PYTHONPATH": repo, **RAY_ENV_VARS}} if address is None else None
     kwargs: dict[str, Any] = {"log_to_driver": cfg.ray.log_to_driver}
     if address is None:
+        # "local": a private Ray for this job. ray.init() without an address would join a cluster that
+        # `ray start` left on this machine and then refuse num_cpus / object_store_memory;
+        # ray.address=auto joins that cluster on purpose.
+        address = "local"
         kwargs.update(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                       include_dashboard=False, runtime_env=env)
     ray.init(address=address, **kwargs)

@@ -20,6 +20,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # our own Ray, even where `ray start` left a cluster on this machine
             num_cpus=2,
             object_store_memory=300 * 1024**2,
             include_dashboard=False,
