@@ -42,6 +42,13 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def size(path: str) -> int | None:
+    """Size in bytes of the file at ``path``; None where there is no file."""
+    fs, p = _resolve(path)
+    info = fs.get_file_info(p)
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = _resolve(path)
     with fs.open_input_stream(p) as f:

@@ -194,7 +194,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                             "reweighter": reweighter.state_dict(), "weights": weights.cpu(), "epoch": epoch,
                             "history": history}, tmp / "train_state.pt")
-                (tmp / "metrics.json").write_text(json.dumps(metrics))
+                # the .pt files' sizes, so a reader can tell a file cut off mid-upload from a whole one
+                sizes = {f: (tmp / f).stat().st_size for f in PT_FILES}
+                (tmp / "metrics.json").write_text(json.dumps({**metrics, "file_sizes": sizes}))
                 (tmp / "history.json").write_text(json.dumps(history))
                 checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
             # ASYNC: a synchronous report is a ~2 s barrier; the upload runs in the background
@@ -204,25 +206,31 @@ def train_loop(config: dict[str, Any]) -> None:
                              delete_local_checkpoint_after_upload=checkpoint is not None)
 
 
-SNAPSHOT_FILES = ("model.pt", "train_state.pt", "metrics.json", "history.json")  # what a checkpoint holds
+PT_FILES = ("model.pt", "train_state.pt")
+SNAPSHOT_FILES = (*PT_FILES, "metrics.json", "history.json")  # what a checkpoint holds
 
 
 def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
-    """Every persisted snapshot of a run (local path or storage URI), by epoch."""
-    snaps = []
-    for d in storage.list_dirs(run_path, prefix="checkpoint_"):
+    """Every persisted snapshot of a run (local path or storage URI), one per epoch, by epoch."""
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for d in storage.list_dirs(run_path, prefix="checkpoint_"):  # named by time: later ones last
         # skip an upload still in flight (or cut off): Ray does not promise the files' order, and a
-        # file cut off mid-copy exists (the JSON ones are parsed to catch that; the .pt files are
-        # read only by the runs that use them)
-        if all(storage.exists(storage.join(d, f)) for f in SNAPSHOT_FILES):
-            try:
-                metrics = storage.read_json(storage.join(d, "metrics.json"))
-                storage.read_json(storage.join(d, "history.json"))
-            except ValueError:
-                continue
-            snaps.append({"path": d, **metrics})
-    snaps.sort(key=lambda s: s["epoch"])
-    return snaps
+        # file cut off mid-copy exists. The JSON files are parsed; the .pt files must have the sizes
+        # that metrics.json records (checkpoints written before it recorded them are taken as they are)
+        if not all(storage.exists(storage.join(d, f)) for f in SNAPSHOT_FILES):
+            continue
+        try:
+            metrics = storage.read_json(storage.join(d, "metrics.json"))
+            storage.read_json(storage.join(d, "history.json"))
+        except ValueError:
+            continue
+        sizes = metrics.pop("file_sizes", None)
+        if sizes is not None and any(storage.size(storage.join(d, f)) != n for f, n in sizes.items()):
+            continue
+        # an epoch saved twice (a run killed after an upload but before Ray recorded it resumes from
+        # the checkpoint before and saves that epoch again): the later copy
+        by_epoch[int(metrics["epoch"])] = {"path": d, **metrics}
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model: dict, reweight: dict,

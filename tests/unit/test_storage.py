@@ -39,6 +39,39 @@ def test_snapshot_scan_skips_checkpoints_with_a_missing_file(tmp_path):
     assert [s["epoch"] for s in _scan_snapshots(str(tmp_path))] == [0]
 
 
+def test_snapshot_scan_checks_pt_sizes_and_keeps_one_copy_per_epoch(tmp_path):
+    """A .pt file cut off mid-upload (all four files there, the JSON whole) is not a snapshot; an
+    epoch saved twice (a resume from the checkpoint before) counts once, as its later copy."""
+    import json
+
+    from pivotal_ray.distributed.train import PT_FILES, _scan_snapshots
+
+    def write(name, epoch, pt_bytes=b"0123456789", record=True):
+        d = tmp_path / name
+        d.mkdir()
+        for f in PT_FILES:
+            (d / f).write_bytes(pt_bytes)
+        m = {"epoch": epoch, "val_acc": 0.5}
+        if record:
+            m["file_sizes"] = {f: 10 for f in PT_FILES}
+        (d / "metrics.json").write_text(json.dumps(m))
+        (d / "history.json").write_text("[]")
+        return d
+
+    write("checkpoint_2026-01-01_00-00-00.000001", 0)
+    write("checkpoint_2026-01-01_00-00-01.000001", 1, pt_bytes=b"01234")  # cut off
+    write("checkpoint_2026-01-01_00-00-02.000001", 2, record=False)  # written before sizes were recorded
+    snaps = _scan_snapshots(str(tmp_path))
+    assert [s["epoch"] for s in snaps] == [0, 2]
+    assert "file_sizes" not in snaps[0]
+    write("checkpoint_2026-01-01_00-00-03.000001", 1)  # epoch 1 saved again, whole
+    write("checkpoint_2026-01-01_00-00-04.000001", 2)
+    snaps = _scan_snapshots(str(tmp_path))
+    assert [s["epoch"] for s in snaps] == [0, 1, 2]
+    assert [s["path"][-6:] for s in snaps] == ["000001"] * 3
+    assert snaps[2]["path"].endswith("00-00-04.000001")
+
+
 def test_final_weights_of_a_gpu_trained_run_load_on_a_cpu_only_driver(tmp_path, monkeypatch):
     """train_state.pt from a CUDA worker holds CUDA tensors (SGD momentum buffers); the driver,
     on a head without a GPU, must still read the weights."""
