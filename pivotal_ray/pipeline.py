@@ -353,8 +353,11 @@ def _check_per_node(cfg: ExperimentConfig, extracts: bool) -> None:
 
 
 # Ray Train v2's controller takes one reported result per health-check poll (default 2 s), so a
-# per-epoch snapshot would cost 2 s; cluster/runtime_env.yaml sets the same for Ray jobs.
-RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# per-epoch snapshot would cost 2 s. Its print patch sends each print of a Train worker to the
+# worker's stdout and again through logging, so with ray.log_to_driver every epoch line reached
+# the driver twice; off, a print goes to the worker's stdout once. cluster/runtime_env.yaml sets
+# the same for Ray jobs (tests/unit/test_cluster_configs.py).
+RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def connect(cfg: ExperimentConfig) -> None:
