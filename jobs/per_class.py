@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         pred = np.concatenate([model(test.inputs(np.arange(s, min(s + 4096, len(test))))).argmax(1).numpy()
                                for s in range(0, len(test), 4096)])
-    meta_ids = np.asarray(pacsv.read_csv(a.output_dir / "selection.csv").column("sample_id").to_numpy(), np.int64)
-    meta_true = np.asarray(train.y_true)[train.positions_of(meta_ids)]
+    # the labels the run trained its meta samples with (a person's, under labels=file), not the true ones
+    meta_cleaned = np.asarray(pacsv.read_csv(a.output_dir / "selection.csv").column("cleaned_label").to_numpy(),
+                              np.int64)
     y_obs, y_true = np.asarray(train.y_obs), np.asarray(train.y_true)
 
     print(f"{a.output_dir}  ({a.checkpoint} checkpoint {ckpt})\ntest accuracy {np.mean(pred == y_test):.4f}")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         wrong = pred[m & (pred != c)]
         flipped = y_obs[(y_true == c) & (y_obs != c)]
         print(f"{c:>5}  {np.mean(pred[m] == c):8.3f}  {np.bincount(wrong).argmax() if wrong.size else '-':>13}  "
-              f"{int(np.sum(meta_true == c)):>12}  {np.bincount(flipped).argmax() if flipped.size else '-':>10}")
+              f"{int(np.sum(meta_cleaned == c)):>12}  {np.bincount(flipped).argmax() if flipped.size else '-':>10}")
 
 
 if __name__ == "__main__":

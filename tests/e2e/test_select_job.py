@@ -184,7 +184,7 @@ def test_rerunning_the_rbc_command_gives_the_same_picks(runs):
     assert m2["rounds"][0]["objective"] == m1["rounds"][0]["objective"]
 
 
-def test_per_class_report_reads_the_finished_run(runs, capsys):
+def test_per_class_report_reads_the_finished_run(runs, capsys, tmp_path):
     """jobs.per_class reloads the best checkpoint and reproduces the run's test accuracy."""
     from jobs import per_class
 
@@ -197,6 +197,18 @@ def test_per_class_report_reads_the_finished_run(runs, capsys):
     assert [int(r[0]) for r in rows] == [0, 1]  # the toy set's two classes
     selection = _selection(runs, "rbc")
     assert sum(int(r[3]) for r in rows) == len(selection)  # every meta sample counted under its cleaned label
+    # ... the label the run trained with (a person's, under labels=file), not the true one
+    moved = tmp_path / "relabelled"
+    moved.mkdir()
+    for f in ("manifest.json", "metrics.json"):
+        (moved / f).write_bytes((out / f).read_bytes())
+    sel = pd.read_csv(out / "selection.csv")
+    sel["cleaned_label"] = 1 - sel["cleaned_label"]
+    sel.to_csv(moved / "selection.csv", index=False)
+    per_class.main([str(moved)])
+    lines = capsys.readouterr().out.splitlines()
+    counts = [int(ln.split()[3]) for ln in lines[-2:]]
+    assert counts == np.bincount(sel["cleaned_label"], minlength=2).tolist() == [int(r[3]) for r in rows][::-1]
     with pytest.raises(SystemExit, match="finished jobs.select run"):
         per_class.main([str(out / "nope")])
 
