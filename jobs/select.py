@@ -71,8 +71,9 @@ def main(cfg: DictConfig) -> None:
         print(f"waiting for labels: {metrics['missing']} sample(s) of round {metrics['round']} need a clean label")
         print(Path(metrics["to_label"]).read_text().rstrip())
         print(f"label them: fill in the 'label' column of {metrics['to_label']} and add its rows to "
-              f"{metrics['labels_file']} (a CSV with the header 'sample_id,label'; extra columns are ignored), "
-              "then run this same command again")
+              f"{metrics['labels_file']} (a CSV with 'sample_id' and 'label' columns, other columns ignored: "
+              "the filled-in to_label_round0.csv can be it, with later rounds' rows appended without their "
+              "header), then run this same command again")
         return
     sel = Path(exp.output_dir) / "selection.csv"
     print(f"picks ({exp.selection.method}, seed {exp.seed}):")

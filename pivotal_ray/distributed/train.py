@@ -9,7 +9,9 @@ without SyncBatchNorm), and the running statistics are averaged across workers a
 every epoch, before the evaluation and the checkpoint.
 
 Each checkpoint (every ``snapshot_every`` epochs, and the last) is a snapshot: ``model.pt``,
-``train_state.pt`` (optimizer, scheduler, per-sample weights, epoch) and ``metrics.json``.
+``train_state.pt`` (optimizer, scheduler and re-weighter state, per-sample weights, epoch,
+history), ``metrics.json`` (the epoch's metrics and the two .pt files' sizes) and
+``history.json`` (every epoch's metrics so far); docs/architecture.md has the contract.
 Re-running with the same ``RunConfig(name, storage_path)`` resumes from the last one.
 
 Two options serve the fine-tune baseline: ``train_ids`` restricts the epochs to a subset of the
