@@ -33,13 +33,13 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = _common.parser(__doc__.split("\n")[0])
     p.add_argument("--synthetic", required=True, help="N,K,C,d of the random factor table (craig reads snapshot 0)")
     p.add_argument("--table-dir", required=True)
     p.add_argument("--coverage", type=int, default=None, help="coverage points m (default: selectors.CRAIG_COVERAGE)")
     p.add_argument("--budget", type=int, default=10)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = _common.setup(args)
 
     from pivotal_ray.core.baselines import select_craig
@@ -75,7 +75,7 @@ def main() -> None:
         "read_s": t_read, "seconds": seconds, "picks": [int(i) for i in res.sample_id],
     }
     print(json.dumps(results))
-    _common.write_result(args, "craig_memory", device, results, synthetic=args.synthetic)
+    return _common.write_result(args, "craig_memory", device, results, synthetic=args.synthetic)
 
 
 if __name__ == "__main__":

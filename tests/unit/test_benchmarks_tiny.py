@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from benchmarks import (e2e_stages, gbc_extract, kmeans_throughput, kmeans_vs_sklearn, reweight_step, shard_memory,
-                        top_candidates)
+from benchmarks import (craig_memory, e2e_stages, gbc_extract, kmeans_throughput, kmeans_vs_sklearn, reweight_step,
+                        shard_memory, top_candidates)
 
 
 def run(module, tmp_path, *extra: str) -> dict:
@@ -128,3 +128,15 @@ def test_shard_memory(tmp_path, capsys):
     res = run(shard_memory, tmp_path / "factor", "--shard", "factor")
     assert res["shard"] == "factor" and res["rows_bytes"] == 600 * 2 * (3 + 8) * 4
     assert res["rows_restored"] and len(set(res["picks"])) == 10 and res["same_picks_as_copy"] is None
+
+
+def test_craig_memory(tmp_path, capsys):
+    # a random 400-sample factor table (C = 3, d = 5), 64 coverage points, 10 picks
+    res = run(craig_memory, tmp_path, "--synthetic", "400,1,3,5", "--table-dir", str(tmp_path / "t"),
+              "--coverage", "64")
+    assert (res["n"], res["C"], res["d"], res["coverage"]) == (400, 3, 5, 64)
+    assert res["table_gib"] * 2**30 == 400 * 8 * 4 and res["sim_gib"] * 2**30 == 400 * 64 * 4
+    assert len(set(res["picks"])) == 10 and res["process_peak_above_gib"] >= 0
+    again = run(craig_memory, tmp_path / "again", "--synthetic", "400,1,3,5", "--table-dir", str(tmp_path / "t"),
+                "--coverage", "64")
+    assert again["picks"] == res["picks"]  # the same table and seed: the same picks
