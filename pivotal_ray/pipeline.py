@@ -361,22 +361,35 @@ RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_P
 
 
 def connect(cfg: ExperimentConfig) -> None:
-    """Connect to ray.address / RAY_ADDRESS, or start local Ray (developing on one machine)."""
+    """Join the Ray that ``ray.init()`` would (ray.address, else RAY_ADDRESS, else the cluster
+    `ray start` left on this machine), or start a local Ray with ray.num_cpus and
+    ray.object_store_memory where there is none (developing on one machine; ray.address=local
+    starts one in any case)."""
     import ray
+    from ray._private.services import canonicalize_bootstrap_address
 
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     repo = str(Path(__file__).resolve().parents[1])
-    env = {"env_vars": {"PYTHONPATH": repo, **RAY_ENV_VARS}} if address is None else None
     kwargs: dict[str, Any] = {"log_to_driver": cfg.ray.log_to_driver}
     if address is None:
-        # "local": a private Ray for this job. ray.init() without an address would join a cluster that
-        # `ray start` left on this machine and then refuse num_cpus / object_store_memory;
-        # ray.address=auto joins that cluster on purpose.
-        address = "local"
+        # the address file of `ray start` (what ray.init() itself joins). Joining that cluster keeps
+        # Ray Train's own helpers, which look the cluster up the same way, on the cluster we run on:
+        # beside it, a second local Ray's placement-group cleaner queried the other cluster, did not
+        # find our controller there and could remove our training's placement group
+        address = canonicalize_bootstrap_address(None)
+        if address is not None:
+            log.info("joining the Ray cluster that `ray start` left on this machine (%s); ray.address=local "
+                     "starts a Ray of this job's own", address)
+    if address is None or address == "local":
         kwargs.update(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                      include_dashboard=False, runtime_env=env)
+                      include_dashboard=False)
+        address = "local"  # never another cluster's, whatever turns up between the lookup and here
+    if not os.environ.get("RAY_ADDRESS") and cfg.ray.address in (None, "local", "auto"):
+        # a Ray on this machine: its workers import this checkout (a job's runtime env says that
+        # on a cluster: `ray job submit --working-dir`, cluster/runtime_env.yaml)
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": repo, **RAY_ENV_VARS}}
     ray.init(address=address, **kwargs)
 
 
