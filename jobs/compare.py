@@ -42,6 +42,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to go on (finished stages are read back, training "
+              "resumes from its last snapshot)", file=sys.stderr)
+        sys.exit(130)
     print((Path(cc.output_root).resolve() / "results.md").read_text())
     print(f"{len(df)} runs; outputs: {cc.output_root}")
 

@@ -67,6 +67,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to go on (finished stages are read back, training "
+              "resumes from its last snapshot)", file=sys.stderr)
+        sys.exit(130)
     if metrics.get("status") == "awaiting_labels":
         print(f"waiting for labels: {metrics['missing']} sample(s) of round {metrics['round']} need a clean label")
         print(Path(metrics["to_label"]).read_text().rstrip())

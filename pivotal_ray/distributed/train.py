@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,31 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def _fit(trainer: Any) -> Any:
+    """``trainer.fit()`` in a helper thread, so Ctrl-C reaches this program as KeyboardInterrupt.
+
+    On the main thread Ray Train installs a SIGINT handler of its own and never removes it: a
+    Ctrl-C during training aborted the run but surfaced as a RayActorError, and one after it (during
+    extraction or K-means) was swallowed, the third calling sys.exit(0) (exit status 0, no results).
+    Off the main thread Ray installs none (as under Ray Tune). The run's actors end with the driver.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 -- re-raised on the calling thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: the main thread takes the KeyboardInterrupt between them
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model: dict, reweight: dict,
                  seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int = 1,
                  use_gpu: bool = False, cpus_per_worker: float = 1.0, run_tag: str = "train",
@@ -270,7 +296,7 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
                                  checkpoint_config=CheckpointConfig(num_to_keep=None),
                                  failure_config=FailureConfig(max_failures=0)),
         )
-        result = trainer.fit()
+        result = _fit(trainer)
         if result.error is not None:
             raise result.error
     snaps = _scan_snapshots(run_path)

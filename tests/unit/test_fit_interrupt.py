@@ -1,0 +1,48 @@
+"""Ctrl-C while Ray Train runs: ``distributed.train._fit`` keeps SIGINT for the program.
+
+On the main thread Ray Train's ``fit()`` installs a SIGINT handler and never removes it, so a
+Ctrl-C after training was swallowed (the third one exited with status 0). ``_fit`` runs ``fit()``
+on a helper thread, where Ray installs none; a Ctrl-C arrives as KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from pivotal_ray.distributed.train import _fit
+
+
+class FakeTrainer:
+    """Does what Ray Train's fit() does with signals: a handler of its own, on the main thread only."""
+
+    def __init__(self, seconds: float, result=None, error: BaseException | None = None):
+        self.seconds, self.result, self.error = seconds, result, error
+
+    def fit(self):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, lambda *a: None)  # swallow, as Ray's handler does after the run
+        time.sleep(self.seconds)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_fit_returns_the_result_and_leaves_sigint_alone():
+    before = signal.getsignal(signal.SIGINT)
+    assert _fit(FakeTrainer(0.05, result="done")) == "done"
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(ValueError, match="boom"):
+        _fit(FakeTrainer(0.0, error=ValueError("boom")))
+
+
+def test_ctrl_c_during_fit_is_a_keyboard_interrupt():
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        _fit(FakeTrainer(30.0))
+    assert time.perf_counter() - t0 < 5  # at once, not when the run ends
