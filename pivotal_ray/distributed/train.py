@@ -21,8 +21,10 @@ model only: optimizer, scheduler and weights start fresh).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import tempfile
 import threading
 import time
@@ -125,6 +127,10 @@ def train_loop(config: dict[str, Any]) -> None:
                                   meta_class_balanced=rw.get("meta_class_balanced", False))
     weights = torch.full((n,), float(rw["init_weight"]), dtype=torch.float32, device=device)
     start_epoch, history = 0, []
+    stage = checkpoint_stage(config.get("stage", tag))
+    if rank == 0:  # only rank 0 writes checkpoints: what a killed run left unuploaded is garbage now
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True, exist_ok=True)
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("init_from"):
@@ -192,7 +198,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if (epoch + 1) % int(rw["snapshot_every"]) == 0 or epoch == epochs - 1:
             checkpoint = None
             if rank == 0:
-                tmp = Path(tempfile.mkdtemp(prefix="pivotal_ckpt_"))  # Ray deletes it after the upload
+                tmp = Path(tempfile.mkdtemp(prefix="ckpt_", dir=stage))  # Ray deletes it after the upload
                 torch.save(model.state_dict(), tmp / "model.pt")
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                             "reweighter": reweighter.state_dict(), "weights": weights.cpu(), "epoch": epoch,
@@ -234,6 +240,18 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
         # the checkpoint before and saves that epoch again): the later copy
         by_epoch[int(metrics["epoch"])] = {"path": d, **metrics}
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def stage_key(name: str, run_path: str) -> str:
+    """The run's staging folder name: its name and where it is stored (two stores, two folders)."""
+    return f"{name}-{hashlib.sha256(run_path.encode()).hexdigest()[:8]}"
+
+
+def checkpoint_stage(key: str) -> Path:
+    """Where rank 0 writes a run's checkpoints before Ray uploads (and deletes) them: one folder per
+    run in the node's temp dir, emptied when the run starts, so the copies a killed run never
+    uploaded do not pile up there (a model and its optimizer state each)."""
+    return Path(tempfile.gettempdir()) / "pivotal_ray_checkpoints" / key
 
 
 def _fit(trainer: Any) -> Any:
@@ -283,6 +301,7 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
         config = {"data": data, "noise": noise, "model": model, "reweight": reweight, "seed": int(seed),
                   "meta_ids": [int(i) for i in meta_ids], "meta_labels": [int(v) for v in meta_labels],
                   "cpus_per_worker": float(cpus_per_worker), "run_tag": run_tag,
+                  "stage": stage_key(name, run_path),
                   "train_ids": None if train_ids is None else [int(i) for i in train_ids],
                   "init_from": None if init_from is None else str(init_from)}
         resources = {"CPU": float(cpus_per_worker)}

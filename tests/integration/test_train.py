@@ -10,7 +10,7 @@ import torch
 
 from pivotal_ray.config import DataConfig, ModelConfig, NoiseConfig, ReweightConfig, to_dict
 from pivotal_ray.core.data import build_data
-from pivotal_ray.distributed.train import run_training
+from pivotal_ray.distributed.train import checkpoint_stage, run_training, stage_key
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,12 @@ def test_two_workers_equal_one_worker_and_sparse_snapshots(one_worker):
 
 def test_rerun_with_same_name_resumes_from_last_checkpoint(one_worker):
     tmp, straight = one_worker
-    _run(tmp, "resumed", workers=1, epochs=1)
+    first = _run(tmp, "resumed", workers=1, epochs=1)
+    # a checkpoint a killed run wrote but never uploaded, in the run's staging folder
+    stage = checkpoint_stage(stage_key("resumed", first.path))
+    assert stage.is_dir()
+    (stage / "ckpt_killed").mkdir()
+    (stage / "ckpt_killed" / "model.pt").write_bytes(b"x" * 1000)
     resumed = _run(tmp, "resumed", workers=1, epochs=2)  # same name: continues at epoch 1
     assert [s["epoch"] for s in resumed.snapshots] == [0, 1]
     (ms, ws), (mr, wr) = _state(straight), _state(resumed)
@@ -65,6 +70,7 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(one_worker):
     for k in ms:
         torch.testing.assert_close(mr[k], ms[k])
     assert [h["epoch"] for h in resumed.extra["history"]] == [0, 1]
+    assert not (stage / "ckpt_killed").exists()  # the stale copy went when the run resumed
     # a finished run is returned without training again
     again = _run(tmp, "resumed", workers=1, epochs=2)
     assert again.snapshots == resumed.snapshots
