@@ -403,6 +403,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         log.info("%s already holds this run, complete: nothing to do (delete it to run again)", cfg.output_dir)
         return done
     out = Path(cfg.output_dir)
+    for path in artifacts.remove_temporaries(out):  # left by a run killed mid-write
+        log.info("removed %s, left by an interrupted run", path)
     cfg_dict = to_dict(cfg)
     if relabelled:  # the finished results were made with other labels: they go, the run goes on
         log.info("%s: labels in %s changed since this run finished: training again from the first run they "

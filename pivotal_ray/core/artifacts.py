@@ -57,6 +57,7 @@ __all__ = [
     "config_fingerprint",
     "write_manifest",
     "check_output_dir",
+    "remove_temporaries",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -664,3 +665,21 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
     if theirs != ours:
         raise OutputDirError(f"output_dir {out} holds a different run (fingerprint {theirs}, this run {ours})."
                              f"{_describe_diff(theirs_config, new_plain)} To keep both, {fix}")
+
+
+def remove_temporaries(root: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries (``.<name>.<random>.tmp``, files or folders) that writers killed
+    mid-write left anywhere under ``root``; returns what went. Call it only where no writer of this
+    run is at work (a job before it starts its stages)."""
+    gone: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*filenames, *dirnames]:
+            if _TEMP_RE.match(name):
+                path = Path(dirpath) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                gone.append(path)
+        dirnames[:] = [d for d in dirnames if not _TEMP_RE.match(d)]
+    return gone

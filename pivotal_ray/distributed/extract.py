@@ -206,7 +206,8 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
         raise FileExistsError(f"{final} already exists: remove it, choose another output_path, or pass overwrite=True")
     seed = int(data_spec["seed"] if seed is None else seed)
     snaps = snapshot_records(snapshots)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"  # same filesystem => atomic rename
+    # same filesystem => atomic rename; named as artifacts' temporaries, which a rerun removes
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         # one block per batch: blocks spread over the actors, and a batch never straddles two blocks

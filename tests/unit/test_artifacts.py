@@ -321,3 +321,27 @@ def test_check_output_dir_refuses_a_file_or_a_uri(tmp_path: Path, config: dict) 
         art.check_output_dir(tmp_path / "f", config=config)
     with pytest.raises(art.OutputDirError, match="storage URI"):
         art.check_output_dir("s3://bucket/run", config=config)
+
+
+def test_remove_temporaries_takes_only_what_killed_writers_left(tmp_path: Path) -> None:
+    from pivotal_ray.core.artifacts import atomic_dir, remove_temporaries
+
+    out = tmp_path / "run"
+    (out / "rounds" / "round_1").mkdir(parents=True)
+    keep = [out / "manifest.json", out / "rounds" / "round_1" / "picks.json", out / ".hydra" / "config.yaml",
+            out / "rounds" / "round_1" / "features" / "part-0.parquet", out / "notes.tmp.txt"]
+    for p in keep:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    junk = [out / ".manifest.json.k3j2.tmp",  # atomic_file's temporary
+            out / "rounds" / "round_1" / ".features.1a2b3c4d.tmp"]  # a feature table cut off mid-write
+    junk[0].write_text("half")
+    (junk[1] / "sub").mkdir(parents=True)
+    (junk[1] / "sub" / "part-0.parquet").write_text("half")
+    with pytest.raises(RuntimeError):  # a real atomic_dir cut off by an error leaves nothing behind...
+        with atomic_dir(out / "rounds" / "round_1" / "centroids"):
+            raise RuntimeError("killed")
+    gone = remove_temporaries(out)
+    assert sorted(gone) == sorted(junk)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in junk)
+    assert remove_temporaries(out) == [] and remove_temporaries(tmp_path / "absent") == []
