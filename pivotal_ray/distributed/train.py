@@ -315,7 +315,19 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
                                  checkpoint_config=CheckpointConfig(num_to_keep=None),
                                  failure_config=FailureConfig(max_failures=0)),
         )
-        result = _fit(trainer)
+        try:
+            result = _fit(trainer)
+        except Exception as err:
+            # raised in the controller's constructor: the driver sees it inside an ActorDiedError
+            if "CheckpointManagerInitializationError" in f"{type(err).__name__} {err}":
+                record = storage.join(run_path, "checkpoint_manager_snapshot.json")
+                why = str(err).strip().splitlines()[-1]  # the cause's line, not the actor's traceback
+                raise RuntimeError(
+                    f"Ray Train cannot resume training run {name}: its record of the run's checkpoints, {record}, "
+                    f"cannot be used ({why}). Ray rewrites that file after every snapshot, so a run killed "
+                    "meanwhile can leave it cut off. Delete it to train this run again from its first epoch "
+                    f"(its snapshots are written anew), or delete {run_path}") from err
+            raise
         if result.error is not None:
             raise result.error
     snaps = _scan_snapshots(run_path)

@@ -78,6 +78,23 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(one_worker):
     assert again.best_epoch == best["epoch"] and np.isfinite(again.final_test_acc)
 
 
+def test_a_cut_off_ray_train_record_is_refused_with_the_fix_and_the_fix_works(one_worker):
+    """Ray rewrites checkpoint_manager_snapshot.json in place after every snapshot: a run killed
+    meanwhile leaves it cut off, and resuming failed with a bare JSON error."""
+    tmp, straight = one_worker
+    first = _run(tmp, "cut", workers=1, epochs=1)
+    record = Path(first.path) / "checkpoint_manager_snapshot.json"
+    record.write_text(record.read_text()[:40])
+    with pytest.raises(RuntimeError, match="checkpoint_manager_snapshot.json.*Delete it to train this run again"):
+        _run(tmp, "cut", workers=1, epochs=2)
+    record.unlink()  # the fix the message names: the run trains again from its first epoch
+    again = _run(tmp, "cut", workers=1, epochs=2)
+    assert [s["epoch"] for s in again.snapshots] == [0, 1]  # one copy per epoch: the new ones
+    assert all(s["path"] != first.snapshots[0]["path"] for s in again.snapshots)
+    (ms, ws), (mr, wr) = _state(straight), _state(again)
+    torch.testing.assert_close(wr, ws)
+
+
 def test_two_workers_with_batchnorm_average_running_stats_and_report_the_saved_model(ray_session, tmp_path):
     # With BatchNorm each worker's running statistics come from its own slice of the batch; they
     # are averaged before evaluation, so the workers hold (and evaluate) the model rank 0 saves.
