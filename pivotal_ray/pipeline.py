@@ -465,14 +465,18 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
             ctx.timings["select_s"] = time.perf_counter() - t0
             _check_picks(picks, k, meta, bundle)
             _write_picks(ctx.work_dir, picks, meta=meta, after=run.name, timings=ctx.timings)
-        else:  # this round's picks, made before (the run stopped for labels, or crashed while re-training)
+        else:  # this round's picks, made before (the run stopped for labels, or crashed while re-training):
+            # their stage times are those of the invocation that made them, as a training run read back
+            # keeps its epoch times; picks_read_back says so
             ctx.timings.update(earlier)
+            ctx.timings["picks_read_back"] = True
             log.info("round %d: read back the %d picks of %s", r, k, ctx.work_dir / PICKS_NAME)
         waiting = wait_for_labels(picks.sample_id, r, picks.cluster, picks.score)
         if waiting is not None:
             return waiting
-        log.info("round %d: picked %s in %.1f s; re-training with %d meta samples", r,
-                 picks.sample_id.tolist(), ctx.timings["select_s"], len(meta) + k)
+        made = "by an earlier invocation, in" if ctx.timings.get("picks_read_back") else "in"
+        log.info("round %d: picked %s %s %.1f s; re-training with %d meta samples", r,
+                 picks.sample_id.tolist(), made, ctx.timings["select_s"], len(meta) + k)
         rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         t0 = time.perf_counter()

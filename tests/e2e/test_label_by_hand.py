@@ -110,6 +110,11 @@ def test_the_warmup_trained_by_an_earlier_invocation_keeps_its_epoch_times(loop)
     assert timings["warmup_epochs_s"] == pytest.approx(sum(h["epoch_s"] for h in history))
     assert timings["warmup_epochs_s"] > 0
     assert loop["final"]["rounds"][0]["epochs_s"] > 0
+    # round 1's picks were made by the invocation that stopped for their labels: the last one read
+    # them back and reports that invocation's stage times, saying so
+    rnd = loop["final"]["rounds"][0]
+    assert rnd["picks_read_back"] is True and rnd["features_s"] > 0 and rnd["select_s"] >= rnd["features_s"]
+    assert "picks_read_back" not in loop["oracle"]["rounds"][0]  # picked and used by one invocation
 
 
 def test_rerunning_the_finished_loop_reads_it_back(loop, monkeypatch):
