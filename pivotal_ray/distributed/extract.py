@@ -88,13 +88,20 @@ class _ExtractWorker:
         self.extractors = []  # [(snapshot k, epoch, extractor)] in snapshot order
         for k, snap in enumerate(snapshots):
             model = build_model(model_spec, bundle.num_classes, bundle.input_shape)
+            path = storage.join(snap["path"], "model.pt")
             try:
-                state = storage.torch_load(storage.join(snap["path"], "model.pt"), map_location="cpu")
+                state = storage.torch_load(path, map_location="cpu")
+            except Exception as e:  # the file itself: cut off, or not a state dict torch can read safely
+                run_dir = snap["path"].rstrip("/").rsplit("/", 1)[0]
+                raise RuntimeError(f"cannot read snapshot {k} ({path}): the file is damaged or not a "
+                                   f"torch.save(model.state_dict()); delete its training run ({run_dir}) and run "
+                                   f"the same command again to train it anew; {type(e).__name__}: {e}") from e
+            try:
                 model.load_state_dict(state)
             except Exception as e:  # name the snapshot and the likely fix, keep torch's reason
-                raise RuntimeError(f"cannot load snapshot {k} ({snap['path']}/model.pt) into model {model_spec}: "
-                                   "pass the model_spec the snapshot was trained with and a model.pt saved "
-                                   f"with torch.save(model.state_dict()); {type(e).__name__}: {e}") from e
+                raise RuntimeError(f"cannot load snapshot {k} ({path}) into model {model_spec}: "
+                                   "pass the model_spec the snapshot was trained with; "
+                                   f"{type(e).__name__}: {e}") from e
             model.to(self.device).eval()
             ext = factory(model=model, cfg=cfg, seed=derive_seed(seed, "features", cfg.kind, k))
             if ext.needs_fit:  # e.g. GBC: per-tensor importances over ALL candidates (eq. 14)

@@ -7,6 +7,7 @@ them (model.pt = state_dict, metrics.json with the epoch).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,14 @@ def test_failures_leave_no_table(ray_session, tmp_path, bundle, snapshots) -> No
     # the other blocks wrote to the temporary directory is removed and nothing appears at the target
     with pytest.raises(Exception, match="999999"):
         extract_features(snapshots=snapshots, sample_ids=np.r_[ids[:50], 999_999], **{**common, "batch_size": 13})
+    assert _leftovers(tmp_path) == []
+    # a damaged model.pt (cut off) names the file and the fix, not the model_spec
+    cut = tmp_path / "run" / "checkpoint_cut"
+    shutil.copytree(snapshots[0]["path"], cut)
+    (cut / "model.pt").write_bytes((cut / "model.pt").read_bytes()[:100])
+    with pytest.raises(Exception, match=r"cannot read snapshot 0 .*delete its training run \(.*run\)"):
+        extract_features(snapshots=[{"path": str(cut), "epoch": 0}], sample_ids=ids, **common)
+    shutil.rmtree(tmp_path / "run")
     assert _leftovers(tmp_path) == []
     # an existing table is never clobbered silently
     target.mkdir()
