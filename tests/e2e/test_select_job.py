@@ -223,8 +223,10 @@ def test_kmeans_memory_benchmark_repeats_the_runs_picks(runs, tmp_path, capsys):
     res = rec["results"]
     assert res["same_picks"] is True
     assert res["table_bytes"] > 0
-    for k in ("rss", "pss", "node_used"):
+    for k in ("rss", "pss"):  # this session's processes
         assert res[f"peak_{k}_bytes"] >= res[f"base_{k}_bytes"] > 0
+    # the node's used memory also moves with every other process on the machine: it can fall
+    assert res["peak_node_used_bytes"] > 0 and res["base_node_used_bytes"] > 0
     assert res["peak_pss_bytes"] <= res["peak_rss_bytes"]  # PSS counts a shared page once, RSS once per process
     assert json.loads(out.read_text().splitlines()[0])["benchmark"] == "kmeans_memory"
     assert "picks as in selection.csv: True" in capsys.readouterr().out
