@@ -136,7 +136,9 @@ def test_craig_memory(tmp_path, capsys):
               "--coverage", "64")
     assert (res["n"], res["C"], res["d"], res["coverage"]) == (400, 3, 5, 64)
     assert res["table_gib"] * 2**30 == 400 * 8 * 4 and res["sim_gib"] * 2**30 == 400 * 64 * 4
-    assert len(set(res["picks"])) == 10 and res["process_peak_above_gib"] >= 0
+    # VmHWM and VmRSS come from per-thread counters the kernel syncs in batches: a tiny table's
+    # rise can read a few hundred KiB below zero
+    assert len(set(res["picks"])) == 10 and res["process_peak_above_gib"] > -0.01
     again = run(craig_memory, tmp_path / "again", "--synthetic", "400,1,3,5", "--table-dir", str(tmp_path / "t"),
                 "--coverage", "64")
     assert again["picks"] == res["picks"]  # the same table and seed: the same picks
