@@ -136,6 +136,19 @@ def test_artefacts_exist_and_are_well_formed(runs, method):
     assert [r["round"] for r in metrics["rounds"]] == [1]
     assert metrics["rounds"][0]["picked"] == budget - warmup
 
+    # the weight AUC scores the final snapshot's weights on the samples that are not meta samples
+    # (a meta sample's label is clean by construction): recomputed from train_state.pt and selection.csv
+    from pivotal_ray import storage
+    from pivotal_ray.core.metrics import weight_auc
+
+    w = storage.torch_load(storage.join(metrics["final_run"]["snapshot"], "train_state.pt"),
+                           map_location="cpu")["weights"].numpy()
+    non_meta = ~np.isin(bundle.train.sample_id, sel["sample_id"].to_numpy())
+    clean = bundle.train.y_obs == bundle.train.y_true
+    assert non_meta.sum() == len(bundle.train) - budget
+    assert metrics["weight_auc"] == pytest.approx(weight_auc(w[non_meta], clean[non_meta]), rel=0, abs=1e-12)
+    assert metrics["weight_auc"] != pytest.approx(weight_auc(w, clean), rel=0, abs=1e-12)  # the meta samples count
+
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"config", "seed", "versions", "fingerprint", "timings"} <= set(manifest)
     assert manifest["seed"] == SEED

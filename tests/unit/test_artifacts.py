@@ -221,6 +221,54 @@ def test_fingerprint_is_stable_and_ignores_placement(config: dict) -> None:
     assert art.config_fingerprint(cfgmod.ExperimentConfig(output_dir="/runs/b")) == fp  # a dataclass works too
 
 
+# Written out, not read from art.IGNORED_KEYS: dropping a key from that tuple must fail here. These
+# are the keys docs/architecture.md documents ("Run identity includes resources that change floats"),
+# each with a value unlike its default.
+DOCUMENTED_IGNORED = {
+    "output_dir": "/elsewhere", "name": "renamed", "data.root": "/mnt/data", "data.download": True,
+    "data.loader_workers": 8, "ray.address": "ray://head:10001", "ray.num_cpus": 64,
+    "ray.object_store_memory": 2_000_000_000, "ray.storage_path": "s3://b/runs", "ray.extract_actors": 4,
+    "ray.log_to_driver": True, "ray.autoscaling": True,
+}
+
+
+def test_the_documented_ignored_keys_are_the_ignored_keys() -> None:
+    assert sorted(art.IGNORED_KEYS) == sorted(DOCUMENTED_IGNORED)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    section = " ".join(doc.split("**Run identity includes resources that change floats.**")[1].split("\n- ")[0].split())
+    for key in DOCUMENTED_IGNORED:
+        assert f"`{key}`" in section, key
+
+
+@pytest.mark.parametrize("key", sorted(DOCUMENTED_IGNORED))
+def test_each_ignored_key_leaves_the_run_the_same(tmp_path: Path, config: dict, key: str) -> None:
+    """Where and with what a run is launched: changing it keeps the fingerprint, so the run in
+    output_dir is accepted (resumed) rather than refused as another run."""
+    moved = json.loads(json.dumps(config))
+    *path, leaf = key.split(".")
+    node = moved
+    for part in path:
+        node = node[part]
+    assert leaf in node and node[leaf] != DOCUMENTED_IGNORED[key]
+    node[leaf] = DOCUMENTED_IGNORED[key]
+    assert art.config_fingerprint(moved) == art.config_fingerprint(config)
+    art.write_manifest(tmp_path, config=config, seed=0, timings={})
+    art.check_output_dir(tmp_path, config=moved)
+
+
+@pytest.mark.parametrize("manifest", [{}, {"fingerprint": "0" * 16}, {"fingerprint": None, "seed": 0},
+                                      {"config": "not a mapping"}])
+def test_a_manifest_without_a_config_is_matched_by_its_fingerprint(tmp_path: Path, config: dict,
+                                                                   manifest: dict) -> None:
+    """Without a recorded config the recorded fingerprint decides: a missing or different one is
+    another run, never taken for this one."""
+    (tmp_path / art.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(art.OutputDirError, match="holds a different run"):
+        art.check_output_dir(tmp_path, config=config)
+    (tmp_path / art.MANIFEST_NAME).write_text(json.dumps({"fingerprint": art.config_fingerprint(config)}))
+    art.check_output_dir(tmp_path, config=config)  # the same fingerprint: the same run
+
+
 def test_fingerprint_normalises_numbers_and_sequences() -> None:
     assert art.config_fingerprint({"lr": 1, "split": (1, 2)}) == art.config_fingerprint({"lr": 1.0, "split": [1, 2]})
     assert art.config_fingerprint({"x": np.int64(3)}) == art.config_fingerprint({"x": 3})

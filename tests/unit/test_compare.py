@@ -66,10 +66,20 @@ def test_expand_keeps_a_configured_storage_and_rejects_bad_input(tmp_path):
                                         ({"vary_key": "noise.rate"}, "vary_values"),
                                         ({"vary_values": [1]}, "vary_key"),
                                         ({"vary_key": "noise.rate", "vary_values": [0.2, 0.2]}, "a value twice"),
-                                        ({"vary_key": "noise.rate", "vary_values": [1, 1.0]}, "a value twice")])
+                                        ({"vary_key": "noise.rate", "vary_values": [1, 1.0]}, "a value twice"),
+                                        ({"boundary_frac": 0.0}, r"compare.boundary_frac=0.0 must be in \(0, 1\]"),
+                                        ({"boundary_frac": 1.5}, r"compare.boundary_frac=1.5 must be in \(0, 1\]"),
+                                        ({"boundary_frac": -0.1}, "compare.boundary_frac"),
+                                        ({"methods": ["rbc", "random", "rbc"]}, "lists a method twice"),
+                                        ({"seeds": [0, 1, 0]}, "lists a seed twice")])
 def test_compare_config_names_the_fix(bad, match):
     with pytest.raises(ConfigError, match=match):
         CompareConfig(**{"output_root": "/x", **bad})
+
+
+def test_compare_config_accepts_the_whole_set_as_the_boundary():
+    # (0, 1]: 1.0 scores every non-meta sample (the weight AUC), and is allowed
+    assert CompareConfig(output_root="/x", boundary_frac=1.0).boundary_frac == 1.0
 
 
 def test_result_row_converts_units_and_sums_stage_times():
@@ -152,6 +162,12 @@ def test_a_run_is_identified_by_the_similarity_its_kmeans_used(tmp_path):
     # methods without weighted K-means never read it
     done(cfg("random", "l2rw", "abs", name="rand"))
     assert finished_metrics(cfg("random", "l2rw", "signed", name="rand")) == {"ok": 1}
+    # rbc_k clusters RBC features with plain (unweighted) K-means: no similarity either
+    from pivotal_ray.pipeline import run_identity
+
+    assert "similarity" not in run_identity(cfg("rbc_k", "l2rw", "signed"))["selection"]
+    done(cfg("rbc_k", "l2rw", "abs", name="rbck"))
+    assert finished_metrics(cfg("rbc_k", "l2rw", "signed", name="rbck")) == {"ok": 1}
     # a run recorded before the setting existed clustered with |<G_j, C_i>|: not today's l2rw default
     old = cfg("gbc", "l2rw", name="old")
     recorded = to_dict(old)
@@ -162,8 +178,11 @@ def test_a_run_is_identified_by_the_similarity_its_kmeans_used(tmp_path):
     assert finished_metrics(cfg("gbc", "l2rw", "abs", name="old")) == {"ok": 1}
 
 
-def _fake_pipeline(calls: list):
-    """Writes what run_experiment writes for a finished toy run: snapshot, selection, metrics."""
+def _fake_pipeline(calls: list, lift: float = 0.6):
+    """Writes what run_experiment writes for a finished toy run: snapshot, selection, metrics.
+
+    Clean samples' weights are lifted by ``lift``: 0.6 separates them from the noisy ones entirely
+    (every subset scores AUC 1), a smaller lift leaves an overlap whose AUC depends on the subset."""
 
     def run(cfg):
         calls.append(cfg)
@@ -179,7 +198,7 @@ def _fake_pipeline(calls: list):
         torch.save(model.state_dict(), snap / "model.pt")
         rng = np.random.default_rng(cfg.seed)
         clean = train.y_obs == train.y_true
-        weights = np.clip(clean * 0.6 + rng.random(len(train)) * 0.5, 0, 1)  # clean samples weigh more
+        weights = np.clip(clean * lift + rng.random(len(train)) * 0.5, 0, 1)  # clean samples weigh more
         torch.save({"weights": torch.as_tensor(weights, dtype=torch.float32)}, snap / "train_state.pt")
         ids = rng.choice(train.sample_id, 6, replace=False)
         pd.DataFrame({"sample_id": ids, "observed_label": 0, "cleaned_label": 0, "round": [0, 0, 1, 1, 1, 1],
@@ -214,6 +233,53 @@ def test_run_compare_end_to_end_with_a_fake_pipeline(tmp_path):
     assert len(calls) == 8
     pd.testing.assert_frame_equal(df, again)
     assert sum(line.split("] ")[1].startswith("read") for line in logs if line.startswith("[")) == 8
+
+
+def _boundary_auc_by_hand(cfg, metrics: dict, frac: float) -> tuple[float, np.ndarray, np.ndarray]:
+    """The documented boundary AUC, recomputed from a run's files without compare.analyse_run: the
+    final snapshot's weights and model, margin = top-1 minus top-2 softmax probability, over the
+    training samples that are not meta samples (selection.csv), on the ``frac`` nearest the boundary."""
+    from pivotal_ray.core.metrics import boundary_auc
+
+    bundle = build_data(cfg.data, cfg.noise, cfg.seed)  # this run's own seed: its noise, its clean mask
+    train = bundle.train
+    snap = Path(metrics["final_run"]["snapshot"])
+    weights = torch.load(snap / "train_state.pt", weights_only=True)["weights"].numpy()
+    model = build_model(to_dict(cfg)["model"], bundle.num_classes, bundle.input_shape)
+    model.load_state_dict(torch.load(snap / "model.pt", weights_only=True))
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(train.inputs(np.arange(len(train)))).double(), dim=1).numpy()
+    top = np.sort(probs, axis=1)
+    margin = top[:, -1] - top[:, -2]
+    meta = pd.read_csv(Path(cfg.output_dir) / "selection.csv")["sample_id"].to_numpy()
+    cand = ~np.isin(train.sample_id, meta)
+    clean = train.y_obs == train.y_true
+    return boundary_auc(weights[cand], clean[cand], margin[cand], frac=frac), margin, cand
+
+
+def test_boundary_auc_is_recomputed_from_each_runs_own_files(tmp_path):
+    """Every row's boundary AUC is the one documented: compare.boundary_frac (not the default) of
+    the run's non-meta samples nearest its final model's boundary (top-1 minus top-2), scored with
+    the final weights, on the data of that run's seed (seed 1's noise is not seed 0's)."""
+    from pivotal_ray.compare import analyse_run
+
+    cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(tmp_path / "cmp"),
+                       boundary_frac=0.3, plots=False)
+    df = run_compare(base=_base(tmp_path), cc=cc, run=_fake_pipeline([], lift=0.2), log=lambda line: None)
+    assert len(df) == 4 and df["boundary_auc"].lt(1).all()  # weights that overlap: the subset matters
+    for spec in expand(base=_base(tmp_path), cc=cc):
+        metrics = json.loads((Path(spec.cfg.output_dir) / "metrics.json").read_text())
+        want, margin, cand = _boundary_auc_by_hand(spec.cfg, metrics, cc.boundary_frac)
+        row = df[(df["method"] == spec.method) & (df["seed"] == spec.seed)]
+        assert row["boundary_auc"].item() == pytest.approx(want, abs=1e-12), (spec.method, spec.seed)
+        # the toy set has two classes, where top-1 alone orders samples as top-1 minus top-2 does:
+        # the margins and the candidates are checked as arrays too
+        analysis = analyse_run(cfg=spec.cfg, metrics=metrics, bundle=build_data(spec.cfg.data, spec.cfg.noise,
+                                                                               spec.cfg.seed), frac=cc.boundary_frac)
+        np.testing.assert_allclose(analysis.margin, margin, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(analysis.candidate, cand)
+        assert (~cand).sum() == 6
+        assert analysis.boundary_auc == pytest.approx(want, abs=1e-12)
 
 
 def test_every_run_is_validated_before_the_first_one_trains(tmp_path):

@@ -19,6 +19,10 @@ from pivotal_ray.config import CompareConfig, ConfigError, from_dict
     ({"data": {"loader_workers": -1}}, "data.loader_workers=-1 must be >= 0"),
     ({"data": {"toy_base_flip": 2}}, "data.toy_base_flip=2 in [0, 1)"),
     ({"labels": {"source": "file", "file": "s3://bucket/labels.csv"}}, "must be a local or mounted path"),
+    # per_round < 1 would never finish the round plan (round_sizes never reaches the budget): the
+    # check must come at construction, and the construction itself touches no round_sizes
+    ({"selection": {"per_round": -1}}, "selection.per_round=-1 must be >= 1"),
+    ({"selection": {"per_round": 0}}, "selection.per_round=0 must be >= 1"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(values, fragment):
     with pytest.raises(ConfigError) as err:

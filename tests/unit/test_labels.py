@@ -142,3 +142,23 @@ def test_a_spreadsheets_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_bytes("sample_id,label\n4,2\n".encode("utf-8-sig"))  # Excel's "CSV UTF-8"
     assert FileLabels(path, train_ids=TRAIN_IDS, num_classes=3).labels(np.array([4])).tolist() == [2]
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):
+    """A labels file saved in another encoding (Latin-1 here) is a ConfigError naming the file,
+    not a UnicodeDecodeError out of the job."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"sample_id,label\n4,\xe9\n")
+    with pytest.raises(ConfigError, match="cannot be read") as err:
+        read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
+    assert str(path) in str(err.value) and "sample_id,label" in str(err.value)
+
+
+def test_whitespace_only_lines_and_padded_header_names_are_accepted(tmp_path):
+    """What a person's editor leaves: a line of blanks (skipped like an empty one) and spaces
+    around the header's names."""
+    path = _write(tmp_path, "sample_id ,label \n4,1\n \t \n6,0\n")
+    assert read_label_file(path, train_ids=TRAIN_IDS, num_classes=3) == {4: 1, 6: 0}
+    path = _write(tmp_path, " sample_id, label\n4,1\n   \n")
+    assert read_label_file(path, train_ids=TRAIN_IDS, num_classes=3) == {4: 1}
+

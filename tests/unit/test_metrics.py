@@ -132,6 +132,12 @@ def test_boundary_auc_picks_the_samples_near_the_boundary() -> None:
     clean30 = np.r_[True, False, False, np.ones(27, dtype=bool)]
     margin30 = np.r_[0.0, 0.1, 0.2, np.full(27, 0.9)]
     assert boundary_auc(w30, clean30, margin30, frac=0.1) == 1.0  # a 4th sample (tied 0.0, clean) would give 0.75
+    # (0.1 * 30 is in fact exactly 3.0; 0.07 * 100 is 7.000000000000001, which ceil alone makes 8)
+    assert 0.07 * 100 > 7
+    w100 = np.r_[1.0, np.zeros(99)]
+    clean100 = np.r_[True, np.zeros(6, dtype=bool), np.ones(93, dtype=bool)]  # the 8th nearest is clean, weight 0
+    margin100 = np.arange(100) / 100
+    assert boundary_auc(w100, clean100, margin100, frac=0.07) == 1.0  # 8 samples would give 0.75
 
 
 @pytest.mark.parametrize("frac", [0.0, -0.1, 1.5])

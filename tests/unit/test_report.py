@@ -5,11 +5,11 @@ import pytest
 from pivotal_ray.report import collect, summary_markdown
 
 
-def _write(d, method, seed, acc, rate=0.6):
+def _write(d, method, seed, acc, rate=0.6, total_s=10.0):
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps({
         "method": method, "seed": seed, "test_acc_at_best_val": acc, "final_test_acc": acc - 0.01,
-        "weight_auc": 0.9, "best_epoch": 3, "timings": {"total_s": 10.0},
+        "weight_auc": 0.9, "best_epoch": 3, "timings": {"total_s": total_s},
         "noise": {"kind": "adversarial", "rate": rate}}))
 
 
@@ -81,3 +81,28 @@ def test_a_run_no_longer_finished_is_not_summarised(tmp_path):
     (tmp_path / "rbc" / "seed1" / "manifest.json").write_text(json.dumps({"extra": {"status": "relabelled"}}))
     (tmp_path / "rbc" / "seed0" / "manifest.json").write_text(json.dumps({"extra": {"status": "complete"}}))
     assert collect(tmp_path)["seed"].tolist() == [0]
+
+
+def test_collect_reports_both_accuracies_in_percent_and_the_mean_wall_time(tmp_path):
+    # three runs of one method, wall times 10, 20 and 60 s: the mean (30) is neither the first,
+    # the last, the median nor the sum
+    for seed, total_s in ((0, 10.0), (1, 20.0), (2, 60.0)):
+        _write(tmp_path / "rbc" / f"seed{seed}", "rbc", seed, 0.90, total_s=total_s)
+    df = collect(tmp_path)
+    assert df["test_acc_at_best_val"].tolist() == pytest.approx([90.0] * 3)
+    assert df["final_test_acc"].tolist() == pytest.approx([89.0] * 3)  # percent, as the accuracy beside it
+    summary = summary_markdown(df).split("\n\n")[0]
+    assert summary.splitlines()[0].endswith("| wall time (s) |")
+    assert summary.splitlines()[2].endswith("| 30 |"), summary
+
+
+def test_the_per_run_table_has_the_boundary_auc_after_the_weight_auc(tmp_path):
+    _write(tmp_path / "rbc" / "seed0", "rbc", 0, 0.90)
+    df = collect(tmp_path)
+    df["boundary_auc"] = 0.625
+    per_run = summary_markdown(df).split("\n\n")[1]
+    header = [c.strip() for c in per_run.splitlines()[0].strip("|").split("|")]
+    assert header == ["method", "seed", "test_acc_at_best_val", "final_test_acc", "weight_auc", "boundary_auc",
+                      "best_epoch", "total_s"]
+    assert "| 0.90 | 0.62 | 3 |" in per_run.splitlines()[2]
+

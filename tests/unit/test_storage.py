@@ -1,6 +1,17 @@
+import pickle
+import random
+
+import pytest
 import torch
 
 from pivotal_ray import storage
+
+
+class NotJustTensors:
+    """A pickled object that is not tensors and containers: torch_load must refuse it."""
+
+    def __init__(self, value):
+        self.value = value
 
 
 def test_local_path_and_file_uri_read_the_same_snapshot(tmp_path):
@@ -19,6 +30,28 @@ def test_local_path_and_file_uri_read_the_same_snapshot(tmp_path):
         assert storage.exists(storage.join(dirs[0], "model.pt"))
         assert not storage.exists(storage.join(dirs[0], "missing.pt"))
     assert storage.list_dirs(str(tmp_path / "nope"), prefix="checkpoint_") == []
+
+
+def test_list_dirs_returns_the_checkpoints_by_name_not_in_directory_order(tmp_path):
+    """pyarrow lists a folder in the file system's order; the snapshot scan takes the last copy of
+    an epoch as the latest one, which holds only when the checkpoints (named by time) come sorted."""
+    names = [f"checkpoint_2026-01-01_00-{i // 60:02d}-{i % 60:02d}.000000" for i in range(50)]
+    shuffled = names[:]
+    random.Random(0).shuffle(shuffled)
+    for name in shuffled:
+        (tmp_path / name).mkdir()
+    (tmp_path / "other_dir").mkdir()
+    dirs = storage.list_dirs(str(tmp_path), prefix="checkpoint_")
+    assert [d.rsplit("/", 1)[1] for d in dirs] == names
+
+
+def test_torch_load_reads_tensors_only(tmp_path):
+    """weights_only=True: a snapshot file holding arbitrary pickled objects is refused, not run."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    torch.testing.assert_close(storage.torch_load(str(tmp_path / "ok.pt"))["w"], torch.ones(2))
+    torch.save({"w": NotJustTensors(1)}, tmp_path / "obj.pt")
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only"):
+        storage.torch_load(str(tmp_path / "obj.pt"))
 
 
 def test_snapshot_scan_skips_checkpoints_with_a_missing_file(tmp_path):

@@ -1,0 +1,83 @@
+"""pipeline.py's Ray-free parts: the round plan's fit check, the picks a rerun reads back, and
+whether a finished labels=file run's labels changed. No Ray: each is called directly (validate
+stops before Ray is connected)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pivotal_ray import pipeline
+from pivotal_ray.config import ConfigError, from_dict
+from pivotal_ray.core.labels import FileLabels
+from pivotal_ray.selectors import Picks
+
+
+def _cfg(tmp_path, **selection):
+    return from_dict({"output_dir": str(tmp_path / "out"), "selection": selection})
+
+
+# ---------------------------------------------------------------- _check_rounds_fit
+
+
+def test_a_later_round_that_does_not_fit_is_refused_before_work(tmp_path):
+    # 600 toy samples, exclude_frac 0.5. Round 1: 598 candidates, 299 left, 200 picked (fits).
+    # Round 2 counts round 1's picks as meta: 398 candidates, 199 left, for 200 picks
+    cfg = _cfg(tmp_path, budget=500, per_round=200)
+    with pytest.raises(ConfigError, match=r"round 2 picks 200 samples but .* leaves 199 of the 398 candidates "
+                                          r"\(600 training samples, 202 meta samples\)"):
+        pipeline.validate(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_picks_that_exactly_fill_what_the_exclusion_leaves_are_accepted(tmp_path):
+    pipeline._check_rounds_fit(_cfg(tmp_path, budget=2 + 299), 600)  # 299 picks, 299 left
+    with pytest.raises(ConfigError, match="round 1 picks 300 samples but .* leaves 299"):
+        pipeline._check_rounds_fit(_cfg(tmp_path, budget=2 + 300), 600)
+    # two rounds, the second exactly full: 598 -> 299 left (200 picked), 398 -> 199 left (199 picked)
+    pipeline._check_rounds_fit(_cfg(tmp_path, budget=2 + 200 + 199, per_round=200), 600)
+    # methods without the exclusion step are not limited by it
+    pipeline._check_rounds_fit(_cfg(tmp_path, method="random", budget=500, per_round=200), 600)
+
+
+# ---------------------------------------------------------------- _write_picks / _read_picks
+
+
+def test_picks_are_read_back_only_for_the_same_meta_set_and_run(tmp_path):
+    picks = Picks(np.array([7, 3, 11], dtype=np.int64), np.array([0, 2, 1], dtype=np.int64),
+                  np.array([0.5, 0.25, np.nan]), info={"objective": 1.5})
+    meta = np.array([1, 4], dtype=np.int64)
+    timings = {"features_s": 1.25, "kmeans_s": 2.0, "select_s": 3.5}
+    pipeline._write_picks(tmp_path, picks, meta=meta, after="warmup-abc", timings=timings)
+
+    back, earlier = pipeline._read_picks(tmp_path, k=3, meta=meta, after="warmup-abc")
+    np.testing.assert_array_equal(back.sample_id, picks.sample_id)
+    np.testing.assert_array_equal(back.cluster, picks.cluster)
+    np.testing.assert_array_equal(back.score, picks.score)  # NaN survives (equal_nan for floats)
+    assert back.sample_id.dtype == np.int64 and back.info == {"objective": 1.5} and earlier == timings
+    # picked after another training run, from another meta set, or another count: pick again
+    assert pipeline._read_picks(tmp_path, k=3, meta=meta, after="warmup-def") == (None, {})
+    assert pipeline._read_picks(tmp_path, k=3, meta=np.array([1, 5]), after="warmup-abc") == (None, {})
+    assert pipeline._read_picks(tmp_path, k=3, meta=np.array([1]), after="warmup-abc") == (None, {})
+    assert pipeline._read_picks(tmp_path, k=2, meta=meta, after="warmup-abc") == (None, {})
+    assert pipeline._read_picks(tmp_path / "nothing", k=3, meta=meta, after="warmup-abc") == (None, {})
+
+
+# ---------------------------------------------------------------- _labels_changed
+
+
+def test_a_deleted_meta_label_means_the_labels_changed(tmp_path):
+    """A person deleted the row of one meta sample from the labels file of a finished run: the
+    run trains again (True), and asking for the deleted label is not a KeyError."""
+    train_ids = np.arange(10, dtype=np.int64)
+    pd.DataFrame({"sample_id": [2, 5, 8], "observed_label": [0, 0, 1], "cleaned_label": [1, 0, 1],
+                  "round": [0, 0, 1], "cluster": -1, "score": np.nan}).to_csv(tmp_path / "selection.csv",
+                                                                               index=False)
+    path = tmp_path / "labels.csv"
+    path.write_text("sample_id,label\n2,1\n5,0\n8,1\n")
+    assert not pipeline._labels_changed(tmp_path, FileLabels(path, train_ids=train_ids, num_classes=2))
+    path.write_text("sample_id,label\n2,1\n8,1\n")  # sample 5's row deleted
+    assert pipeline._labels_changed(tmp_path, FileLabels(path, train_ids=train_ids, num_classes=2))
+    path.write_text("sample_id,label\n2,1\n5,1\n8,1\n")  # sample 5 relabelled
+    assert pipeline._labels_changed(tmp_path, FileLabels(path, train_ids=train_ids, num_classes=2))
