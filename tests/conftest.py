@@ -20,7 +20,10 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
-            address="local",  # our own Ray, even where `ray start` left a cluster on this machine
+            # our own Ray, even where `ray start` left a cluster on this machine (stop that one before
+            # the tests: Ray Train's placement-group cleaner looks the cluster up by that cluster's
+            # address file and would watch it instead of this one; see pipeline.connect)
+            address="local",
             num_cpus=2,
             object_store_memory=300 * 1024**2,
             include_dashboard=False,
