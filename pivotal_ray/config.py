@@ -250,7 +250,7 @@ class LabelsConfig:
 class RayConfig:
     """Where and with what resources each stage runs."""
 
-    address: str | None = None  # None: RAY_ADDRESS, else a `ray start` cluster on this machine, else a new local Ray
+    address: str | None = None  # None: RAY_ADDRESS, else a live `ray start` cluster on this machine, else a new local Ray
     num_cpus: int | None = None  # local Ray only
     object_store_memory: int | None = None  # local Ray only, bytes
     num_workers: int = 1  # Ray Train workers

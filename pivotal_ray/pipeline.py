@@ -361,36 +361,43 @@ RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_P
 
 
 def connect(cfg: ExperimentConfig) -> None:
-    """Join the Ray that ``ray.init()`` would (ray.address, else RAY_ADDRESS, else the cluster
-    `ray start` left on this machine), or start a local Ray with ray.num_cpus and
-    ray.object_store_memory where there is none (developing on one machine; ray.address=local
-    starts one in any case)."""
+    """Join the Ray that ``ray.init()`` would (ray.address, else RAY_ADDRESS, else a live cluster
+    that `ray start` left on this machine), or start a local Ray with ray.num_cpus and
+    ray.object_store_memory where there is none (developing on one machine)."""
     import ray
-    from ray._private.services import canonicalize_bootstrap_address
+    from ray._private import services
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    repo = str(Path(__file__).resolve().parents[1])
+    given = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # `ray start` records its cluster in an address file, which ray.init() and Ray Train's own
+    # helpers read. Beside such a cluster a second local Ray is unsafe: Ray Train's placement-group
+    # cleaner looks the cluster up by that file, watches the other cluster, does not find this job's
+    # controller there and may remove this job's training resources.
+    recorded = services.find_bootstrap_address(None)
+    live = recorded is not None and recorded in services.find_gcs_addresses()
+    local_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), **RAY_ENV_VARS}}
     kwargs: dict[str, Any] = {"log_to_driver": cfg.ray.log_to_driver}
-    if address is None:
-        # the address file of `ray start` (what ray.init() itself joins). Joining that cluster keeps
-        # Ray Train's own helpers, which look the cluster up the same way, on the cluster we run on:
-        # beside it, a second local Ray's placement-group cleaner queried the other cluster, did not
-        # find our controller there and could remove our training's placement group
-        address = canonicalize_bootstrap_address(None)
-        if address is not None:
-            log.info("joining the Ray cluster that `ray start` left on this machine (%s); ray.address=local "
-                     "starts a Ray of this job's own", address)
-    if address is None or address == "local":
-        kwargs.update(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
-                      include_dashboard=False)
-        address = "local"  # never another cluster's, whatever turns up between the lookup and here
-    if not os.environ.get("RAY_ADDRESS") and cfg.ray.address in (None, "local", "auto"):
-        # a Ray on this machine: its workers import this checkout (a job's runtime env says that
-        # on a cluster: `ray job submit --working-dir`, cluster/runtime_env.yaml)
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": repo, **RAY_ENV_VARS}}
-    ray.init(address=address, **kwargs)
+    if given is None and live:
+        # address None, as ray.init() joins it: that also turns on the token auth the cluster uses
+        log.info("joining the Ray cluster that `ray start` left on this machine (%s); its resources, not "
+                 "ray.num_cpus / ray.object_store_memory, apply", recorded)
+        ray.init(address=None, runtime_env=local_env, **kwargs)
+        return
+    if given is None or given == "local":
+        if live:  # ray.address=local beside it
+            log.warning("a Ray cluster started with `ray start` runs on this machine (%s): Ray Train's "
+                        "placement-group cleaner watches that cluster instead of this job's Ray and may remove "
+                        "this job's training resources; stop it (`ray stop`), or leave ray.address unset to join it",
+                        recorded)
+        elif recorded is not None:
+            log.info("ignoring %s's address %s: no Ray runs there", "`ray start`", recorded)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+                 include_dashboard=False, runtime_env=local_env, **kwargs)
+        return
+    if given == "auto" and not os.environ.get("RAY_ADDRESS"):  # a cluster on this machine: this checkout
+        kwargs["runtime_env"] = local_env
+    ray.init(address=given, **kwargs)  # a job's runtime env (ray job submit, cluster/) says the rest
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:

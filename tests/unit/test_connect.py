@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import ray
 import ray._private.services as services
 
 from pivotal_ray import pipeline
 from pivotal_ray.config import ExperimentConfig
+
+HEAD = "10.0.0.1:6379"
 
 
 @pytest.fixture
@@ -19,6 +23,12 @@ def inits(monkeypatch):
     return calls
 
 
+def _machine(monkeypatch, *, recorded=None, running=()):
+    """What `ray start` left: its address file, and the GCS processes running on the machine."""
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: recorded)
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: frozenset(running))
+
+
 def _cfg(address=None):
     cfg = ExperimentConfig()
     cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory = address, 2, 10**9
@@ -26,35 +36,48 @@ def _cfg(address=None):
 
 
 def test_no_cluster_starts_a_local_ray_with_the_configured_resources(inits, monkeypatch):
-    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr, temp_dir=None: None)
+    _machine(monkeypatch)
     pipeline.connect(_cfg())
     (kw,) = inits
     assert kw["address"] == "local"  # never another cluster's
     assert kw["num_cpus"] == 2 and kw["object_store_memory"] == 10**9
-    assert kw["runtime_env"]["env_vars"]["PYTHONPATH"] and "RAY_TRAIN_ENABLE_PRINT_PATCH" in kw["runtime_env"]["env_vars"]
+    env = kw["runtime_env"]["env_vars"]
+    assert env["PYTHONPATH"] and env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
 
 
-def test_a_ray_start_cluster_on_this_machine_is_joined_without_resource_settings(inits, monkeypatch):
-    # ray.init() joins it too, and so do Ray Train's own helpers: a second local Ray beside it
-    # had its placement-group cleaner look at the wrong cluster. num_cpus / object_store_memory
-    # are refused when joining (they crashed the job before).
-    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr, temp_dir=None: "10.0.0.1:6379")
-    pipeline.connect(_cfg())
+def test_a_live_ray_start_cluster_is_joined_as_ray_init_joins_it(inits, monkeypatch, caplog):
+    # address None (not the address itself): Ray turns on the token auth that `ray start` enabled
+    # only for a cluster it found itself. num_cpus / object_store_memory are refused when joining
+    # (they crashed the job before).
+    _machine(monkeypatch, recorded=HEAD, running={HEAD, "10.0.0.1:40000"})
+    with caplog.at_level(logging.INFO, logger="pivotal_ray.pipeline"):
+        pipeline.connect(_cfg())
     (kw,) = inits
-    assert kw["address"] == "10.0.0.1:6379"
+    assert kw["address"] is None
     assert not {"num_cpus", "object_store_memory"} & set(kw)
     assert "PYTHONPATH" in kw["runtime_env"]["env_vars"]  # the same machine: this checkout
+    assert f"joining the Ray cluster that `ray start` left on this machine ({HEAD})" in caplog.text
 
 
-def test_ray_address_local_starts_a_local_ray_beside_a_cluster(inits, monkeypatch):
-    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr, temp_dir=None: "10.0.0.1:6379")
-    pipeline.connect(_cfg("local"))
+def test_a_stale_address_file_is_ignored(inits, monkeypatch):
+    _machine(monkeypatch, recorded=HEAD, running={"10.0.0.1:40000"})  # its cluster is gone
+    pipeline.connect(_cfg())
     (kw,) = inits
     assert kw["address"] == "local" and kw["num_cpus"] == 2
 
 
+def test_ray_address_local_beside_a_live_cluster_warns(inits, monkeypatch, caplog):
+    _machine(monkeypatch, recorded=HEAD, running={HEAD})
+    with caplog.at_level(logging.WARNING, logger="pivotal_ray.pipeline"):
+        pipeline.connect(_cfg("local"))
+    (kw,) = inits
+    assert kw["address"] == "local" and kw["num_cpus"] == 2
+    assert "placement-group cleaner" in caplog.text and "ray stop" in caplog.text
+
+
 @pytest.mark.parametrize("where", ["config", "env"])
 def test_a_given_cluster_address_is_joined_as_is(inits, monkeypatch, where):
+    _machine(monkeypatch, recorded=HEAD, running={HEAD})
     cfg = _cfg("ray://head:10001" if where == "config" else None)
     if where == "env":
         monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # what `ray job submit` sets for the job
