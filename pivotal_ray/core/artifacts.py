@@ -667,19 +667,28 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
                              f"{_describe_diff(theirs_config, new_plain)} To keep both, {fix}")
 
 
+# The feature table's temporary folder before it was named like the others: ".<name>.tmp-<hex8>"
+_OLD_TABLE_TEMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
+# Where a run's writers put files: output_dir itself and rounds/round_<r>/ (depth 2). Deeper
+# folders (snapshots under ray_train/, parquet tables) are not walked: slow on network storage.
+_TEMP_DEPTH = 2
+
+
 def remove_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporaries (``.<name>.<random>.tmp``, files or folders) that writers killed
-    mid-write left anywhere under ``root``; returns what went. Call it only where no writer of this
-    run is at work (a job before it starts its stages)."""
+    mid-write left in ``root`` or the round folders below it; returns what went. Call it only where
+    no writer of this run is at work (a job before it starts its stages)."""
+    root = Path(root)
     gone: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).relative_to(root).parts)
         for name in [*filenames, *dirnames]:
-            if _TEMP_RE.match(name):
+            if _TEMP_RE.match(name) or _OLD_TABLE_TEMP_RE.match(name):
                 path = Path(dirpath) / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
                 gone.append(path)
-        dirnames[:] = [d for d in dirnames if not _TEMP_RE.match(d)]
+        dirnames[:] = [] if depth >= _TEMP_DEPTH else [d for d in dirnames if (Path(dirpath) / d).exists()]
     return gone

@@ -91,11 +91,13 @@ class _ExtractWorker:
             path = storage.join(snap["path"], "model.pt")
             try:
                 state = storage.torch_load(path, map_location="cpu")
-            except Exception as e:  # the file itself: cut off, or not a state dict torch can read safely
-                run_dir = snap["path"].rstrip("/").rsplit("/", 1)[0]
+            except OSError:  # not there, no access, a mount or a store that fails: Ray's own message
+                raise
+            except Exception as e:  # read, but cut off or not a state dict torch loads safely
                 raise RuntimeError(f"cannot read snapshot {k} ({path}): the file is damaged or not a "
-                                   f"torch.save(model.state_dict()); delete its training run ({run_dir}) and run "
-                                   f"the same command again to train it anew; {type(e).__name__}: {e}") from e
+                                   "torch.save(model.state_dict()); delete the training run that saved it (the "
+                                   "folder above its checkpoint folder) and run the same command again to train "
+                                   f"it anew; {type(e).__name__}: {e}") from e
             try:
                 model.load_state_dict(state)
             except Exception as e:  # name the snapshot and the likely fix, keep torch's reason

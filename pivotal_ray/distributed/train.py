@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -249,9 +250,10 @@ def stage_key(name: str, run_path: str) -> str:
 
 def checkpoint_stage(key: str) -> Path:
     """Where rank 0 writes a run's checkpoints before Ray uploads (and deletes) them: one folder per
-    run in the node's temp dir, emptied when the run starts, so the copies a killed run never
-    uploaded do not pile up there (a model and its optimizer state each)."""
-    return Path(tempfile.gettempdir()) / "pivotal_ray_checkpoints" / key
+    run and OS user in the temp dir of rank 0's node, emptied when the run starts there, so the
+    copies a killed run never uploaded do not pile up (a model and its optimizer state each; on a
+    cluster, the folder on the node rank 0 ran on before is emptied when rank 0 lands there again)."""
+    return Path(tempfile.gettempdir()) / f"pivotal_ray_checkpoints-{os.getuid()}" / key
 
 
 def _fit(trainer: Any) -> Any:
@@ -260,8 +262,12 @@ def _fit(trainer: Any) -> Any:
     On the main thread Ray Train installs a SIGINT handler of its own and never removes it: a
     Ctrl-C during training aborted the run but surfaced as a RayActorError, and one after it (during
     extraction or K-means) was swallowed, the third calling sys.exit(0) (exit status 0, no results).
-    Off the main thread Ray installs none (as under Ray Tune). The run's actors end with the driver.
+    Off the main thread Ray installs none (as under Ray Tune). On a Ctrl-C this process leaves Ray
+    (ray.shutdown), which ends the run's controller and workers (they are this driver's actors)
+    rather than leaving them training behind a caller that catches the KeyboardInterrupt.
     """
+    import ray
+
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -272,8 +278,12 @@ def _fit(trainer: Any) -> Any:
 
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # short waits: the main thread takes the KeyboardInterrupt between them
+    try:
+        while thread.is_alive():
+            thread.join(0.5)  # short waits: the main thread takes the KeyboardInterrupt between them
+    except KeyboardInterrupt:
+        ray.shutdown()
+        raise
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -322,10 +332,15 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
             if "CheckpointManagerInitializationError" in f"{type(err).__name__} {err}":
                 record = storage.join(run_path, "checkpoint_manager_snapshot.json")
                 why = str(err).strip().splitlines()[-1]  # the cause's line, not the actor's traceback
+                try:
+                    storage.read_json(record)
+                    cause = ("Ray's reason above: another Ray version wrote it (use that version), or it names a "
+                             "checkpoint folder that is gone")
+                except ValueError:  # Ray rewrites it in place after every snapshot
+                    cause = "the file is cut off: a run killed while Ray rewrote it, as it does after every snapshot"
                 raise RuntimeError(
                     f"Ray Train cannot resume training run {name}: its record of the run's checkpoints, {record}, "
-                    f"cannot be used ({why}). Ray rewrites that file after every snapshot, so a run killed "
-                    "meanwhile can leave it cut off. Delete it to train this run again from its first epoch "
+                    f"cannot be used ({why}); {cause}. Delete it to train this run again from its first epoch "
                     f"(its snapshots are written anew), or delete {run_path}") from err
             raise
         if result.error is not None:

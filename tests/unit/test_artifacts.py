@@ -382,10 +382,16 @@ def test_remove_temporaries_takes_only_what_killed_writers_left(tmp_path: Path) 
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x")
     junk = [out / ".manifest.json.k3j2.tmp",  # atomic_file's temporary
-            out / "rounds" / "round_1" / ".features.1a2b3c4d.tmp"]  # a feature table cut off mid-write
+            out / "rounds" / "round_1" / ".features.1a2b3c4d.tmp",  # a feature table cut off mid-write
+            out / "rounds" / "round_1" / ".features_gbc.tmp-0f1e2d3c"]  # ... named as before 721a81c
     junk[0].write_text("half")
-    (junk[1] / "sub").mkdir(parents=True)
-    (junk[1] / "sub" / "part-0.parquet").write_text("half")
+    for table in junk[1:]:
+        (table / "sub").mkdir(parents=True)
+        (table / "sub" / "part-0.parquet").write_text("half")
+    deep = out / "ray_train" / "warmup-1" / "checkpoint_x" / ".model.pt.ab12.tmp"  # not a writer of ours
+    deep.parent.mkdir(parents=True)
+    deep.write_text("x")
+    keep.append(deep)
     with pytest.raises(RuntimeError):  # a real atomic_dir cut off by an error leaves nothing behind...
         with atomic_dir(out / "rounds" / "round_1" / "centroids"):
             raise RuntimeError("killed")

@@ -40,9 +40,14 @@ def test_fit_returns_the_result_and_leaves_sigint_alone():
         _fit(FakeTrainer(0.0, error=ValueError("boom")))
 
 
-def test_ctrl_c_during_fit_is_a_keyboard_interrupt():
+def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_leaves_ray(monkeypatch):
+    import ray
+
+    shutdowns = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))  # ends the run's actors
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         _fit(FakeTrainer(30.0))
     assert time.perf_counter() - t0 < 5  # at once, not when the run ends
+    assert shutdowns == [1]
