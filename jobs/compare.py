@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.select import CONFIGS, resolve_config
+from jobs.select import CONFIGS, exit_interrupted, resolve_config
 from pivotal_ray.config import CompareConfig, ConfigError, _build
 
 
@@ -43,9 +43,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to go on (finished stages are read back, training "
-              "resumes from its last snapshot)", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
     print((Path(cc.output_root).resolve() / "results.md").read_text())
     print(f"{len(df)} runs; outputs: {cc.output_root}")
 

@@ -25,6 +25,7 @@ the same command again.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def resolve_config(cfg: DictConfig):
     return from_dict(values)
 
 
+def exit_interrupted() -> None:
+    """After Ctrl-C: say how to go on and exit with status 130 (128 + SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break Ray's shutdown at exit
+    print("interrupted: run the same command again to go on (finished stages are read back, training "
+          "resumes from its last snapshot)", file=sys.stderr)
+    sys.exit(130)
+
+
 @hydra.main(config_path=CONFIGS, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     from pivotal_ray.pipeline import run_experiment
@@ -68,9 +77,7 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to go on (finished stages are read back, training "
-              "resumes from its last snapshot)", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
     if metrics.get("status") == "awaiting_labels":
         print(f"waiting for labels: {metrics['missing']} sample(s) of round {metrics['round']} need a clean label")
         print(Path(metrics["to_label"]).read_text().rstrip())

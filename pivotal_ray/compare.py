@@ -213,6 +213,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     specs = expand(base=base, cc=cc)
     for spec in specs:
         validate(spec.cfg)
+    # results.* cut off by a killed compare (each run's own folder is cleaned by its run)
+    artifacts.remove_temporaries(Path(cc.output_root))  # type: ignore[arg-type]
     if before_runs is not None:
         before_runs()
 

@@ -21,6 +21,7 @@ model only: optimizer, scheduler and weights start fresh).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -345,6 +346,8 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
             raise
         if result.error is not None:
             raise result.error
+        with contextlib.suppress(OSError):  # empty now, where rank 0 ran on this node; else left as is
+            checkpoint_stage(config["stage"]).rmdir()
     snaps = _scan_snapshots(run_path)
     if not snaps:
         raise RuntimeError(f"training run {name} at {run_path} produced no checkpoints")

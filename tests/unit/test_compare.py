@@ -228,9 +228,13 @@ def test_run_compare_end_to_end_with_a_fake_pipeline(tmp_path):
     # the boundary AUC is the weight AUC on the 10% of non-meta samples nearest the final model's boundary
     assert df["boundary_auc"].between(0, 1).all() and df["weight_auc"].gt(0.5).all()
     assert (df["test_acc_at_best_val"].round(6) == np.where(df["method"] == "rbc", 90.0, 80.0)).all()
-    # a second call reads every finished run instead of running it
+    # a second call reads every finished run instead of running it, and removes what a compare
+    # killed while writing its results left behind
+    cut = root / ".results.json.k2j4.tmp"
+    cut.write_text('{"half')
     again = run_compare(base=_base(tmp_path), cc=cc, run=_fake_pipeline(calls), log=logs.append)
     assert len(calls) == 8
+    assert not cut.exists()
     pd.testing.assert_frame_equal(df, again)
     assert sum(line.split("] ")[1].startswith("read") for line in logs if line.startswith("[")) == 8
 

@@ -51,3 +51,17 @@ def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_leaves_ray(monkeypatch):
         _fit(FakeTrainer(30.0))
     assert time.perf_counter() - t0 < 5  # at once, not when the run ends
     assert shutdowns == [1]
+
+
+def test_the_jobs_exit_130_and_say_how_to_go_on(capsys):
+    from jobs.select import exit_interrupted
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as ex:
+            exit_interrupted()
+        assert ex.value.code == 130
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a second Ctrl-C cannot break the exit
+        assert "run the same command again" in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGINT, before)
