@@ -91,13 +91,13 @@ class _ExtractWorker:
             path = storage.join(snap["path"], "model.pt")
             try:
                 state = storage.torch_load(path, map_location="cpu")
-            except OSError:  # not there, no access, a mount or a store that fails: Ray's own message
+            except OSError:  # not there, no access, a mount or a store that fails: its own message says which
                 raise
             except Exception as e:  # read, but cut off or not a state dict torch loads safely
-                raise RuntimeError(f"cannot read snapshot {k} ({path}): the file is damaged or not a "
-                                   "torch.save(model.state_dict()); delete the training run that saved it (the "
-                                   "folder above its checkpoint folder) and run the same command again to train "
-                                   f"it anew; {type(e).__name__}: {e}") from e
+                raise RuntimeError(f"cannot read snapshot {k} (epoch {snap.get('epoch')}, {path}): the file is "
+                                   "damaged or not a torch.save(model.state_dict()); delete the training run that "
+                                   "saved it (the folder above its checkpoint folder) and run the same command "
+                                   f"again to train it anew; {type(e).__name__}: {e}") from e
             try:
                 model.load_state_dict(state)
             except Exception as e:  # name the snapshot and the likely fix, keep torch's reason
