@@ -670,8 +670,10 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
 # The feature table's temporary folder before it was named like the others: ".<name>.tmp-<hex8>"
 _OLD_TABLE_TEMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
 # Where a run's writers put files: output_dir itself and rounds/round_<r>/ (depth 2). Deeper
-# folders (snapshots under ray_train/, parquet tables) are not walked: slow on network storage.
+# folders (parquet tables) are not walked: slow on network storage; nor is ray_train/, Ray
+# Train's (the default ray.storage_path), where a run sharing it may be writing.
 _TEMP_DEPTH = 2
+_NOT_OURS = frozenset({"ray_train"})
 
 
 def remove_temporaries(root: str | os.PathLike[str]) -> list[Path]:
@@ -690,5 +692,6 @@ def remove_temporaries(root: str | os.PathLike[str]) -> list[Path]:
                 else:
                     path.unlink(missing_ok=True)
                 gone.append(path)
-        dirnames[:] = [] if depth >= _TEMP_DEPTH else [d for d in dirnames if (Path(dirpath) / d).exists()]
+        dirnames[:] = [] if depth >= _TEMP_DEPTH else [
+            d for d in dirnames if (Path(dirpath) / d).exists() and not (depth == 0 and d in _NOT_OURS)]
     return gone

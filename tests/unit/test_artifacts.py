@@ -388,10 +388,11 @@ def test_remove_temporaries_takes_only_what_killed_writers_left(tmp_path: Path) 
     for table in junk[1:]:
         (table / "sub").mkdir(parents=True)
         (table / "sub" / "part-0.parquet").write_text("half")
-    deep = out / "ray_train" / "warmup-1" / "checkpoint_x" / ".model.pt.ab12.tmp"  # not a writer of ours
-    deep.parent.mkdir(parents=True)
-    deep.write_text("x")
-    keep.append(deep)
+    for theirs in (out / "ray_train" / "warmup-1" / ".record.json.ab12.tmp",  # Ray Train's, not ours
+                   out / "rounds" / "round_1" / "features" / "sub" / ".part.ab12.tmp"):  # too deep to walk
+        theirs.parent.mkdir(parents=True, exist_ok=True)
+        theirs.write_text("x")
+        keep.append(theirs)
     with pytest.raises(RuntimeError):  # a real atomic_dir cut off by an error leaves nothing behind...
         with atomic_dir(out / "rounds" / "round_1" / "centroids"):
             raise RuntimeError("killed")
