@@ -42,13 +42,6 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def size(path: str) -> int | None:
-    """Size in bytes of the file at ``path``; None where there is no file."""
-    fs, p = _resolve(path)
-    info = fs.get_file_info(p)
-    return info.size if info.type == pafs.FileType.File else None
-
-
 def read_bytes(path: str) -> bytes:
     fs, p = _resolve(path)
     with fs.open_input_stream(p) as f:
@@ -72,3 +65,11 @@ def list_dirs(path: str, *, prefix: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
     return [join(path, n) for n in names]
+
+
+def file_sizes(path: str) -> dict[str, int]:
+    """Name -> size in bytes of each file directly in the folder ``path`` (one listing, also on a
+    storage URI); {} where there is no such folder."""
+    fs, p = _resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False, allow_not_found=True))
+    return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}

@@ -228,7 +228,8 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
         # skip an upload still in flight (or cut off): Ray does not promise the files' order, and a
         # file cut off mid-copy exists. The JSON files are parsed; the .pt files must have the sizes
         # that metrics.json records (checkpoints written before it recorded them are taken as they are)
-        if not all(storage.exists(storage.join(d, f)) for f in SNAPSHOT_FILES):
+        present = storage.file_sizes(d)  # one listing: which files are there, and their sizes
+        if not all(f in present for f in SNAPSHOT_FILES):
             continue
         try:
             metrics = storage.read_json(storage.join(d, "metrics.json"))
@@ -236,7 +237,7 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
         except ValueError:
             continue
         sizes = metrics.pop("file_sizes", None)
-        if sizes is not None and any(storage.size(storage.join(d, f)) != n for f, n in sizes.items()):
+        if sizes is not None and any(present.get(f) != n for f, n in sizes.items()):
             continue
         # an epoch saved twice (a run killed after an upload but before Ray recorded it resumes from
         # the checkpoint before and saves that epoch again): the later copy

@@ -29,6 +29,10 @@ def test_local_path_and_file_uri_read_the_same_snapshot(tmp_path):
         torch.testing.assert_close(storage.torch_load(storage.join(dirs[1], "model.pt"))["w"], torch.ones(3))
         assert storage.exists(storage.join(dirs[0], "model.pt"))
         assert not storage.exists(storage.join(dirs[0], "missing.pt"))
+        sizes = storage.file_sizes(dirs[0])  # files only, with their sizes
+        assert sizes == {"model.pt": (run / "checkpoint_0" / "model.pt").stat().st_size, "metrics.json": 12}
+        assert storage.file_sizes(base) == {"checkpoint_manager_snapshot.json": 2}  # not the folders
+        assert storage.file_sizes(storage.join(base, "nope")) == {}
     assert storage.list_dirs(str(tmp_path / "nope"), prefix="checkpoint_") == []
 
 
