@@ -213,8 +213,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     specs = expand(base=base, cc=cc)
     for spec in specs:
         validate(spec.cfg)
-    # results.* cut off by a killed compare (each run's own folder is cleaned by its run)
-    artifacts.remove_temporaries(Path(cc.output_root))  # type: ignore[arg-type]
+    root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
+    artifacts.remove_temporaries(root)  # results.* cut off by a killed compare (each run cleans its own folder)
     if before_runs is not None:
         before_runs()
 
@@ -230,7 +230,6 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
             for c in group:
                 check(c, bundle)
             del bundle
-    root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
     rows, done = [], []
     bundles: dict[str, Any] = {}
     for i, (spec, metrics) in enumerate(zip(specs, finished), 1):

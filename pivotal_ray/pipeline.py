@@ -391,7 +391,7 @@ def connect(cfg: ExperimentConfig) -> None:
                         "this job's training resources; stop it (`ray stop`), or leave ray.address unset to join it",
                         recorded)
         elif recorded is not None:
-            log.info("ignoring %s's address %s: no Ray runs there", "`ray start`", recorded)
+            log.info("ignoring the address %s that `ray start` recorded: no Ray runs there", recorded)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, runtime_env=local_env, **kwargs)
         return

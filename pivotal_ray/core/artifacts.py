@@ -676,6 +676,10 @@ _TEMP_DEPTH = 2
 _NOT_OURS = frozenset({"ray_train"})
 
 
+def _is_temporary(name: str) -> bool:
+    return bool(_TEMP_RE.match(name) or _OLD_TABLE_TEMP_RE.match(name))
+
+
 def remove_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporaries (``.<name>.<random>.tmp``, files or folders) that writers killed
     mid-write left in ``root`` or the round folders below it; returns what went. Call it only where
@@ -684,14 +688,14 @@ def remove_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     gone: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         depth = len(Path(dirpath).relative_to(root).parts)
-        for name in [*filenames, *dirnames]:
-            if _TEMP_RE.match(name) or _OLD_TABLE_TEMP_RE.match(name):
-                path = Path(dirpath) / name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                gone.append(path)
+        for name in filter(_is_temporary, [*filenames, *dirnames]):
+            path = Path(dirpath) / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            gone.append(path)
+        # not into what went, below the round folders, or into ray_train/
         dirnames[:] = [] if depth >= _TEMP_DEPTH else [
-            d for d in dirnames if (Path(dirpath) / d).exists() and not (depth == 0 and d in _NOT_OURS)]
+            d for d in dirnames if not _is_temporary(d) and not (depth == 0 and d in _NOT_OURS)]
     return gone

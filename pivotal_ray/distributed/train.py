@@ -334,12 +334,14 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
             if "CheckpointManagerInitializationError" in f"{type(err).__name__} {err}":
                 record = storage.join(run_path, "checkpoint_manager_snapshot.json")
                 why = str(err).strip().splitlines()[-1]  # the cause's line, not the actor's traceback
+                cause = ("Ray's reason above: another Ray version wrote it (use that version), or it names a "
+                         "checkpoint folder that is gone")
                 try:
                     storage.read_json(record)
-                    cause = ("Ray's reason above: another Ray version wrote it (use that version), or it names a "
-                             "checkpoint folder that is gone")
                 except ValueError:  # Ray rewrites it in place after every snapshot
                     cause = "the file is cut off: a run killed while Ray rewrote it, as it does after every snapshot"
+                except OSError:  # unreadable here: Ray's reason stands alone
+                    pass
                 raise RuntimeError(
                     f"Ray Train cannot resume training run {name}: its record of the run's checkpoints, {record}, "
                     f"cannot be used ({why}); {cause}. Delete it to train this run again from its first epoch "
