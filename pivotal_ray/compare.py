@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -205,7 +206,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     from .core.data import build_data
     from .pipeline import run_experiment, validate
 
-    run = run or run_experiment
+    # a run another invocation is at work on (an overlapping comparison) is waited for, then read back
+    run = run or (lambda cfg: run_experiment(cfg, wait=True))
     if base.labels.source != "oracle":
         raise ConfigError(f"labels.source={base.labels.source!r}: jobs.compare runs experiments, whose meta samples "
                           "the oracle labels; label the picks of one run by hand with python -m jobs.select "
@@ -214,7 +216,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     for spec in specs:
         validate(spec.cfg)
     root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
-    artifacts.remove_temporaries(root)  # results.* cut off by a killed compare (each run cleans its own folder)
+    with _holding_root(root, log):  # not a temporary that a comparison beside this one is writing
+        artifacts.remove_temporaries(root)  # results.* cut off by a killed compare (each run cleans its own folder)
     if before_runs is not None:
         before_runs()
 
@@ -245,10 +248,20 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
         log(f"[{i}/{len(specs)}] {status} {spec.method} seed {spec.seed} {variant_tag(spec.variant)}: "
             f"test acc {rows[-1]['test_acc_at_best_val']:.2f}%, weight AUC {rows[-1]['weight_auc']:.3f}")
     by = ("method",) if cc.vary_key is None else (cc.vary_key, "method")
-    df = write_results(rows=rows, out=root, by=by)
-    if cc.plots:
-        from .compare_figures import draw_figures
+    with _holding_root(root, log):  # two comparisons on one root: one writes its tables and figures at a time
+        df = write_results(rows=rows, out=root, by=by)
+        if cc.plots:
+            from .compare_figures import draw_figures
 
-        for path in draw_figures(done=done, df=df, cc=cc, root=root):
-            log(f"figure: {path}")
+            for path in draw_figures(done=done, df=df, cc=cc, root=root):
+                log(f"figure: {path}")
     return df
+
+
+def _holding_root(root: Path, log: Callable[[str], None]) -> Any:
+    """The lock of an output root's own files (results.*, figures): comparisons on one root may
+    run side by side (their runs wait for each other where they overlap), and write those in turn."""
+    from .core import locks
+
+    return locks.hold(f"compare_root:{os.path.realpath(root)}", f"compare.output_root {root}", wait=True,
+                      on_wait=log)

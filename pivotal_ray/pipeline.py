@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .config import ConfigError, ExperimentConfig, from_dict, kmeans_signed, to_dict, without_defaults
-from .core import artifacts
+from .core import artifacts, locks
 from .core.data import build_data
 from .core.labels import TO_LABEL_NAME, Labeler, labels_suffix, to_label_rows
 from .core.metrics import weight_auc
@@ -400,10 +400,24 @@ def connect(cfg: ExperimentConfig) -> None:
     ray.init(address=given, **kwargs)  # a job's runtime env (ray job submit, cluster/) says the rest
 
 
-def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run Algorithm 2 end to end and write the artefacts; returns metrics.json's content."""
+def run_experiment(cfg: ExperimentConfig, *, wait: bool = False) -> dict[str, Any]:
+    """Run Algorithm 2 end to end and write the artefacts; returns metrics.json's content.
+
+    One invocation at a time works in an ``output_dir`` (:mod:`core.locks`): when another one on
+    this machine is at work there, raise BusyError (``wait=False``, ``jobs.select``) or wait for it
+    to finish (``wait=True``, ``jobs.compare``, whose runs may overlap another comparison's).
+    """
     t_start = time.perf_counter()
     bundle, labels = _preflight(cfg)
+    out = os.path.realpath(cfg.output_dir)
+    with locks.hold(f"output_dir:{out}", f"output_dir {out}", wait=wait, on_wait=log.info,
+                    fix="wait for it to finish and run this command again (it reads back what that one "
+                        "finished), or choose another output_dir"):
+        check_run_dir(cfg)  # again, now that it is ours: what was there may have changed while waiting
+        return _run_experiment(cfg, bundle, labels, t_start)
+
+
+def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start: float) -> dict[str, Any]:
     done = completed_metrics(cfg.output_dir)
     relabelled = done is not None and _labels_changed(cfg.output_dir, labels)
     if done is not None and not relabelled:  # the same run (validate checked the fingerprint), already finished

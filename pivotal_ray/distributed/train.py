@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,11 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core import locks
 from ..core.data import build_data
 from ..core.models import build_model
 from ..core.reweight import LocalReducer, TorchDistReducer, average_buffers_, build_reweighter
 from ..core.seeding import derive_seed, numpy_rng, torch_generator
 from .. import storage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -303,11 +307,25 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
     ``train_ids`` (sample ids) restricts training to those samples; ``init_from`` (a snapshot
     path) starts from that snapshot's model instead of the seeded initialisation.
     """
+    t0 = time.perf_counter()
+    run_path = storage.join(storage_path, name)
+    key = run_path if "://" in run_path else os.path.realpath(run_path)
+    # one trainer per run on this machine: two comparisons sharing a warm-up would train it into one
+    # run twice (and empty each other's checkpoint staging); the second waits and reads it back
+    with locks.hold(f"train:{key}", f"training run {name} ({run_path})", wait=True, on_wait=log.info):
+        return _train_or_read(name=name, run_path=run_path, storage_path=storage_path, data=data, noise=noise,
+                              model=model, reweight=reweight, seed=seed, meta_ids=meta_ids, meta_labels=meta_labels,
+                              num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                              run_tag=run_tag, train_ids=train_ids, init_from=init_from, t0=t0)
+
+
+def _train_or_read(*, name: str, run_path: str, storage_path: str, data: dict, noise: dict, model: dict,
+                   reweight: dict, seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int,
+                   use_gpu: bool, cpus_per_worker: float, run_tag: str, train_ids: np.ndarray | None,
+                   init_from: str | None, t0: float) -> TrainRun:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    t0 = time.perf_counter()
-    run_path = storage.join(storage_path, name)
     done = _scan_snapshots(run_path)
     if not (done and done[-1]["epoch"] == int(reweight["epochs"]) - 1):
         config = {"data": data, "noise": noise, "model": model, "reweight": reweight, "seed": int(seed),

@@ -389,3 +389,17 @@ def test_tsne_sample_reads_only_the_rows_it_plots(tmp_path, monkeypatch):
     many = ids[::5]  # 60 picks
     sub, picks = compare_figures.tsne_sample(tmp_path, picked_ids=many, seed=4, max_rows=40)
     assert len(sub.sample_id) == 40 and len(picks) == 40 and np.isin(sub.sample_id, many).all()
+
+
+def test_a_compare_waits_for_a_run_another_invocation_is_at_work_on(tmp_path, monkeypatch):
+    """jobs.compare's runs may overlap another comparison's: they wait (and then read back) instead
+    of failing half-way as jobs.select does."""
+    from pivotal_ray import pipeline
+
+    calls: list = []
+    fake = _fake_pipeline(calls)
+    waits: list = []
+    monkeypatch.setattr(pipeline, "run_experiment", lambda cfg, **kw: waits.append(kw) or fake(cfg))
+    cc = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "cmp"), plots=False)
+    run_compare(base=_base(tmp_path), cc=cc, log=lambda line: None)
+    assert waits == [{"wait": True}] and len(calls) == 1

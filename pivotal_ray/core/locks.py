@@ -1,0 +1,92 @@
+"""One invocation at a time per output folder and per training run, on this machine.
+
+Two invocations working in one place corrupt each other: a second ``jobs.select`` on a running
+``output_dir`` deletes the first one's half-written files as leftovers of a killed run, and two
+``jobs.compare`` sharing a warm-up (rbc in one terminal, gbc in another, one output root) would
+train that warm-up twice into one Ray Train run. A :func:`hold` around the work keeps them apart.
+
+The locks are ``flock`` locks on small files in ``<tempdir>/pivotal_ray_locks-<uid>/``, named by a
+digest of what they guard: the kernel drops a lock when its process ends, however it ends, so a
+killed run never leaves one behind. They guard against invocations on the same machine (a job
+submitted with ``ray job submit`` runs its driver on the head node, so jobs submitted to one
+cluster count) by the same OS user; not against another machine writing to a shared volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..config import ConfigError
+
+
+class BusyError(ConfigError):
+    """What the invocation would work on is in use by another invocation on this machine."""
+
+
+def lock_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"pivotal_ray_locks-{os.getuid()}"
+
+
+def lock_path(key: str) -> Path:
+    """The lock file of ``key`` (a resolved path or storage URI, with a prefix saying what it is)."""
+    return lock_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock"
+
+
+def holder(path: str | os.PathLike[str]) -> str:
+    """Who holds the lock at ``path``, as its holder wrote it ("" when unknown)."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+@contextlib.contextmanager
+def hold(key: str, what: str, *, wait: bool, on_wait: Callable[[str], None] | None = None,
+         fix: str = "wait for it to finish") -> Iterator[None]:
+    """Hold the lock of ``key`` for the ``with`` block.
+
+    Parameters
+    ----------
+    key : what is guarded, e.g. ``"output_dir:/abs/path"``.
+    what : how messages name it, e.g. ``"output_dir /abs/path"``.
+    wait : when another invocation holds it, wait for that one to finish (``on_wait`` is told
+        once), or raise :class:`BusyError` at once, whose message ends with ``fix``.
+
+    Raises
+    ------
+    BusyError
+        ``wait=False`` and another process holds it; the message names that process and the fix.
+    """
+    import fcntl
+
+    path = lock_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = holder(path) or "another process"
+            if not wait:
+                raise BusyError(f"{what} is in use by another invocation ({who}; lock {path}): {fix}") from None
+            if on_wait is not None:
+                on_wait(f"waiting for {what}, in use by another invocation ({who})")
+            fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait (KeyboardInterrupt)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": _dt.datetime.now().isoformat(timespec="seconds"),
+                "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:500], "key": key}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a waiting process)
