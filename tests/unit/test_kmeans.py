@@ -727,3 +727,179 @@ def test_signed_selection_does_not_depend_on_the_split(factor):
     sim = (U @ U[meta].T).max(1)
     ex = np.isin(F.sample_id, one.excluded)
     assert sim[ex].min() >= sim[~meta & ~ex].max() - 1e-9
+
+
+# ---- mutation audit: properties no earlier test pinned down -------------------------------------
+
+def test_n_excluded_is_the_floor_despite_binary_rounding():
+    # 0.29 * 100 = 28.999999999999996 and 0.57 * 100 = 56.99999999999999 in binary floating point
+    assert n_excluded(100, 0.29) == 29 and n_excluded(100, 0.57) == 57
+    assert n_excluded(7, 0.5) == 3 and n_excluded(147, 0.1) == 14 and n_excluded(5, 0.0) == 0
+
+
+def test_weighted_kmeans_rejects_a_negative_tol():
+    with pytest.raises(ValueError, match="tol"):
+        weighted_kmeans(random_factor(10), n_clusters=2, seed=0, tol=-1.0)
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans++"])
+def test_one_cluster_per_row_seeds_every_row_once(init):
+    # M = n rows in general position: seeds are M distinct rows, and each row then stays with its
+    # own seed (Cauchy-Schwarz: |<G_j, G_j/||G_j||>| beats every other unit direction), so no
+    # cluster comes out empty; a repeated seed would empty one and force a restart
+    rng = np.random.default_rng(7)
+    feats = DenseFeatures(np.arange(12, dtype=np.int64) * 5, rng.random((12, 6)).astype(np.float32))
+    for seed in range(4):
+        km = weighted_kmeans(feats, n_clusters=12, init=init, seed=seed, max_iter=5)
+        assert (km.n_dropped, km.restarts) == (0, 0) and km.sizes.tolist() == [1] * 12
+
+
+def test_lloyd_stops_at_the_first_relative_change_within_tol():
+    # the stopping rule: iterate until |f_t - f_{t-1}| / |f_{t-1}| <= tol, not before
+    F = random_factor(300, K=2, C=3, d=4, seed=21)
+    for tol in (1e-2, 1e-4):
+        km = weighted_kmeans(F, n_clusters=8, seed=1, tol=tol, max_iter=200)
+        obj = np.asarray(km.objective)
+        rel = np.abs(np.diff(obj)) / np.abs(obj[:-1])
+        assert km.restarts == 0 and km.n_iter == obj.size < 200
+        assert rel[-1] <= tol and (rel[:-1] > tol).all(), rel
+
+
+def test_a_cluster_of_zero_rows_counts_as_empty():
+    # rows 0-4 are zero, the others are zero in coordinate 0; centroid 0 = e_0 has inner product 0
+    # with every row, so it keeps only the zero rows (argmax of all-zero gains), whose S2
+    # denominator sum ||G_j|| is 0: dropped as empty, never a 0/0 centroid
+    rng = np.random.default_rng(0)
+    G = np.zeros((30, 6))
+    G[5:, 1:] = rng.random((25, 5))
+    feats = DenseFeatures(np.arange(30, dtype=np.int64), G.astype(np.float32))
+    init = np.vstack([np.eye(6)[0], G[[10, 20]] / np.linalg.norm(G[[10, 20]], axis=1, keepdims=True)])
+    km = weighted_kmeans(feats, n_clusters=3, init=init, seed=0, max_iter=20)
+    assert (km.n_dropped, km.restarts) == (1, 1) and km.centroids.shape == (2, 6)
+    assert np.isfinite(km.centroids).all() and km.sizes.sum() == 30
+
+
+def test_all_zero_features_still_return_the_budget():
+    # weighted: every cluster of zero rows is empty, so no centroid survives; the picks are all top-ups
+    feats = DenseFeatures(np.arange(10, dtype=np.int64) * 3, np.zeros((10, 4), dtype=np.float32))
+    km = weighted_kmeans(feats, n_clusters=3, seed=0)
+    assert km.centroids.shape == (0, 4) and km.n_dropped == 3
+    sel = select_pivotal(feats, budget=3, meta_ids=[], exclude_frac=0.0, seed=0)
+    assert sel.n_clusters == 0 and np.unique(sel.sample_id).size == 3
+    np.testing.assert_array_equal(sel.sample_id, [0, 3, 6])  # all tied at score 0: smallest ids
+    np.testing.assert_array_equal(sel.cluster, [-1, -1, -1])
+
+
+def test_signed_has_no_effect_on_plain_kmeans():
+    # "plain K-means has no sign to keep": signed=True with weighted=False is plain K-means,
+    # exclusion by |cos| included (on mixed-sign rows the signed cosine would exclude others)
+    F = random_factor(120, seed=3)
+    kw = dict(budget=6, meta_ids=F.sample_id[:6], exclude_frac=0.5, seed=2, weighted=False)
+    a, b = select_pivotal(F, **kw), select_pivotal(F, signed=True, **kw)
+    np.testing.assert_array_equal(a.excluded, b.excluded)
+    np.testing.assert_array_equal(a.sample_id, b.sample_id)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+
+
+def test_assign_returns_rows_in_sample_id_order_for_interleaved_shards():
+    F = random_factor(40, seed=5)
+    G = F.dense().astype(np.float64)
+    C = np.random.default_rng(1).standard_normal((3, G.shape[1]))
+    shards = [FactorShard(F.take(np.arange(1, 40, 2))), FactorShard(F.take(np.arange(0, 40, 2)))]
+    ids, lab, score = assign(shards, centroids=C, weighted=True)
+    np.testing.assert_array_equal(ids, F.sample_id)
+    np.testing.assert_array_equal(lab, np.abs(G @ C.T).argmax(1))
+    np.testing.assert_allclose(score, np.abs(G @ C.T).max(1) / np.linalg.norm(G, axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_each_centroid_picks_its_most_similar_unpicked_candidate(weighted):
+    # Algorithm 2 step d against float64 numpy: centroid i (in index order) takes the candidate
+    # most similar to it (S1; plain: nearest) among those not picked before it; the top-ups are
+    # the unpicked candidates closest to their own centroid, tagged with that centroid
+    for seed in range(6):
+        F = random_factor(24, seed=seed)
+        meta = F.sample_id[:3]
+        sel = select_pivotal(F, budget=8, meta_ids=meta, exclude_frac=0.25, seed=seed, weighted=weighted)
+        G = np.einsum("nkc,nkd->nkcd", F.A.astype(np.float64), F.X.astype(np.float64)).reshape(len(F), -1)
+        ids = F.sample_id
+        cand = ~np.isin(ids, meta) & ~np.isin(ids, sel.excluded)
+        G, ids = G[cand], ids[cand]
+
+        def score(C):  # (n, M)
+            inner = G @ C.T
+            if weighted:
+                return np.abs(inner) / np.linalg.norm(G, axis=1)[:, None]
+            return -np.square(G[:, None, :] - C[None]).sum(-1)
+
+        S = score(sel.centroids)
+        taken: list[int] = []
+        for i in range(sel.n_clusters):
+            order = ids[np.lexsort((ids, -S[:, i]))]
+            want = next(j for j in order if j not in taken)
+            assert (sel.sample_id[i], sel.cluster[i]) == (want, i)
+            np.testing.assert_allclose(sel.score[i], S[ids == want, i][0], rtol=1e-9, atol=1e-12)
+            taken.append(int(want))
+        own, best = S.argmax(1), S.max(1)
+        rest = [j for j in ids[np.lexsort((ids, -best))] if j not in taken][:8 - sel.n_clusters]
+        np.testing.assert_array_equal(sel.sample_id[sel.n_clusters:], rest)
+        np.testing.assert_array_equal(sel.cluster[sel.n_clusters:], own[np.searchsorted(ids, rest)])
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_centroids_sharing_a_favourite_take_the_next_best_in_index_order(weighted, monkeypatch):
+    # four centroids around one direction share their favourite rows (converged Lloyd centroids
+    # rarely do): centroid 0 takes the best row, centroid 1 the second, ... (step d), so each
+    # centroid must see more than its single best candidate. The clustering is replaced by these
+    # centroids to test step d on its own.
+    import pivotal_ray.core.kmeans as kmeans_mod
+
+    rng = np.random.default_rng(8)
+    G = rng.standard_normal((30, 5))
+    feats = DenseFeatures(np.arange(30, dtype=np.int64) * 2, G.astype(np.float32))
+    C = rng.standard_normal(5) + 1e-3 * rng.standard_normal((4, 5))  # (4, D)
+    monkeypatch.setattr(kmeans_mod, "weighted_kmeans", lambda *a, **kw: kmeans_mod.KMeansResult(
+        C, [0.0], 1, np.ones(4, dtype=np.int64), 0))
+    sel = select_pivotal(feats, budget=4, meta_ids=[], exclude_frac=0.0, seed=0, weighted=weighted)
+    G, ids = feats.G.astype(np.float64), feats.sample_id
+    S = np.abs(G @ C.T) / np.linalg.norm(G, axis=1)[:, None] if weighted else -np.square(G[:, None] - C[None]).sum(-1)
+    favourites = [ids[np.lexsort((ids, -S[:, i]))] for i in range(4)]
+    assert len({int(f[0]) for f in favourites}) == 1  # they do share the favourite
+    taken: list[int] = []
+    for f in favourites:
+        taken.append(int(next(j for j in f if j not in taken)))
+    np.testing.assert_array_equal(sel.sample_id, taken)
+    np.testing.assert_array_equal(sel.cluster, [0, 1, 2, 3])
+
+
+def test_picks_treat_scores_within_tie_rtol_as_ties_to_the_smaller_id():
+    # scores 1e-12 apart (relative) are equal in exact arithmetic as far as the scans can tell:
+    # the smaller sample_id wins, whichever comes first in the (-score, id) order
+    from pivotal_ray.core.kmeans import TIE_RTOL, _picks
+    from pivotal_ray.core.shards import Candidates
+
+    assert TIE_RTOL >= 1e-12
+    c = Candidates(ids=np.array([[7, 3, 5]]), scores=np.array([[2.0, 2.0 * (1 - 1e-12), 1.0]]),
+                   best_ids=np.array([9, 4, 8]), best_scores=np.array([3.0, 3.0 * (1 - 1e-12), 2.5]),
+                   best_cluster=np.array([0, 0, 0]), err=np.zeros(1), best_err=0.0)
+    ids, cl, _ = _picks(c, 3)
+    assert ids == [3, 4, 9] and cl == [0, 0, 0]
+
+
+def test_top_up_ranking_ties_to_the_smaller_id_under_every_split():
+    # the top-up list (rows closest to their own centroid) has the same exact ties as the
+    # per-centroid lists: the two rows of a pair are equally far from their midpoint, and the
+    # smaller id must come first whatever the GEMM rounding of the split
+    rng = np.random.default_rng(12)
+    F = DenseFeatures(np.arange(400, dtype=np.int64) * 3, rng.standard_normal((400, 64)).astype(np.float32))
+    pairs = rng.choice(400, size=(20, 2), replace=False)  # (M, 2)
+    G = F.G.astype(np.float64)
+    C = (G[pairs[:, 0]] + G[pairs[:, 1]]) / 2.0  # exact in float64
+    rows = pairs.ravel()  # the 40 rows nearest to some midpoint, each to its own
+    score = -np.square(G[rows] - C[np.repeat(np.arange(20), 2)]).sum(1)  # the two of a pair: equal floats
+    want = F.sample_id[rows][np.lexsort((F.sample_id[rows], -score))]
+    for shards in splits(F):
+        ss = LocalShardSet(shards)
+        got = _merge(ss, ss.call("top_candidates", centroids=C, weighted=False, k=1, n_best=40),
+                     k=1, n_best=40, centroids=C, weighted=False)
+        np.testing.assert_array_equal(got.best_ids, want)
