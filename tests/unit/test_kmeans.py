@@ -903,3 +903,77 @@ def test_top_up_ranking_ties_to_the_smaller_id_under_every_split():
         got = _merge(ss, ss.call("top_candidates", centroids=C, weighted=False, k=1, n_best=40),
                      k=1, n_best=40, centroids=C, weighted=False)
         np.testing.assert_array_equal(got.best_ids, want)
+
+
+def test_a_tie_cut_by_k_or_n_best_goes_to_the_smaller_id_under_every_split():
+    # the pairs of test_equidistant_rows_tie_to_the_smaller_id_under_every_split, but a shortlist
+    # of one per centroid (k=1) and top-up lists that end inside a pair (odd n_best): each shard
+    # must keep the tied partner for the exact re-scoring, or the scan's rounding picks
+    rng = np.random.default_rng(11)
+    F = DenseFeatures(np.arange(400, dtype=np.int64) * 3, rng.standard_normal((400, 64)).astype(np.float32))
+    pairs = rng.choice(400, size=(20, 2), replace=False)
+    G = F.G.astype(np.float64)
+    C = (G[pairs[:, 0]] + G[pairs[:, 1]]) / 2.0
+    rows = pairs.ravel()
+    score = -np.square(G[rows] - C[np.repeat(np.arange(20), 2)]).sum(1)
+    ranked = F.sample_id[rows][np.lexsort((F.sample_id[rows], -score))]
+    for shards in splits(F):
+        ss = LocalShardSet(shards)
+        for n_best in (1, 7, 13, 39):
+            got = _merge(ss, ss.call("top_candidates", centroids=C, weighted=False, k=1, n_best=n_best),
+                         k=1, n_best=n_best, centroids=C, weighted=False)
+            np.testing.assert_array_equal(got.ids[:, 0], F.sample_id[pairs].min(1))
+            np.testing.assert_array_equal(got.best_ids, ranked[:n_best])
+
+
+def test_plain_scores_are_never_positive():
+    # -||G_j - C_i||^2 <= 0 even where ||G||^2 - 2<G, C> + ||C||^2 rounds below 0 (a centroid on a row)
+    F, _ = near_parallel(200, 300, seed=1, offset=50.0)
+    C = F.G[:20].astype(np.float64)
+    _, lab, score = assign(F, centroids=C, weighted=False)
+    assert (score <= 0.0).all()
+    sel = select_pivotal(F, budget=5, meta_ids=[], exclude_frac=0.0, seed=0, weighted=False, max_iter=3)
+    assert (sel.score <= 0.0).all()
+
+
+def test_signed_kmeanspp_scores_anti_aligned_rows_by_their_full_norm():
+    # signed seeding: a row on the far side of the first seed is not served by it (residual
+    # ||G||^2, not ||G||^2 (1 - cos^2) ~ 0), so the second seed lands on the other side
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal(24)
+    G = np.concatenate([v + 0.01 * rng.standard_normal((30, 24)), -v + 0.01 * rng.standard_normal((30, 24))])
+    shards = LocalShardSet([DenseShard(DenseFeatures(np.arange(60, dtype=np.int64), G.astype(np.float32)))])
+    for seed in range(8):
+        seeds = INITS.get("kmeans++")(shards, ids=np.arange(60), n_clusters=2, weighted=True,
+                                      rng=np.random.default_rng(seed), signed=True)
+        assert seeds[0] @ seeds[1] < 0  # one on each side of the line
+
+
+def test_plain_kmeanspp_draws_the_first_seed_uniformly():
+    # k-means++: the first seed is uniform over rows, whatever their norms (one row 1000x longer)
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((50, 4))
+    G[17] *= 1000.0
+    shards = LocalShardSet([DenseShard(DenseFeatures(np.arange(50, dtype=np.int64), G.astype(np.float32)))])
+    first = [int(np.flatnonzero(np.all(np.isclose(G.astype(np.float32), INITS.get("kmeans++")(
+        shards, ids=np.arange(50), n_clusters=1, weighted=False, rng=np.random.default_rng(s))[0]), axis=1))[0])
+        for s in range(40)]
+    assert first.count(17) <= 5 and len(set(first)) >= 20
+
+
+def test_s1_scores_keep_the_sign_only_when_signed():
+    from pivotal_ray.core.shards import s1_scores
+
+    G = np.array([[3.0, 4.0], [-3.0, -4.0], [0.0, 0.0]])
+    c = np.array([0.6, 0.8])
+    np.testing.assert_allclose(s1_scores(G, c), [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(s1_scores(G, c, signed=True), [1.0, -1.0, 0.0])
+
+
+def test_a_shard_rejects_duplicate_sample_ids():
+    G = np.ones((3, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="duplicates"):
+        DenseShard(DenseFeatures(np.array([1, 2, 2], dtype=np.int64), G))
+    F = random_factor(3)
+    with pytest.raises(ValueError, match="duplicates"):
+        FactorShard(FactorFeatures(np.array([4, 4, 5], dtype=np.int64), F.A, F.X))
