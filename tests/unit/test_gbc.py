@@ -346,3 +346,115 @@ def test_read_feature_table_dispatches_on_columns(tmp_path) -> None:
     pq.write_table(pa.table({"sample_id": pa.array([1], pa.int64())}), tmp_path / "f.parquet")
     with pytest.raises(ValueError, match="re-run extract_features"):
         read_feature_table(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation audit: properties no earlier test pinned down
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian"])
+def test_projection_is_unbiased_for_non_centred_vectors(kind: str) -> None:
+    """Gradient blocks are rarely centred (ReLU features, softmax factors): with mean-1 vectors
+    a projection without random signs would add ``(sum a)(sum b) / k``, about 100 sd here."""
+    proj = PROJECTIONS.get(kind)
+    ab = 1.0 + torch.randn(2, 300, generator=torch_generator(3, "vectors"), dtype=torch.float64)
+    k, S = 16, 400
+    vals = np.array([float(proj(ab, dim=k, seed=s).prod(0).sum()) for s in range(S)])
+    a, b = ab.numpy()
+    var = ((a @ a) * (b @ b) + (a @ b) ** 2) / k
+    assert abs(vals.mean() - a @ b) <= 5 * math.sqrt(var / S)
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian"])
+def test_projection_pieces_are_independent(kind: str) -> None:
+    """S is generated in column pieces; each piece must be its own random matrix. a = [u, 0] and
+    b = [0, u] (u filling one piece) are orthogonal; if two pieces shared their matrix, Sa = Sb
+    and <Sa, Sb> = ||Su||^2 ~ ||u||^2 instead of 0 +- ||u||^2 / sqrt(k)."""
+    k = 512
+    piece = 1 << 16 if kind == "countsketch" else (1 << 24) // k  # the pieces' widths
+    u = torch.randn(piece, generator=torch_generator(4, "piece"), dtype=torch.float64)
+    ab = torch.zeros(2, 2 * piece, dtype=torch.float64)
+    ab[0, :piece], ab[1, piece:] = u, u
+    for seed in range(3):
+        Sa, Sb = PROJECTIONS.get(kind)(ab, dim=k, seed=seed)
+        assert abs(float(Sa @ Sb)) <= 5 * float(u @ u) / math.sqrt(k)
+
+
+def test_extraction_keeps_the_callers_mode() -> None:
+    model = TinyNet(seed=14).eval()
+    x, y = _batch(n=6, seed=15)
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=3, label_aware=True), seed=0)
+    ext.fit([(x, y)])
+    assert not model.training
+    ext.extract(x, y)
+    assert not model.training  # an eval-mode model is not switched to train mode (dropout, BatchNorm updates)
+    model.train()
+    ext.extract(x, y)
+    assert model.training
+
+
+def test_frozen_tensors_are_never_drawn() -> None:
+    model = TinyNet(seed=16)
+    for p in model.body.parameters():
+        p.requires_grad_(False)
+    x, y = _batch(n=6, seed=17)
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=8), seed=0)
+    assert ext.names == ["head.weight", "head.bias"]
+    ext.fit([(x, None)])
+    assert set(ext.draws.names) <= {"head.weight", "head.bias"} and ext.draws.importance.shape == (2,)
+
+
+def test_label_aware_chunks_use_their_own_labels() -> None:
+    """Samples chunked for vmap (chunk_bytes=1: one per chunk) see their own labels: the same rows
+    as one chunk, and as the per-sample autograd loop."""
+    model = TinyNet(seed=18)
+    x, y = _batch(n=7, seed=19)
+    cfg = FeatureConfig(kind="gbc", num_layers=4, proj_dim=1000, label_aware=True)
+    one = GBCExtractor(model=model, cfg=cfg, seed=2, chunk_bytes=1)
+    whole = GBCExtractor(model=model, cfg=cfg, seed=2)
+    for e in (one, whole):
+        e.fit([(x, y)])
+    g = one.extract(x, y)["g"]
+    np.testing.assert_allclose(g, whole.extract(x, y)["g"], rtol=1e-6, atol=1e-7)
+    flat = dict(zip(one.names, _flat(_loop_grads(model, x, y, label_aware=True), one.names)))
+    for r, name in enumerate(one.draws.names):
+        want = flat[name] * one.draws.scale[r]
+        np.testing.assert_allclose(g[:, r * one.block:r * one.block + want.shape[1]], want, rtol=1e-4, atol=1e-6)
+
+
+def test_blocks_no_longer_than_proj_dim_are_kept_exactly() -> None:
+    """Only blocks that exceed proj_dim are projected: at proj_dim = 28 the 7 x 4 weight (28) and
+    every smaller tensor are the scaled gradients themselves; the 7 x 5 weight (35) is projected."""
+    model = TinyNet(seed=20)
+    x, _ = _batch(n=5, seed=21)
+    R = 40  # enough draws to take every tensor with p_l > 0.2 % almost surely
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=R, proj_dim=28), seed=3)
+    ext.fit([(x, None)])
+    assert "body.4.weight" in ext.draws.names and "body.0.weight" in ext.draws.names
+    g = ext.extract(x, None)["g"]
+    flat = dict(zip(ext.names, _flat(_loop_grads(model, x, x.new_zeros(5).long(), label_aware=False), ext.names)))
+    for r, name in enumerate(ext.draws.names):
+        blk = g[:, r * 28:(r + 1) * 28]
+        if flat[name].shape[1] <= 28:
+            np.testing.assert_allclose(blk[:, :flat[name].shape[1]], flat[name] * ext.draws.scale[r], rtol=1e-4, atol=1e-6)
+    # two draws of a projected tensor use two independent projections (seeds of their own)
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=R, proj_dim=3), seed=3)
+    ext.fit([(x, None)])
+    g = ext.extract(x, None)["g"]
+    name = max(set(ext.draws.names), key=ext.draws.names.count)
+    r0, r1 = [r for r, n in enumerate(ext.draws.names) if n == name][:2]
+    assert flat[name].shape[1] > 3 and not np.allclose(g[:, r0 * 3:(r0 + 1) * 3], g[:, r1 * 3:(r1 + 1) * 3])
+
+
+def test_more_configuration_errors() -> None:
+    model = TinyNet(seed=22)
+    with pytest.raises(ValueError, match="proj_dim"):
+        GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=2, proj_dim=0), seed=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        draw_tensors(np.array([1.0, -0.5, 1.0]), num_draws=2, seed=0)
+    x, _ = _batch(n=4, seed=23)
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=2), seed=0)
+    ext.fit([(x, None)])
+    with pytest.raises(ValueError, match="sample ids"):
+        ext.rows(sample_id=np.arange(3), snapshot=0, epoch=0, x=x, y=None)
