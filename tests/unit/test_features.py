@@ -255,3 +255,24 @@ def test_a_rounds_feature_table_is_reused_only_for_the_same_snapshots_and_settin
     assert _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=gbc, **same)
     for change in ({"proj_dim": 512}, {"num_layers": 3}, {"projection": "gaussian"}):
         assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec={**gbc, **change}, **same)
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation audit: cases no earlier test pinned down
+# ---------------------------------------------------------------------------------------------
+
+
+def test_choose_snapshots_uses_stride_one_when_only_it_fits() -> None:
+    # rule 2 goes down to s = 1: 11, 12 follow t* = 10 one apart, so they are picked before
+    # falling back to positions (rule 3 would give later[1], later[3] = 12, 20)
+    assert choose_snapshots(_accs([0, 5, 10, 11, 12, 13, 20], 10), num_snapshots=3, stride=20) == [10, 11, 12]
+
+
+def test_rbc_factors_rejects_an_embedding_that_is_not_n_by_d() -> None:
+    class Batched(TinyNet):
+        def embed(self, x: torch.Tensor) -> torch.Tensor:
+            return super().embed(x).unsqueeze(1)  # (n, 1, d): the head still applies, the contract does not
+
+    x, _ = _batch()
+    with pytest.raises(ValueError, match="contract is \\(n, d\\)"):
+        rbc_factors(Batched(), x, label_aware=False)
