@@ -458,3 +458,12 @@ def test_more_configuration_errors() -> None:
     ext.fit([(x, None)])
     with pytest.raises(ValueError, match="sample ids"):
         ext.rows(sample_id=np.arange(3), snapshot=0, epoch=0, x=x, y=None)
+
+
+def test_dense_columns_refuse_rows_that_do_not_match_the_ids() -> None:
+    from pivotal_ray.core.densetable import dense_columns
+
+    with pytest.raises(ValueError, match="len\\(sample_id\\) = 3"):
+        dense_columns(np.arange(3), 0, 0, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="\\(n, W\\)"):
+        dense_columns(np.arange(3), 0, 0, np.zeros(3))

@@ -977,3 +977,36 @@ def test_a_shard_rejects_duplicate_sample_ids():
     F = random_factor(3)
     with pytest.raises(ValueError, match="duplicates"):
         FactorShard(FactorFeatures(np.array([4, 4, 5], dtype=np.int64), F.A, F.X))
+
+
+def test_a_table_whose_samples_miss_complementary_snapshots_is_refused(tmp_path):
+    # sample a has only snapshot 0 and sample b only snapshot 1: as many rows as one complete
+    # sample, and the snapshots alternate 0, 1, but neither sample is complete
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    F = random_factor(4, K=2, C=3, d=2, seed=1)
+    _write_factor_table(tmp_path, F)
+    a, b = (int(i) for i in F.sample_id[:2])
+    for f in sorted(tmp_path.glob("*.parquet")):
+        t = pq.read_table(f)
+        sid, snap = t["sample_id"], t["snapshot"]
+        keep = pc.or_(pc.and_(pc.equal(sid, a), pc.equal(snap, 0)), pc.and_(pc.equal(sid, b), pc.equal(snap, 1)))
+        pq.write_table(t.filter(keep), f)
+    from pivotal_ray.core.featuretable import read_factor_table
+
+    assert sum(pq.read_table(f).num_rows for f in tmp_path.glob("*.parquet")) == 2
+    with pytest.raises(ValueError, match="incomplete"):
+        read_factor_table(tmp_path)
+
+
+def test_feature_containers_and_readers_refuse_malformed_input(tmp_path):
+    from pivotal_ray.core.featuretable import read_factor_table
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        FactorFeatures(np.arange(3), rng.random((3, 2, 4)), rng.random((3, 1, 5)))  # K differs
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        FactorFeatures(np.arange(4), rng.random((3, 2, 4)), rng.random((3, 2, 5)))  # n differs
+    with pytest.raises(FileNotFoundError, match="feature extraction"):
+        read_factor_table(tmp_path)  # an empty directory
