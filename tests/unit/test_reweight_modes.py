@@ -273,3 +273,24 @@ def test_average_buffers_makes_workers_hold_the_same_batchnorm_model():
     before = copy.deepcopy(base.state_dict())
     average_buffers_(base, LocalReducer())  # one process: nothing changes
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_mwnet_defaults_are_mw_nets():
+    # what the training loop builds (only meta_lr and seed given): spec's 1-100-1 MLP, and
+    # MW-Net's Adam with weight decay 1e-4, PyTorch's Linear init range +-1/sqrt(fan_in)
+    import math
+
+    from pivotal_ray.core.mwnet import MetaWeightNet
+    from pivotal_ray.core.seeding import torch_generator
+
+    rw = build_reweighter("mwnet", meta_lr=1e-3, seed=0)
+    assert (rw.net.fc1.in_features, rw.net.fc1.out_features, rw.net.fc2.out_features) == (1, 100, 1)
+    assert isinstance(rw.opt, torch.optim.Adam)
+    assert rw.opt.param_groups[0]["lr"] == 1e-3 and rw.opt.param_groups[0]["weight_decay"] == 1e-4
+    for layer in (rw.net.fc1, rw.net.fc2):
+        bound = 1.0 / math.sqrt(layer.in_features)
+        for p in (layer.weight, layer.bias):
+            assert float(p.abs().max()) <= bound
+    assert float(rw.net.fc2.weight.abs().max()) > 0.5 / math.sqrt(100)  # the whole range is used
+    with pytest.raises(ValueError, match="hidden"):
+        MetaWeightNet(hidden=0, generator=torch_generator(0, "mwnet"))
