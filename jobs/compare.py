@@ -15,6 +15,7 @@ artefacts) and ``ray_train/`` (the shared Ray Train storage).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,10 @@ from pivotal_ray.config import CompareConfig, ConfigError, _build
 
 
 def compare_config(cfg: DictConfig) -> CompareConfig:
-    return _build(CompareConfig, OmegaConf.to_container(cfg.compare, resolve=True), "compare")
+    values = OmegaConf.to_container(cfg.compare, resolve=True)
+    if isinstance(values.get("output_root"), str):  # a quoted ~ reaches us as it is
+        values["output_root"] = os.path.expanduser(values["output_root"])
+    return _build(CompareConfig, values, "compare")
 
 
 @hydra.main(config_path=CONFIGS, config_name="config", version_base=None)

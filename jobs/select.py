@@ -42,7 +42,10 @@ def resolve_config(cfg: DictConfig):
     values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("method", None)  # already interpolated into selection.method
     values.pop("compare", None)  # jobs.compare's own settings (CompareConfig)
-    out = str(values["output_dir"])
+    if values.get("output_dir") in (None, ""):
+        raise ConfigError("output_dir is not set: output_dir=/abs/path (where selection.csv, metrics.json and "
+                          "manifest.json go)")
+    out = os.path.expanduser(str(values["output_dir"]))  # a quoted ~ reaches us as it is
     if "://" in out:
         raise ConfigError(f"output_dir={out!r} is a storage URI, but the run's artefacts (selection.csv, "
                           "metrics.json, features) are written to a filesystem: pass an absolute path on the "
@@ -50,11 +53,14 @@ def resolve_config(cfg: DictConfig):
                           "ray.storage_path=<uri>")
     values["output_dir"] = os.path.abspath(out)
     data = values.get("data") or {}
-    if data.get("root") and "://" not in data["root"]:
-        data["root"] = os.path.abspath(data["root"])
+    if data.get("root") and "://" not in str(data["root"]):
+        data["root"] = os.path.abspath(os.path.expanduser(str(data["root"])))
     labels = values.get("labels") or {}
-    if labels.get("file") and "://" not in labels["file"]:  # a URI is refused by LabelsConfig
-        labels["file"] = os.path.abspath(labels["file"])
+    if labels.get("file") and "://" not in str(labels["file"]):  # a URI is refused by LabelsConfig
+        labels["file"] = os.path.abspath(os.path.expanduser(str(labels["file"])))
+    ray_cfg = values.get("ray") or {}
+    if isinstance(ray_cfg.get("storage_path"), str) and ray_cfg["storage_path"].startswith("~"):
+        ray_cfg["storage_path"] = os.path.expanduser(ray_cfg["storage_path"])  # a relative one is refused
     return from_dict(values)
 
 

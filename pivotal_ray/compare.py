@@ -10,12 +10,13 @@ not rerun. After the runs: ``results.json`` / ``results.csv`` (one row per run),
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -213,9 +214,11 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
                           "the oracle labels; label the picks of one run by hand with python -m jobs.select "
                           "labels=file")
     specs = expand(base=base, cc=cc)
-    for spec in specs:
-        validate(spec.cfg)
     root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
+    artifacts.check_writable(root, "compare.output_root")
+    for spec in specs:
+        with _in_compare_terms():
+            validate(spec.cfg)
     with _holding_root(root, log):  # not a temporary that a comparison beside this one is writing
         artifacts.remove_temporaries(root)  # results.* cut off by a killed compare (each run cleans its own folder)
     if before_runs is not None:
@@ -224,7 +227,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     def data_key(cfg: ExperimentConfig) -> str:
         return artifacts.config_fingerprint({"d": to_dict(cfg.data), "n": to_dict(cfg.noise), "s": cfg.seed})
 
-    finished = [finished_metrics(spec.cfg) for spec in specs]  # read once: a spec's run never finishes another's
+    with _in_compare_terms():  # read once: a spec's run never finishes another's
+        finished = [finished_metrics(spec.cfg) for spec in specs]
     if check is not None:  # grouped by data: one bundle built at a time
         todo = [s.cfg for s, m in zip(specs, finished) if m is None]
         for key in dict.fromkeys(data_key(c) for c in todo):
@@ -256,6 +260,17 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
             for path in draw_figures(done=done, df=df, cc=cc, root=root):
                 log(f"figure: {path}")
     return df
+
+
+@contextlib.contextmanager
+def _in_compare_terms() -> Iterator[None]:
+    """A run folder's refusal, with the fix in jobs.compare's settings: the folder is
+    <compare.output_root>/runs/..., so another output_dir means another compare.output_root."""
+    try:
+        yield
+    except artifacts.OutputDirError as err:
+        raise artifacts.OutputDirError(str(err).replace("choose another output_dir", "choose another "
+                                                        "compare.output_root")) from err
 
 
 def _holding_root(root: Path, log: Callable[[str], None]) -> Any:

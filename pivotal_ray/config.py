@@ -329,6 +329,13 @@ def _checked_value(name: str, annotation: Any, value: Any) -> Any:
     __post_init__. A bool is not a number here. An int is a float and is kept as given (run names
     hash it); a whole float for an int field (``2e9`` bytes) becomes that int; a number for a str
     field (Hydra reads ``name=2024`` as an int) becomes its text."""
+    text = str(annotation).replace(" ", "")
+    if text.startswith("list[") and text.endswith("]"):  # list[int], list[str]: a list of those
+        _check(isinstance(value, (list, tuple)), f"{name}={value!r} must be a list, e.g. '{name}=[{value}]'")
+        inner = text[len("list["):-1]
+        if inner in _SCALARS:
+            return [_checked_value(f"{name}[{i}]", inner, v) for i, v in enumerate(value)]
+        return list(value)
     parts = [p.strip() for p in str(annotation).split("|")]
     optional = "None" in parts
     kinds = [p for p in parts if p != "None"]

@@ -109,6 +109,21 @@ def _local_path(path: str | os.PathLike[str], what: str) -> Path:
     return Path(text)
 
 
+def check_writable(path: str | os.PathLike[str], setting: str) -> None:
+    """ConfigError naming ``setting`` when this process could not create and write ``path`` (a
+    folder): its nearest existing ancestor is a file, or not writable (permissions, a read-only
+    or immutable mount). Nothing is created."""
+    p = Path(os.path.abspath(path))
+    existing = next(q for q in [p, *p.parents] if q.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{setting}={os.fspath(path)} cannot be created: {existing} is a file, not a folder; "
+                          f"choose another {setting}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting}={os.fspath(path)} cannot be written: {existing} is not writable by this user "
+                          f"(permissions, a read-only mount or an immutable flag); choose another {setting} or make {existing} "
+                          "writable")
+
+
 def _fsync_dir(path: Path) -> None:
     # Makes the rename itself durable. Some filesystems (and non-POSIX platforms) cannot open or
     # fsync a directory; the data is already fsynced, so losing only this step is acceptable.

@@ -17,6 +17,7 @@ add one by registering a :class:`DatasetSpec`.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -452,15 +453,48 @@ def _as_config(cls: type, value: Any, where: str) -> Any:
 
 def _check_root(cfg: DataConfig, spec: DatasetSpec) -> None:
     """Fail before any work when the files are not there and nothing will fetch them."""
-    if spec.has_data is None or (cfg.download and spec.can_download):
+    if spec.has_data is None:
         return
     root = Path(cfg.root).expanduser()
-    if root.is_dir() and spec.has_data(root):
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data.root={cfg.root} is a file, not a folder: set data.root=/abs/path/to/the/data "
+                          f"(the folder that holds {spec.expects})")
+    if (cfg.download and spec.can_download) or (root.is_dir() and spec.has_data(root)):
         return
     state = "does not exist" if not root.is_dir() else f"holds no {cfg.name} data (expected {spec.expects})"
     fix = "set data.root=/abs/path/to/the/data"
     fix += " or data.download=true to fetch it" if spec.can_download else " (this data set cannot be downloaded)"
     raise ConfigError(f"data.root={cfg.root} {state} and data.download={str(cfg.download).lower()}: {fix}")
+
+
+def _load(spec: DatasetSpec, cfg: DataConfig, seed: int) -> tuple[Pool, Pool, Pool, int]:
+    """``spec.load``; a download it has to make and cannot (no network, a refused URL, a full disk)
+    is a ConfigError naming the fix, and the empty folders the attempt made under data.root go."""
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    if (root is None or not cfg.download or not spec.can_download or spec.has_data is None
+            or (root.is_dir() and spec.has_data(root))):
+        return spec.load(cfg, seed)
+    new_top = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # made by the attempt
+    before = set(root.iterdir()) if new_top is None else set()
+    try:
+        return spec.load(cfg, seed)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
+        for top in ([new_top] if new_top is not None else sorted(set(root.iterdir()) - before)):
+            _remove_empty_dirs(top)
+        lines = str(err).strip().splitlines()
+        why = f"{type(err).__name__}: {lines[-1] if lines else repr(err)}"
+        raise ConfigError(f"data.download=true could not fetch {cfg.name} into data.root={cfg.root} ({why}): "
+                          f"check the network, or put the files there yourself (expected {spec.expects}) and "
+                          "set data.download=false") from err
+
+
+def _remove_empty_dirs(top: Path) -> None:
+    """``top`` and the folders below it, where empty (bottom up); files and what holds them stay."""
+    if not top.is_dir() or top.is_symlink():
+        return
+    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):
+            Path(dirpath).rmdir()
 
 
 def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig | Mapping[str, Any],
@@ -483,7 +517,7 @@ def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig 
     ncfg = _as_config(NoiseConfig, noise_cfg, "the noise config")
     spec = DATASETS.get(dcfg.name)
     _check_root(dcfg, spec)
-    train, val, test, C = spec.load(dcfg, int(seed))
+    train, val, test, C = _load(spec, dcfg, int(seed))
 
     keep = np.arange(train.y.shape[0])
     if ncfg.imbalance_factor > 1.0:  # long tail by the TRUE label, before any noise

@@ -296,8 +296,17 @@ def test_every_run_is_validated_before_the_first_one_trains(tmp_path):
     stale = expand(base=_base(tmp_path), cc=cc)[-1].cfg
     artifacts.write_manifest(stale.output_dir, config={**to_dict(stale), "seed": 99}, seed=99, timings={})
     calls, connected = [], []
-    with pytest.raises(OutputDirError, match="holds a different run"):
+    with pytest.raises(OutputDirError, match="holds a different run") as err:
         run_compare(base=_base(tmp_path), cc=cc, run=calls.append, before_runs=lambda: connected.append(1))
+    assert calls == [] and connected == []
+    # the fix in the settings of jobs.compare, where a run folder is <compare.output_root>/runs/...
+    assert "choose another compare.output_root or delete" in str(err.value) and "output_dir or" not in str(err.value)
+    file_root = tmp_path / "results.txt"
+    file_root.write_text("x")
+    with pytest.raises(ConfigError, match=f"compare.output_root={file_root} cannot be created: {file_root} is a file"):
+        run_compare(base=_base(tmp_path), cc=CompareConfig(methods=["random"], seeds=[0], output_root=str(file_root),
+                                                           plots=False), run=calls.append,
+                    before_runs=lambda: connected.append(1))
     assert calls == [] and connected == []
     big = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "c2"), plots=False,
                         vary_key="selection.budget", vary_values=[6, 5000])

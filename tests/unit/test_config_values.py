@@ -23,6 +23,9 @@ from pivotal_ray.config import CompareConfig, ConfigError, from_dict
     # check must come at construction, and the construction itself touches no round_sizes
     ({"selection": {"per_round": -1}}, "selection.per_round=-1 must be >= 1"),
     ({"selection": {"per_round": 0}}, "selection.per_round=0 must be >= 1"),
+    # a list setting given one value (Hydra reads lr_milestones=12 as an int): the fix shows the list
+    ({"reweight": {"lr_milestones": 12}}, "reweight.lr_milestones=12 must be a list, e.g. 'reweight.lr_milestones=[12]'"),
+    ({"reweight": {"lr_milestones": ["a"]}}, "reweight.lr_milestones[0]='a' must be an integer"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(values, fragment):
     with pytest.raises(ConfigError) as err:
@@ -46,3 +49,34 @@ def test_what_hydra_reads_as_numbers_is_taken():
 def test_compare_output_root_must_be_a_path():
     with pytest.raises(ConfigError, match="must be a local or mounted path, not a storage URI"):
         CompareConfig(output_root="s3://bucket/compare")
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"seeds": 0}, "compare.seeds=0 must be a list, e.g. 'compare.seeds=[0]'"),
+    # a string is not a list of one-letter methods
+    ({"methods": "rbc"}, "compare.methods='rbc' must be a list, e.g. 'compare.methods=[rbc]'"),
+    ({"seeds": [0, "one"]}, "compare.seeds[1]='one' must be an integer"),
+])
+def test_compare_lists_given_as_one_value_name_the_list_form(values, fragment):
+    from pivotal_ray.config import _build
+
+    with pytest.raises(ConfigError) as err:
+        _build(CompareConfig, {"output_root": "/tmp/x", **values}, "compare")
+    assert fragment in str(err.value)
+    assert _build(CompareConfig, {"output_root": "/tmp/x", "seeds": [0.0, 2]}, "compare").seeds == [0, 2]
+
+
+def test_output_dir_must_be_set_and_a_home_path_is_expanded(monkeypatch, tmp_path):
+    from tests.e2e.conftest import resolve
+
+    for empty in ("output_dir=null", "output_dir=''"):
+        with pytest.raises(ConfigError, match="output_dir is not set: output_dir=/abs/path"):
+            resolve(empty)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = resolve("experiment=mnist_adv60", "output_dir='~/out'", "data.root='~/data'", "ray.storage_path='~/rt'", "labels.file='~/l.csv'")
+    assert (cfg.output_dir, cfg.data.root, cfg.ray.storage_path, cfg.labels.file) == (
+        f"{tmp_path}/out", f"{tmp_path}/data", f"{tmp_path}/rt", f"{tmp_path}/l.csv")
+    from jobs.compare import compare_config
+    from tests.e2e.conftest import compose_config
+
+    assert compare_config(compose_config("compare.output_root='~/cmp'")).output_root == f"{tmp_path}/cmp"

@@ -243,3 +243,32 @@ def test_unknown_dataset_and_unknown_keys_are_rejected():
         build_data({"name": "svhn", "root": "/tmp"}, {}, seed=0)
     with pytest.raises(ConfigError, match="unknown key"):
         build_data({"name": "toy", "toy_nn": 3}, {}, seed=0)
+
+
+def test_a_root_that_is_a_file_is_named_as_such(tmp_path):
+    f = tmp_path / "data.tar"
+    f.write_text("x")
+    for download in (False, True):
+        with pytest.raises(ConfigError, match="is a file, not a folder"):
+            build_data({"name": "mnist", "root": str(f), "download": download}, {}, seed=0)
+
+
+@pytest.mark.parametrize("name, module", [("mnist", "mnist"), ("cifar10", "cifar")])
+def test_a_download_that_fails_is_a_clear_error_and_leaves_no_empty_folders(tmp_path, monkeypatch, name, module):
+    """No network (or a refused URL): a ConfigError naming the fix, not the downloader's traceback;
+    the folders the attempt made go, what was in data.root before stays."""
+    import importlib
+    import urllib.error
+
+    def refuse(url, download_root, *args, **kwargs):
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(importlib.import_module(f"torchvision.datasets.{module}"), "download_and_extract_archive",
+                        refuse)
+    (tmp_path / "kept").mkdir()
+    for root in (tmp_path / "new" / "data", tmp_path):
+        with pytest.raises(ConfigError, match="could not fetch") as err:
+            build_data({"name": name, "root": str(root), "download": True}, {}, seed=0)
+        assert "data.download=false" in str(err.value) and "Name or service not known" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]

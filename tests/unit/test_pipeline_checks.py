@@ -81,3 +81,44 @@ def test_a_deleted_meta_label_means_the_labels_changed(tmp_path):
     assert pipeline._labels_changed(tmp_path, FileLabels(path, train_ids=train_ids, num_classes=2))
     path.write_text("sample_id,label\n2,1\n5,1\n8,1\n")  # sample 5 relabelled
     assert pipeline._labels_changed(tmp_path, FileLabels(path, train_ids=train_ids, num_classes=2))
+
+
+# ---------------------------------------------------------------- where the run will write
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot write to: mode 555, or for root (whom modes do not stop) the
+    immutable flag; skipped where neither takes."""
+    import os
+    import subprocess
+
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    immutable = False
+    if os.access(d, os.W_OK):
+        immutable = subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode == 0
+        if not immutable or os.access(d, os.W_OK):
+            pytest.skip("cannot make a read-only folder here")
+    yield d
+    if immutable:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
+    d.chmod(0o755)
+
+
+def test_an_output_dir_or_storage_path_that_cannot_be_written_is_refused_before_work(tmp_path, read_only_dir):
+    from pivotal_ray.core.artifacts import check_writable
+
+    for values, setting in (({"output_dir": str(read_only_dir / "out")}, "output_dir"),
+                            ({"output_dir": str(tmp_path / "out"), "ray": {"storage_path": str(read_only_dir / "rt")}},
+                             "ray.storage_path")):
+        with pytest.raises(ConfigError, match=f"{setting}=.* cannot be written: {read_only_dir} is not writable"):
+            pipeline.validate(from_dict(values))
+    assert not (tmp_path / "out").exists()
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=f"cannot be created: {f} is a file"):
+        check_writable(f / "out" / "deeper", "ray.storage_path")
+    check_writable(tmp_path / "new" / "deeper", "output_dir")  # creatable: fine, and nothing made
+    assert not (tmp_path / "new").exists()
