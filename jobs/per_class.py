@@ -27,7 +27,8 @@ from pivotal_ray.core.models import build_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m jobs.per_class", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output_dir", type=Path)
     ap.add_argument("--checkpoint", choices=["best", "last"], default="best")
     a = ap.parse_args(argv)
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg, seed = from_dict(manifest["config"]), int(manifest["seed"])
     run = json.loads((a.output_dir / "metrics.json").read_text())["final_run"]
     ckpt = run["best_snapshot" if a.checkpoint == "best" else "snapshot"]
+    if not storage.exists(storage.join(ckpt, "model.pt")):
+        raise SystemExit(f"{storage.join(ckpt, 'model.pt')}, the model of the run's {a.checkpoint} checkpoint, is not "
+                         "there: per_class needs the run's Ray Train storage as well as its output_dir (the copies "
+                         "under docs/results/ hold only selection.csv, metrics.json and manifest.json); run the "
+                         "command that made the run again to recreate it (docs/results.md gives each)")
 
     bundle = build_data(cfg.data, cfg.noise, seed)
     model = build_model(cfg.model, bundle.num_classes, bundle.input_shape)
@@ -64,4 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` ends quietly
     main()

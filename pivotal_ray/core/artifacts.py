@@ -601,10 +601,15 @@ def _describe_diff(old: Any, new: dict[str, Any], limit: int = 5) -> str:
         return ""
     ignored = set(IGNORED_KEYS)
     a, b = _flatten(old), _flatten(new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>") and k not in ignored)
+    absent = object()
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, absent) != b.get(k, absent) and k not in ignored)
     if not keys:
         return ""
-    shown = ", ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys[:limit])
+
+    def value(side: dict[str, Any], k: str) -> str:  # a run's identity leaves out defaults and what it does not use
+        return repr(side[k]) if k in side else "(not set: its default, or not used by that method)"
+
+    shown = ", ".join(f"{k}: {value(a, k)} -> {value(b, k)}" for k in keys[:limit])
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return f" Differences: {shown}{more}."
 

@@ -224,6 +224,12 @@ def test_per_class_report_reads_the_finished_run(runs, capsys, tmp_path):
     assert counts == np.bincount(sel["cleaned_label"], minlength=2).tolist() == [int(r[3]) for r in rows][::-1]
     with pytest.raises(SystemExit, match="finished jobs.select run"):
         per_class.main([str(out / "nope")])
+    # a copy of the run's files without its Ray Train storage (as committed under docs/results/)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["final_run"]["best_snapshot"] = str(tmp_path / "gone" / "checkpoint_0")
+    (moved / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit, match="is not there: per_class needs the run's Ray Train storage"):
+        per_class.main([str(moved)])
 
 
 def test_kmeans_memory_benchmark_repeats_the_runs_picks(runs, tmp_path, capsys):

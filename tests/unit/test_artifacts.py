@@ -400,3 +400,13 @@ def test_remove_temporaries_takes_only_what_killed_writers_left(tmp_path: Path) 
     assert sorted(gone) == sorted(junk)
     assert all(p.exists() for p in keep) and not any(p.exists() for p in junk)
     assert remove_temporaries(out) == [] and remove_temporaries(tmp_path / "absent") == []
+
+
+def test_a_setting_only_one_run_has_is_shown_as_not_set(tmp_path: Path) -> None:
+    """A run's identity leaves out what its method does not use (and the oracle labels): the
+    refusal says so rather than showing a placeholder as if it were a value."""
+    art.write_manifest(tmp_path, config={"seed": 0, "labels": {"source": "file"}}, seed=0, timings={})
+    with pytest.raises(art.OutputDirError) as err:
+        art.check_output_dir(tmp_path, config={"seed": 0})
+    assert ("Differences: labels.source: 'file' -> (not set: its default, or not used by that method)."
+            in str(err.value))

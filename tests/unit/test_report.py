@@ -38,6 +38,21 @@ def test_summarise_by_noise_rate_from_the_command_line(tmp_path, capsys):
     assert "| 0.80 | rbc | 2 | 75.00 +- 5.00 |" in out
 
 
+def test_runs_of_one_seed_in_one_group_are_flagged(tmp_path, capsys):
+    """Two runs of one method and seed differ in some setting: their mean mixes configs."""
+    from jobs.summarize import main
+
+    _write(tmp_path / "a" / "rbc" / "seed0", "rbc", 0, 0.90, rate=0.2)
+    _write(tmp_path / "b" / "rbc" / "seed0", "rbc", 0, 0.70, rate=0.8)
+    main([str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "| rbc | 2 | 80.00 +- 10.00 |" in captured.out
+    assert "warning: 2 runs share a group and a seed" in captured.err
+    assert f"{tmp_path}/a/rbc/seed0, {tmp_path}/b/rbc/seed0" in captured.err
+    main([str(tmp_path), "--by", "noise.rate", "method"])  # split by the setting: no warning
+    assert capsys.readouterr().err == ""
+
+
 def test_collect_without_runs_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         collect(tmp_path)

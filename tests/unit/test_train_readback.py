@@ -54,3 +54,22 @@ def test_a_finished_run_is_read_back_with_the_earliest_best_epoch(tmp_path, monk
     assert run.test_acc_at_best == HISTORY[1]["test_acc"]
     assert run.final_test_acc == HISTORY[2]["test_acc"]  # the last epoch's, not the best one's
     assert run.epochs_s == pytest.approx(3.75)
+
+
+def test_an_unfinished_run_says_where_it_resumes(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import ray.train.torch
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("TorchTrainer constructed")
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", no_trainer)
+    _finished_run(tmp_path / "store" / "run-b")  # 3 of 5 epochs
+    plain = to_dict(ExperimentConfig())
+    caplog.set_level(logging.INFO, logger="pivotal_ray.distributed.train")
+    with pytest.raises(AssertionError, match="TorchTrainer constructed"):  # it goes on to train
+        train_mod.run_training(name="run-b", storage_path=str(tmp_path / "store"), data=plain["data"],
+                               noise=plain["noise"], model=plain["model"], reweight={**plain["reweight"], "epochs": 5},
+                               seed=0, meta_ids=np.array([1, 2]), meta_labels=np.array([0, 1]))
+    assert "training run run-b: resuming after epoch 3 of 5, its last snapshot" in caplog.text
