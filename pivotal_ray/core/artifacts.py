@@ -120,8 +120,8 @@ def check_writable(path: str | os.PathLike[str], setting: str) -> None:
                           f"choose another {setting}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{setting}={os.fspath(path)} cannot be written: {existing} is not writable by this user "
-                          f"(permissions, a read-only mount or an immutable flag); choose another {setting} or make {existing} "
-                          "writable")
+                          f"(permissions, a read-only mount or an immutable flag); choose another {setting} or "
+                          f"make {existing} writable")
 
 
 def _fsync_dir(path: Path) -> None:
