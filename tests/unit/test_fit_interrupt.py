@@ -40,7 +40,16 @@ def test_fit_returns_the_result_and_leaves_sigint_alone():
         _fit(FakeTrainer(0.0, error=ValueError("boom")))
 
 
-def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_leaves_ray(monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """SIGINT as a terminal's program has it: Python's handler. A suite started in the background by
+    a shell inherits SIGINT ignored, and Python then installs no handler of its own."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_leaves_ray(monkeypatch, python_sigint):
     import ray
 
     shutdowns = []
