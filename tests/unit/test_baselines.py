@@ -321,3 +321,173 @@ def test_rbc_k_selector_runs_plain_kmeans_on_rbc_features(toy_ctx, monkeypatch) 
     plain = select_pivotal(feats, budget=3, meta_ids=toy_ctx.meta_ids, exclude_frac=0.5, weighted=False,
                            seed=derive_seed(toy_ctx.seed, "kmeans", toy_ctx.round), max_iter=seen["max_iter"])
     np.testing.assert_array_equal(picks.sample_id, plain.sample_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation audit: properties no test above pinned down
+# ---------------------------------------------------------------------------------------------
+
+
+def test_balanced_quotas_never_give_the_remainder_to_a_class_at_capacity() -> None:
+    # level L = 2 (2 + 2 + 2 = 6 <= 7 < 2 + 3 + 3); class 0 has exactly L candidates, so the one
+    # left over must go to class 1 or 2 even when class 0 comes first in the priority order
+    assert balanced_quotas(np.array([2, 5, 5]), k=7, priority=np.array([0, 1, 2])).tolist() == [2, 3, 2]
+    assert balanced_quotas(np.array([5, 3, 3, 9]), k=13, priority=np.array([2, 1, 0, 3])).tolist() == [4, 3, 3, 3]
+
+
+def test_random_balanced_gives_the_remainder_to_classes_in_a_seeded_random_order() -> None:
+    ids, y = np.arange(90), np.repeat([0, 1, 2], 30)
+    extra = set()
+    for seed in range(12):
+        pick = balanced_random(ids, y, k=4, num_classes=3, seed=seed)  # 4 = 1 + 1 + 1, one class gets 2
+        assert (np.diff(pick) > 0).all()  # distinct, sorted as documented
+        extra.add(int(np.argmax(np.bincount(y[pick], minlength=3))))
+    assert extra == {0, 1, 2}  # not always the same (e.g. the lowest) class
+
+
+def test_baseline_inputs_are_checked() -> None:
+    ids, y = np.arange(10), np.arange(10) % 3
+    with pytest.raises(ValueError, match="class indices"):
+        balanced_random(ids, np.r_[y[:-1], 3], k=4, num_classes=3, seed=0)  # label == num_classes
+    with pytest.raises(ValueError, match="distinct ids"):
+        balanced_random(np.r_[ids[:-1], 0], y, k=4, num_classes=3, seed=0)
+    with pytest.raises(ValueError, match="distinct ids"):
+        rank_by_entropy(np.r_[ids[:-1], 0], np.zeros(10), k=2, highest=True)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="positive int"):
+            rank_by_entropy(ids, np.zeros(10), k=k, highest=True)
+        with pytest.raises(ValueError, match="positive int"):
+            balanced_random(ids, y, k=k, num_classes=3, seed=0)
+
+
+def test_predict_probs_runs_the_model_in_eval_mode(toy_ctx) -> None:
+    """A BatchNorm model left in train mode: the probabilities must be eval-mode ones (running
+    statistics), whatever the batch size, and the model's mode is restored afterwards."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.randn(6, generator=gen))
+        model[1].running_var.copy_(torch.rand(6, generator=gen) + 0.5)
+    model.train()
+    train = toy_ctx.bundle.train
+    pos = np.arange(9)
+    with torch.no_grad():
+        want = torch.softmax(model.eval()(train.inputs(pos)).double(), 1).numpy()
+    model.train()
+    for bs in (1, 4, 9):
+        np.testing.assert_allclose(predict_probs(model, train, pos, batch_size=bs), want, rtol=1e-6, atol=1e-7)
+    assert model.training
+
+
+def test_random_selectors_draw_distinct_candidates_afresh_each_round(toy_ctx) -> None:
+    import dataclasses
+
+    train = toy_ctx.bundle.train
+    cand = toy_ctx.candidates()
+    np.testing.assert_array_equal(cand, np.setdiff1d(train.sample_id, toy_ctx.meta_ids))
+    # the whole candidate pool: every candidate once, no meta sample
+    np.testing.assert_array_equal(SELECTORS.get("random")(toy_ctx, cand.size).sample_id, cand)
+    next_round = dataclasses.replace(toy_ctx, round=toy_ctx.round + 1)
+    for method in ("random", "random_balanced", "finetune"):
+        a = SELECTORS.get(method)(toy_ctx, 10).sample_id
+        assert np.array_equal(a, SELECTORS.get(method)(toy_ctx, 10).sample_id)  # deterministic
+        assert not np.array_equal(a, SELECTORS.get(method)(next_round, 10).sample_id)  # a fresh draw per round
+
+
+def test_clustering_selectors_pass_the_configured_kmeans_settings(toy_ctx, tmp_path, monkeypatch) -> None:
+    """rbc / rbc_k / gbc: the feature kind, weighted or plain K-means, and every selection.* setting
+    of the config reach the distributed K-means (the defaults, and non-default values)."""
+    import copy
+    import dataclasses
+    from types import SimpleNamespace
+
+    import pivotal_ray.distributed.extract as extract
+    import pivotal_ray.distributed.kmeans as dk
+
+    other = copy.deepcopy(toy_ctx.cfg)
+    other["seed"] = 4
+    other["selection"].update(exclude_frac=0.3, kmeans_init="random", kmeans_max_iter=7, kmeans_tol=1e-3,
+                              kmeans_sign_align=False, similarity="auto")
+    other["reweight"]["mode"] = "l2rw"  # "auto" similarity under l2rw: signed (supplement eqs. S13-S14)
+    other["ray"].update(kmeans_shards=3, kmeans_shard_cpus=0.5)
+    extracted, clustered = [], []
+    monkeypatch.setattr(extract, "extract_features", lambda **kw: extracted.append(kw))
+
+    def fake_kmeans(path, **kw):
+        clustered.append(kw)
+        return SimpleNamespace(sample_id=np.arange(3), cluster=np.arange(3), score=np.ones(3), centroids=None,
+                               objective=[1.0], n_iter=1, n_clusters=3)
+
+    monkeypatch.setattr(dk, "select_pivotal_distributed", fake_kmeans)
+    for cfg, signed in ((toy_ctx.cfg, False), (other, True)):
+        s, r = cfg["selection"], cfg["ray"]
+        for method, kind, weighted in (("rbc", "rbc", True), ("rbc_k", "rbc", False), ("gbc", "gbc", True)):
+            ctx = dataclasses.replace(toy_ctx, cfg=cfg, round=2, work_dir=tmp_path / f"{method}-{cfg['seed']}")
+            SELECTORS.get(method)(ctx, 3)
+            assert extracted[-1]["feature_spec"]["kind"] == kind
+            kw = clustered[-1]
+            assert kw["weighted"] is weighted and kw["budget"] == 3 and kw["signed"] is signed
+            assert (kw["exclude_frac"], kw["init"], kw["max_iter"], kw["tol"], kw["sign_align"]) == (
+                s["exclude_frac"], s["kmeans_init"], s["kmeans_max_iter"], s["kmeans_tol"], s["kmeans_sign_align"])
+            assert (kw["num_shards"], kw["shard_cpus"]) == (r["kmeans_shards"], r["kmeans_shard_cpus"])
+            assert kw["seed"] == derive_seed(cfg["seed"], "kmeans", 2)
+            np.testing.assert_array_equal(kw["meta_ids"], toy_ctx.meta_ids)
+    assert (other["selection"]["kmeans_sign_align"], toy_ctx.cfg["selection"]["kmeans_sign_align"]) == (False, True)
+
+
+@pytest.fixture
+def two_snapshot_ctx(toy_ctx, tmp_path) -> RoundContext:
+    """toy_ctx's round with a second, later snapshot of lower validation accuracy (other weights)
+    and a non-zero seed: the best snapshot is the first of the two persisted ones."""
+    import copy
+    import dataclasses
+
+    later = tmp_path / "run" / "checkpoint_000006"
+    later.mkdir(parents=True)
+    model = build_model(toy_ctx.cfg["model"], 2, toy_ctx.bundle.input_shape, seed=99)
+    torch.save(model.state_dict(), later / "model.pt")
+    best = toy_ctx.run.snapshots[0]
+    snaps = [best, {"path": str(later), "epoch": 6, "val_acc": 0.3}]
+    run = dataclasses.replace(toy_ctx.run, snapshots=snaps,
+                              extra={"history": [{"epoch": 3, "val_acc": 0.5}, {"epoch": 4, "val_acc": 0.6},
+                                                 {"epoch": 6, "val_acc": 0.3}]})
+    cfg = copy.deepcopy(toy_ctx.cfg)
+    cfg["seed"] = 5
+    (tmp_path / "round").mkdir()
+    return dataclasses.replace(toy_ctx, cfg=cfg, run=run, work_dir=tmp_path / "round")
+
+
+def test_entropy_selectors_use_the_best_persisted_snapshot_not_the_last(two_snapshot_ctx) -> None:
+    ctx = two_snapshot_ctx
+    train, cand = ctx.bundle.train, ctx.candidates()
+    model = build_model(ctx.cfg["model"], 2, ctx.bundle.input_shape)
+    model.load_state_dict(torch.load(Path(ctx.run.snapshots[0]["path"]) / "model.pt", weights_only=True))
+    H = predictive_entropy(predict_probs(model, train, train.positions_of(cand)))
+    for method, highest in (("uncertain", True), ("certain", False)):
+        picks = SELECTORS.get(method)(ctx, 5)
+        want, h = rank_by_entropy(cand, H, k=5, highest=highest)
+        np.testing.assert_array_equal(picks.sample_id, want)
+        np.testing.assert_allclose(picks.score, h, rtol=1e-9)
+        assert picks.info["snapshot_epoch"] == 3
+
+
+def test_craig_selector_uses_the_best_snapshot_and_its_own_coverage_draw(two_snapshot_ctx, monkeypatch) -> None:
+    """The best persisted snapshot's table (seed 5) is reused as is, never extracted again; with a
+    coverage subsample smaller than the candidates, the picks are those of the round's own draw."""
+    import pivotal_ray.distributed.extract as extract
+    import pivotal_ray.selectors as selectors
+
+    ctx = two_snapshot_ctx
+    feats = _write_rbc_table(ctx, "features_craig")  # the best snapshot's (epoch 3) RBC factors
+
+    def no_extraction(**kw):
+        raise AssertionError(f"extract_features called for {kw['snapshots']}: the table at hand is this round's")
+
+    monkeypatch.setattr(extract, "extract_features", no_extraction)
+    monkeypatch.setattr(selectors, "CRAIG_COVERAGE", 40)
+    picks = SELECTORS.get("craig")(ctx, 4)
+    want = select_craig(feats, k=4, meta_ids=ctx.meta_ids, coverage_size=40,
+                        seed=derive_seed(5, "select", "craig", ctx.round))
+    np.testing.assert_array_equal(picks.sample_id, want.sample_id)
+    np.testing.assert_allclose(picks.score, want.gain, rtol=1e-6)
+    assert picks.info["snapshot_epoch"] == 3 and picks.info["coverage_size"] == 40

@@ -251,6 +251,7 @@ def test_a_rounds_feature_table_is_reused_only_for_the_same_snapshots_and_settin
                          **same)
     assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=gbc, **same)
     assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=rbc, num_samples=10, seed=2)
+    assert not _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=rbc, num_samples=11, seed=1)
     write(gbc, "warmup-a")
     assert _table_is(tmp_path / "t", snapshots=snaps("warmup-a"), feature_spec=gbc, **same)
     for change in ({"proj_dim": 512}, {"num_layers": 3}, {"projection": "gaussian"}):
