@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from pivotal_ray.config import ConfigError, DataConfig, NoiseConfig
-from pivotal_ray.core.data import build_data, crop_flip, sample_seeds
+from pivotal_ray.core.data import Split, build_data, crop_flip, sample_seeds
 
 
 # ----------------------------------------------------------------------------- toy (Figure 1)
@@ -272,3 +272,46 @@ def test_a_download_that_fails_is_a_clear_error_and_leaves_no_empty_folders(tmp_
             build_data({"name": name, "root": str(root), "download": True}, {}, seed=0)
         assert "data.download=false" in str(err.value) and "Name or service not known" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+# ----------------------------------------------------------------------------- mutation audit
+def test_split_rejects_repeated_ids():
+    src = build_data({}, {}, seed=0).train.source
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Split(sample_id=np.array([0, 3, 3, 7]), y_obs=np.zeros(4), y_true=np.zeros(4), source=src)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Split(sample_id=np.array([0, 7, 3]), y_obs=np.zeros(3), y_true=np.zeros(3), source=src)
+
+
+def test_ids_beyond_the_largest_and_negative_positions_are_refused():
+    s = build_data({}, {}, seed=0).train
+    beyond = int(s.sample_id[-1]) + 5
+    with pytest.raises(KeyError, match=str(beyond)):
+        s.positions_of([s.sample_id[0], beyond])
+    with pytest.raises(IndexError, match="positions_of"):
+        s.inputs([0, -1])  # never the last sample by Python's negative indexing
+
+
+def test_crop_offsets_vary_independently_in_both_directions():
+    x = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(5)) + 0.5
+    out = crop_flip(x, pad=2, seeds=sample_seeds(11, np.arange(64)))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(64):
+        for t in range(5):
+            for l_ in range(5):
+                crop = padded[i, :, t:t + 4, l_:l_ + 4]
+                if torch.equal(out[i], crop) or torch.equal(out[i], crop.flip(-1)):
+                    offsets.add((t, l_))
+    # top and left are separate draws: not only the 5 diagonal crops (top == left)
+    assert len(offsets) > 10 and any(t != l_ for t, l_ in offsets)
+
+
+def test_imagefolder_refuses_mismatched_class_folders_and_cannot_download(tmp_path):
+    _write_tree(tmp_path)
+    (tmp_path / "val" / "cat").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(tmp_path / "val" / "cat" / "0.png")
+    with pytest.raises(ConfigError, match="same class folders"):
+        build_data({"name": "imagefolder", "root": str(tmp_path)}, {"kind": "none"}, seed=0)
+    with pytest.raises(ConfigError, match="cannot be downloaded"):  # download=true fetches nothing here
+        build_data({"name": "imagefolder", "root": str(tmp_path / "nowhere"), "download": True}, {}, seed=0)

@@ -184,3 +184,63 @@ def test_bad_model_input_names_the_fix():
         build_model({"name": "lenet5"}, 2, (2,))
     with pytest.raises(ConfigError, match="unknown key"):
         build_model({"name": "mlp", "widht": 3}, 2, (2,))
+
+
+# ----------------------------------------------------------------------------- mutation audit
+def test_lenet5_computes_the_classic_stack():
+    """conv(5x5, pad 2) -> ReLU -> max-pool 2 -> conv(5x5) -> ReLU -> max-pool 2 -> fc120 -> ReLU
+    -> fc84 -> ReLU (= x~, d = 84) -> head, recomputed with functional ops from the model's weights."""
+    import torch.nn.functional as F
+
+    model = build_model({"name": "lenet5"}, 10, (1, 28, 28), seed=0).eval()
+    w = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [type(m).__name__ for m in w] == ["Conv2d", "Conv2d", "Linear", "Linear", "Linear"]
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    h = F.max_pool2d(F.relu(F.conv2d(x, w[0].weight, w[0].bias, padding=2)), 2)  # (4, 6, 14, 14)
+    h = F.max_pool2d(F.relu(F.conv2d(h, w[1].weight, w[1].bias)), 2)  # (4, 16, 5, 5)
+    h = F.relu(F.linear(F.relu(F.linear(h.flatten(1), w[2].weight, w[2].bias)), w[3].weight, w[3].bias))
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x), F.linear(h, model.head.weight, model.head.bias), rtol=1e-5, atol=1e-6)
+    assert w[-1] is model.head
+
+
+def test_imagenet_resnet_on_non_rgb_inputs_keeps_the_imagenet_stem():
+    model = build_model({"name": "resnet18"}, 3, (1, 32, 32), seed=0).eval()
+    conv = model.body.conv1
+    assert (conv.in_channels, conv.kernel_size, conv.stride, conv.padding) == (1, (7, 7), (2, 2), (3, 3))
+    assert isinstance(model.body.maxpool, nn.MaxPool2d)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+
+
+def test_pretrained_weights_need_rgb_inputs(monkeypatch):
+    import pivotal_ray.core.models as models
+
+    def no_download(weights=None):  # the check must come before any weights are fetched
+        raise AssertionError(f"resnet18(weights={weights!r}) called")
+
+    monkeypatch.setitem(models._TV_RESNETS, "resnet18", no_download)
+    with pytest.raises(ConfigError, match="model.pretrained=false"):
+        build_model({"name": "resnet18", "pretrained": True}, 10, (1, 32, 32))
+
+
+@pytest.mark.parametrize("num_classes,shape,match", [(1, (2,), "num_classes=1"), (0, (2,), "num_classes=0"),
+                                                     (3, (0,), "input_shape"), (3, (1, 0, 28), "input_shape")])
+def test_degenerate_class_counts_and_input_shapes_are_refused(num_classes, shape, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model({"name": "mlp"}, num_classes, shape)
+
+
+def test_mlp_applies_relu_after_every_hidden_layer():
+    import torch.nn.functional as F
+
+    model = build_model({"name": "mlp", "hidden": 6, "depth": 3}, 4, (2, 3), seed=0).eval()
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    x = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    h = x.flatten(1)
+    for m in lin[:-1]:
+        h = F.relu(F.linear(h, m.weight, m.bias))
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), h, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model(x), F.linear(h, lin[-1].weight, lin[-1].bias), rtol=1e-6, atol=1e-6)
