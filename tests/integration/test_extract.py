@@ -149,3 +149,83 @@ def test_a_table_the_driver_cannot_see_names_shared_storage(ray_session, tmp_pat
                          snapshots=snapshots[:1], sample_ids=bundle.train.sample_id[:40],
                          output_path=str(tmp_path / "feats"), batch_size=64)
     assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation audit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_fail_in_the_driver_naming_the_fix(tmp_path, bundle, snapshots, monkeypatch) -> None:
+    """Checked before any Ray work (no ray_session here) and before any file is written."""
+    import pivotal_ray.distributed.extract as extract
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("bad arguments reached the Ray Data stage")
+
+    monkeypatch.setattr(extract.ray.data, "from_arrow", no_ray)
+    ids = bundle.train.sample_id[:20]
+    common = dict(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, snapshots=snapshots, sample_ids=ids,
+                  feature_spec={"kind": "rbc"}, output_path=str(tmp_path / "feats"))
+    cases = [
+        (dict(data_spec={"data": DATA_SPEC["data"], "noise": DATA_SPEC["noise"]}), ValueError, r"lacks \['seed'\]"),
+        (dict(snapshots=[]), ValueError, "no snapshots given"),
+        (dict(snapshots=[{"path": snapshots[0]["path"]}]), ValueError, "each snapshot must be"),
+        (dict(sample_ids=np.array([], dtype=np.int64)), ValueError, "non-empty 1-D integer"),
+        (dict(sample_ids=ids.astype(np.float64)), ValueError, "non-empty 1-D integer"),
+        (dict(sample_ids=ids.reshape(4, 5)), ValueError, "non-empty 1-D integer"),
+        (dict(num_actors=0), ValueError, "num_actors >= 1"),
+        (dict(num_cpus=0.0), ValueError, "num_cpus > 0"),
+        (dict(num_gpus=-1.0), ValueError, "num_gpus >= 0"),
+        (dict(batch_size=0), ValueError, "batch_size >= 1"),
+        (dict(feature_spec={"kind": "nope"}), KeyError, "choose one of"),
+    ]
+    for change, err, match in cases:
+        with pytest.raises(err, match=match):
+            extract_features(**{**common, **change})
+    assert _leftovers(tmp_path) == []
+
+
+def test_snapshot_records_make_local_paths_absolute() -> None:
+    from pivotal_ray.distributed.extract import snapshot_records
+
+    got = snapshot_records([{"path": "runs/warmup/checkpoint_000004", "epoch": np.int64(4)},
+                            {"path": "s3://bucket/runs/checkpoint_000009", "epoch": 9, "val_acc": 0.5}])
+    assert got == [{"path": str(Path("runs/warmup/checkpoint_000004").resolve()), "epoch": 4},
+                   {"path": "s3://bucket/runs/checkpoint_000009", "epoch": 9}]
+    assert type(got[0]["epoch"]) is int and Path(got[0]["path"]).is_absolute()
+
+
+def test_overwrite_replaces_the_table_and_records_the_seed(ray_session, tmp_path, bundle, snapshots) -> None:
+    ids = bundle.train.sample_id[:60]
+    common = dict(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, sample_ids=ids, feature_spec={"kind": "rbc"},
+                  output_path=str(tmp_path / "feats"), batch_size=64)
+    extract_features(snapshots=snapshots[:1], **common)
+    meta = json.loads((tmp_path / "feats" / "features.json").read_text())
+    assert meta["seed"] == SEED and meta["num_rows"] == 60
+    extract_features(snapshots=snapshots, seed=11, overwrite=True, **common)
+    meta = json.loads((tmp_path / "feats" / "features.json").read_text())
+    assert [s["epoch"] for s in meta["snapshots"]] == list(EPOCHS) and meta["num_rows"] == 120
+    assert meta["seed"] == 11 and meta["num_samples"] == 60
+    assert _leftovers(tmp_path) == ["feats"]  # no temporary or old table left beside it
+    feats = load_features(tmp_path / "feats")
+    assert feats.A.shape[:2] == (60, 2)
+    A_ref, _ = _reference(bundle, snapshots, ids, label_aware=False)
+    np.testing.assert_allclose(feats.A, A_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_extraction_workers_hold_their_snapshots_in_eval_mode(ray_session, bundle, snapshots) -> None:
+    """Features are taken in eval mode (GBC keeps the mode it is given: BatchNorm/dropout models
+    would otherwise be differentiated in train mode)."""
+    from pivotal_ray.distributed.extract import _ExtractWorker
+
+    threads = torch.get_num_threads()  # the worker sets this process's intra-op threads
+    try:
+        for kind in ("rbc", "gbc"):
+            worker = _ExtractWorker(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, snapshots=snapshots,
+                                    feature_spec={"kind": kind}, candidate_ids=bundle.train.sample_id[:50],
+                                    seed=SEED, num_cpus=1, batch_size=25)
+            assert [(k, e) for k, e, _ in worker.extractors] == [(0, EPOCHS[0]), (1, EPOCHS[1])]
+            assert all(not ext.model.training for _, _, ext in worker.extractors)
+    finally:
+        torch.set_num_threads(threads)

@@ -114,3 +114,35 @@ def test_timing_log_leaves_the_selection_unchanged(ray_session):
     for e in log:
         assert len(e["shard_s"]) == 2 and e["wall_s"] >= max(e["shard_s"]) >= 0.0
     assert [e["start"] for e in log] == sorted(e["start"] for e in log)
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation audit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_distributed_selection_honours_every_kmeans_setting(ray_session):
+    """Non-default settings (plain K-means; random init with the signed similarity; no sign
+    alignment with a loose tol) reach the server's loop: the same Selection as the in-memory run
+    with them (on this data each of them changes the selection)."""
+    F = features(n=160, seed=9)
+    base = dict(budget=5, meta_ids=F.sample_id[:4], exclude_frac=0.4, seed=2, max_iter=40)
+    for setting in (dict(weighted=False), dict(init="random", signed=True), dict(sign_align=False, tol=1e-2)):
+        kw = {**base, **setting}
+        same_selection(select_pivotal_distributed(F, num_shards=2, **kw), select_pivotal(F, **kw))
+
+
+def test_shard_counts_and_cpus_are_checked_before_any_actor_starts(ray_session, tmp_path):
+    F = features(n=5, seed=1)
+    with pytest.raises(ValueError, match="use fewer shards"):
+        start_shard_actors(F, num_shards=6)  # 6 x 0.25 CPUs fit the 2-CPU session, 5 samples do not
+    write_table(F, tmp_path)
+    with pytest.raises(ValueError, match="use fewer shards"):
+        start_shard_actors(tmp_path, num_shards=6)
+    for bad in (dict(num_shards=0), dict(num_shards=1, shard_cpus=0.0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            start_shard_actors(F, **bad)
+    with pytest.raises(ValueError, match="exceed the cluster's 2.0 CPUs"):
+        start_shard_actors(F, num_shards=3, shard_cpus=1.0)
+    with pytest.raises(ValueError, match="at least one shard actor"):
+        RayShardSet([])
