@@ -115,9 +115,10 @@ def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path "
                           "(Ray jobs run from a temporary copy of the working dir)")
     check_run_dir(cfg)
-    artifacts.check_writable(out, "output_dir")
-    if cfg.ray.storage_path is not None and "://" not in cfg.ray.storage_path:  # a URI: Ray's to reach
-        artifacts.check_writable(cfg.ray.storage_path, "ray.storage_path")
+    if cfg.labels.source == "file" or completed_metrics(out) is None:  # a finished run is only read back
+        artifacts.check_writable(out, "output_dir")
+        if cfg.ray.storage_path is not None and "://" not in cfg.ray.storage_path:  # a URI: Ray's to reach
+            artifacts.check_writable(cfg.ray.storage_path, "ray.storage_path")
     bundle = build_data(cfg.data, cfg.noise, cfg.seed)  # raises ConfigError for a missing root
     n = len(bundle.train)
     if cfg.selection.budget > n:

@@ -122,3 +122,27 @@ def test_an_output_dir_or_storage_path_that_cannot_be_written_is_refused_before_
         check_writable(f / "out" / "deeper", "ray.storage_path")
     check_writable(tmp_path / "new" / "deeper", "output_dir")  # creatable: fine, and nothing made
     assert not (tmp_path / "new").exists()
+
+
+def test_a_finished_run_in_a_read_only_folder_is_still_read_back(tmp_path, read_only_dir):
+    """Only a run that will write needs a writable output_dir: a finished one is read back."""
+    import subprocess
+
+    from pivotal_ray.config import to_dict
+    from pivotal_ray.core import artifacts
+
+    out = read_only_dir  # the finished run's folder, read-only (its storage_path below would be created in it)
+    cfg = from_dict({"output_dir": str(out), "ray": {"storage_path": str(out / "rt")}})
+    flags = subprocess.run(["lsattr", "-d", str(out)], capture_output=True, text=True).stdout.split()
+    immutable = bool(flags) and "i" in flags[0]
+    if immutable:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    out.chmod(0o755)
+    (out / "selection.csv").write_text("sample_id\n")
+    artifacts.write_json(out / "metrics.json", {"method": "rbc"})
+    artifacts.write_manifest(out, config=to_dict(cfg), seed=0, timings={}, extra={"status": "complete"})
+    out.chmod(0o555)
+    if immutable:
+        subprocess.run(["chattr", "+i", str(out)], check=True)
+    pipeline.validate(cfg)  # no ConfigError: nothing will be written
+    assert pipeline.run_experiment(cfg) == {"method": "rbc"}
