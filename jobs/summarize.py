@@ -27,14 +27,15 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError) as err:
         p.error(str(err))
     print(summary_markdown(df, by=tuple(args.by)))
-    repeated = df[df.duplicated([*args.by, "seed"], keep=False)]
+    keys = list(dict.fromkeys([*args.by, "seed"]))
+    repeated = df[df.duplicated(keys, keep=False)]
     if len(repeated):  # a mean over two runs of one seed mixes configs
-        groups = repeated.groupby([*args.by, "seed"], sort=True)["path"].apply(list)
+        groups = repeated.groupby(keys, sort=True)["path"].apply(list)
         shown = "; ".join(f"{key}: {', '.join(paths)}" for key, paths in list(groups.items())[:3])
         shown += f"; and {len(groups) - 3} more" if len(groups) > 3 else ""
         print(f"warning: {len(repeated)} runs share a group and a seed, so they differ in a setting not in --by "
-              f"({shown}): add that setting to --by (e.g. --by noise.rate method) or summarize a narrower folder",
-              file=sys.stderr)
+              f"({shown}): add that setting to --by (a dotted config key, e.g. features.num_snapshots) or "
+              "summarize a narrower folder", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     for i, (spec, metrics) in enumerate(zip(specs, finished), 1):
         status = "read"
         if metrics is None:
-            metrics, status = run(spec.cfg), "ran"
+            with _in_compare_terms():  # its folder is checked again once it is this comparison's
+                metrics, status = run(spec.cfg), "ran"
         key = data_key(spec.cfg)
         if key not in bundles:
             bundles = {key: build_data(spec.cfg.data, spec.cfg.noise, spec.cfg.seed)}  # keep one at a time
@@ -268,9 +269,10 @@ def _in_compare_terms() -> Iterator[None]:
     <compare.output_root>/runs/..., so another output_dir means another compare.output_root."""
     try:
         yield
-    except artifacts.OutputDirError as err:
-        raise artifacts.OutputDirError(str(err).replace("choose another output_dir", "choose another "
-                                                        "compare.output_root")) from err
+    except ConfigError as err:  # OutputDirError, or check_writable's refusal of a run folder
+        if "choose another output_dir" not in str(err):
+            raise
+        raise type(err)(str(err).replace("choose another output_dir", "choose another compare.output_root")) from err
 
 
 def _holding_root(root: Path, log: Callable[[str], None]) -> Any:

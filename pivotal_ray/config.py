@@ -331,7 +331,8 @@ def _checked_value(name: str, annotation: Any, value: Any) -> Any:
     field (Hydra reads ``name=2024`` as an int) becomes its text."""
     text = str(annotation).replace(" ", "")
     if text.startswith("list[") and text.endswith("]"):  # list[int], list[str]: a list of those
-        _check(isinstance(value, (list, tuple)), f"{name}={value!r} must be a list, e.g. '{name}=[{value}]'")
+        _check(isinstance(value, (list, tuple)),
+               f"{name}={value!r} must be a list, e.g. '{name}=[{'' if value is None else value}]'")
         inner = text[len("list["):-1]
         if inner in _SCALARS:
             return [_checked_value(f"{name}[{i}]", inner, v) for i, v in enumerate(value)]

@@ -114,9 +114,10 @@ def check_writable(path: str | os.PathLike[str], setting: str) -> None:
     folder): its nearest existing ancestor is a file, or not writable (permissions, a read-only
     or immutable mount). Nothing is created."""
     p = Path(os.path.abspath(path))
-    existing = next(q for q in [p, *p.parents] if q.exists())
+    existing = next(q for q in [p, *p.parents] if os.path.lexists(q))  # False where a folder cannot be searched
     if not existing.is_dir():
-        raise ConfigError(f"{setting}={os.fspath(path)} cannot be created: {existing} is a file, not a folder; "
+        what = "a link to nothing" if existing.is_symlink() and not existing.exists() else "a file, not a folder"
+        raise ConfigError(f"{setting}={os.fspath(path)} cannot be created: {existing} is {what}; "
                           f"choose another {setting}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{setting}={os.fspath(path)} cannot be written: {existing} is not writable by this user "

@@ -412,3 +412,19 @@ def test_a_compare_waits_for_a_run_another_invocation_is_at_work_on(tmp_path, mo
     cc = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "cmp"), plots=False)
     run_compare(base=_base(tmp_path), cc=cc, log=lambda line: None)
     assert waits == [{"wait": True}] and len(calls) == 1
+
+
+def test_a_run_folder_claimed_while_the_comparison_ran_is_refused_in_compare_terms(tmp_path):
+    """Another comparison on the root put a run of other settings in this spec's folder after this one
+    read it: the re-check under the folder's lock refuses it, naming compare.output_root."""
+    from pivotal_ray.core.artifacts import OutputDirError
+
+    cc = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "cmp"), plots=False)
+
+    def claim(cfg, bundle):  # runs after the folders were read, before the run
+        other = {**to_dict(cfg), "seed": 7}
+        artifacts.write_manifest(cfg.output_dir, config=other, seed=7, timings={}, extra={"status": "running"})
+
+    with pytest.raises(OutputDirError, match="choose another compare.output_root or delete") as err:
+        run_compare(base=_base(tmp_path), cc=cc, check=claim, log=lambda line: None)
+    assert "output_dir or" not in str(err.value)

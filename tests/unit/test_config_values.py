@@ -26,6 +26,7 @@ from pivotal_ray.config import CompareConfig, ConfigError, from_dict
     # a list setting given one value (Hydra reads lr_milestones=12 as an int): the fix shows the list
     ({"reweight": {"lr_milestones": 12}}, "reweight.lr_milestones=12 must be a list, e.g. 'reweight.lr_milestones=[12]'"),
     ({"reweight": {"lr_milestones": ["a"]}}, "reweight.lr_milestones[0]='a' must be an integer"),
+    ({"reweight": {"lr_milestones": None}}, "reweight.lr_milestones=None must be a list, e.g. 'reweight.lr_milestones=[]'"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(values, fragment):
     with pytest.raises(ConfigError) as err:

@@ -146,3 +146,11 @@ def test_a_finished_run_in_a_read_only_folder_is_still_read_back(tmp_path, read_
         subprocess.run(["chattr", "+i", str(out)], check=True)
     pipeline.validate(cfg)  # no ConfigError: nothing will be written
     assert pipeline.run_experiment(cfg) == {"method": "rbc"}
+
+
+def test_a_link_to_nothing_on_the_way_is_refused_by_name(tmp_path):
+    from pivotal_ray.core.artifacts import check_writable
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match="dangling is a link to nothing"):
+        check_writable(tmp_path / "dangling" / "out", "output_dir")

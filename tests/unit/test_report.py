@@ -51,6 +51,8 @@ def test_runs_of_one_seed_in_one_group_are_flagged(tmp_path, capsys):
     assert f"{tmp_path}/a/rbc/seed0, {tmp_path}/b/rbc/seed0" in captured.err
     main([str(tmp_path), "--by", "noise.rate", "method"])  # split by the setting: no warning
     assert capsys.readouterr().err == ""
+    main([str(tmp_path), "--by", "seed", "method"])  # seed named once in the groups shown
+    assert "((0, 'rbc'): " in capsys.readouterr().err
 
 
 def test_collect_without_runs_names_the_problem(tmp_path):
