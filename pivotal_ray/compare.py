@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -280,5 +279,4 @@ def _holding_root(root: Path, log: Callable[[str], None]) -> Any:
     run side by side (their runs wait for each other where they overlap), and write those in turn."""
     from .core import locks
 
-    return locks.hold(f"compare_root:{os.path.realpath(root)}", f"compare.output_root {root}", wait=True,
-                      on_wait=log)
+    return locks.hold(f"compare_root:{root}", f"compare.output_root {root}", wait=True, on_wait=log)  # root: resolved

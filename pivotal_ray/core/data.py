@@ -451,29 +451,30 @@ def _as_config(cls: type, value: Any, where: str) -> Any:
     raise TypeError(f"{where} must be a {cls.__name__} or a dict; got {type(value).__name__}")
 
 
-def _check_root(cfg: DataConfig, spec: DatasetSpec) -> None:
-    """Fail before any work when the files are not there and nothing will fetch them."""
+def _check_root(cfg: DataConfig, spec: DatasetSpec) -> bool:
+    """Fail before any work when the files are not there and nothing will fetch them; True when
+    ``spec.load`` will download them."""
     if spec.has_data is None:
-        return
+        return False
     root = Path(cfg.root).expanduser()
     if root.exists() and not root.is_dir():
         raise ConfigError(f"data.root={cfg.root} is a file, not a folder: set data.root=/abs/path/to/the/data "
                           f"(the folder that holds {spec.expects})")
-    if (cfg.download and spec.can_download) or (root.is_dir() and spec.has_data(root)):
-        return
+    if root.is_dir() and spec.has_data(root):
+        return False
+    if cfg.download and spec.can_download:
+        return True
     state = "does not exist" if not root.is_dir() else f"holds no {cfg.name} data (expected {spec.expects})"
     fix = "set data.root=/abs/path/to/the/data"
     fix += " or data.download=true to fetch it" if spec.can_download else " (this data set cannot be downloaded)"
     raise ConfigError(f"data.root={cfg.root} {state} and data.download={str(cfg.download).lower()}: {fix}")
 
 
-def _load(spec: DatasetSpec, cfg: DataConfig, seed: int) -> tuple[Pool, Pool, Pool, int]:
-    """``spec.load``; a download it has to make and cannot (no network, a refused URL, a full disk)
-    is a ConfigError naming the fix, and the empty folders the attempt made under data.root go."""
-    root = Path(cfg.root).expanduser() if cfg.root else None
-    if (root is None or not cfg.download or not spec.can_download or spec.has_data is None
-            or (root.is_dir() and spec.has_data(root))):
-        return spec.load(cfg, seed)
+def _download_and_load(spec: DatasetSpec, cfg: DataConfig, seed: int) -> tuple[Pool, Pool, Pool, int]:
+    """``spec.load`` where it has to download; a download it cannot make (no network, a refused URL,
+    a full disk) is a ConfigError naming the fix, and the empty folders the attempt made under
+    data.root go."""
+    root = Path(cfg.root).expanduser()
     new_top = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # made by the attempt
     before = set(root.iterdir()) if new_top is None else set()
     try:
@@ -516,8 +517,10 @@ def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig 
     dcfg = _as_config(DataConfig, data_cfg, "the data config")
     ncfg = _as_config(NoiseConfig, noise_cfg, "the noise config")
     spec = DATASETS.get(dcfg.name)
-    _check_root(dcfg, spec)
-    train, val, test, C = _load(spec, dcfg, int(seed))
+    if _check_root(dcfg, spec):  # the files are not there yet: spec.load downloads them
+        train, val, test, C = _download_and_load(spec, dcfg, int(seed))
+    else:
+        train, val, test, C = spec.load(dcfg, int(seed))
 
     keep = np.arange(train.y.shape[0])
     if ncfg.imbalance_factor > 1.0:  # long tail by the TRUE label, before any noise
