@@ -211,7 +211,10 @@ def train_loop(config: dict[str, Any]) -> None:
                             "history": history}, tmp / "train_state.pt")
                 # the .pt files' sizes, so a reader can tell a file cut off mid-upload from a whole one
                 sizes = {f: (tmp / f).stat().st_size for f in PT_FILES}
-                (tmp / "metrics.json").write_text(json.dumps({**metrics, "file_sizes": sizes}))
+                # saved_at (UTC seconds): which of two copies of an epoch is the later, whatever the
+                # local-time names Ray gives checkpoint folders (a clock change, another node's zone)
+                (tmp / "metrics.json").write_text(json.dumps({**metrics, "file_sizes": sizes,
+                                                              "saved_at": time.time()}))
                 (tmp / "history.json").write_text(json.dumps(history))
                 checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
             # ASYNC: a synchronous report is a ~2 s barrier; the upload runs in the background
@@ -227,8 +230,8 @@ SNAPSHOT_FILES = (*PT_FILES, "metrics.json", "history.json")  # what a checkpoin
 
 def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
     """Every persisted snapshot of a run (local path or storage URI), one per epoch, by epoch."""
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for d in storage.list_dirs(run_path, prefix="checkpoint_"):  # named by time: later ones last
+    by_epoch: dict[int, tuple[tuple[float, ...], dict[str, Any]]] = {}
+    for i, d in enumerate(storage.list_dirs(run_path, prefix="checkpoint_")):
         # skip an upload still in flight (or cut off): Ray does not promise the files' order, and a
         # file cut off mid-copy exists. The JSON files are parsed; the .pt files must have the sizes
         # that metrics.json records (checkpoints written before it recorded them are taken as they are)
@@ -244,9 +247,15 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
         if sizes is not None and any(present.get(f) != n for f, n in sizes.items()):
             continue
         # an epoch saved twice (a run killed after an upload but before Ray recorded it resumes from
-        # the checkpoint before and saves that epoch again): the later copy
-        by_epoch[int(metrics["epoch"])] = {"path": d, **metrics}
-    return [by_epoch[e] for e in sorted(by_epoch)]
+        # the checkpoint before and saves that epoch again): the later copy, by the UTC time it was
+        # saved; copies written before that was recorded count as earlier, and among them the folder
+        # name (Ray's local time of the save) decides
+        saved_at = metrics.pop("saved_at", None)
+        order = (0.0, float(i)) if saved_at is None else (1.0, float(saved_at), float(i))
+        epoch = int(metrics["epoch"])
+        if epoch not in by_epoch or order > by_epoch[epoch][0]:
+            by_epoch[epoch] = (order, {"path": d, **metrics})
+    return [by_epoch[e][1] for e in sorted(by_epoch)]
 
 
 def stage_key(name: str, run_path: str) -> str:

@@ -147,3 +147,34 @@ def test_join_keeps_a_uris_query_and_root():
     assert storage.join("hdfs:///user/x", "exp") == "hdfs:///user/x/exp"  # the rest kept as written
     assert storage.join("S3://Bucket/X", "exp") == "S3://Bucket/X/exp"
     assert storage.join("/tmp/a/", "b", "c") == "/tmp/a/b/c"
+
+
+def test_snapshot_scan_takes_the_copy_saved_last_by_utc_time_not_by_folder_name(tmp_path):
+    """Ray names checkpoint folders by the local time of the save: after a clock change (a DST
+    fall-back, rank 0 on a node in another zone) a later copy of an epoch can sort first. The
+    copy with the larger recorded UTC save time wins; one without a record counts as earlier."""
+    import json
+
+    from pivotal_ray.distributed.train import PT_FILES, _scan_snapshots
+
+    def write(name, epoch, saved_at=None):
+        d = tmp_path / name
+        d.mkdir()
+        for f in PT_FILES:
+            (d / f).write_bytes(b"0123456789")
+        m = {"epoch": epoch, "val_acc": 0.5, "file_sizes": {f: 10 for f in PT_FILES}}
+        if saved_at is not None:
+            m["saved_at"] = saved_at
+        (d / "metrics.json").write_text(json.dumps(m))
+        (d / "history.json").write_text("[]")
+
+    write("checkpoint_2026-10-25_02-30-00.000001", 0, saved_at=1000.0)
+    write("checkpoint_2026-10-25_02-40-00.000001", 1, saved_at=1600.0)  # first copy of epoch 1
+    write("checkpoint_2026-10-25_02-10-00.000001", 1, saved_at=5000.0)  # resumed after the clocks went back
+    write("checkpoint_2026-10-25_02-20-00.000001", 2)  # an old-style copy (no record) ...
+    write("checkpoint_2026-10-25_02-00-00.000001", 2, saved_at=4000.0)  # ... is earlier than a recorded one
+    snaps = _scan_snapshots(str(tmp_path))
+    assert [s["epoch"] for s in snaps] == [0, 1, 2]
+    assert snaps[1]["path"].endswith("02-10-00.000001")
+    assert snaps[2]["path"].endswith("02-00-00.000001")
+    assert all("saved_at" not in s for s in snaps)
