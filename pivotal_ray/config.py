@@ -124,6 +124,9 @@ class ReweightConfig:
         _check(0.0 <= self.init_weight <= 1.0, f"reweight.init_weight={self.init_weight} must be in [0, 1]")
         _check(self.snapshot_every >= 1, f"reweight.snapshot_every={self.snapshot_every} must be >= 1")
         self.lr_milestones = [int(m) for m in self.lr_milestones]
+        _check(all(m >= 1 for m in self.lr_milestones),
+               f"reweight.lr_milestones={self.lr_milestones}: a milestone is the number of epochs after which "
+               "the lr is multiplied by reweight.lr_gamma, so it must be >= 1 (one of 0 or less never applies)")
 
 
 @dataclass

@@ -125,6 +125,10 @@ def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
         raise ConfigError(f"selection.budget={cfg.selection.budget} is larger than the {n} training samples: "
                           "lower the budget")
     _check_rounds_fit(cfg, n)
+    late = [m for m in cfg.reweight.lr_milestones if m >= cfg.reweight.epochs]
+    if late:  # allowed (a shortened run of a config with a schedule), but said: the lr is not cut there
+        log.warning("reweight.lr_milestones %s at or after reweight.epochs=%d never apply: the lr is not cut at %s",
+                    late, cfg.reweight.epochs, "it" if len(late) == 1 else "them")
     from .core.models import build_model
 
     build_model(cfg.model, bundle.num_classes, bundle.input_shape)  # ConfigError: model and data disagree

@@ -41,6 +41,22 @@ def test_picks_that_exactly_fill_what_the_exclusion_leaves_are_accepted(tmp_path
     pipeline._check_rounds_fit(_cfg(tmp_path, method="random", budget=500, per_round=200), 600)
 
 
+def test_lr_milestones_a_run_never_reaches_are_named_in_a_warning(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pivotal_ray.pipeline")
+    pipeline.validate(from_dict({"output_dir": str(tmp_path / "a"),
+                                 "reweight": {"epochs": 8, "lr_milestones": [4, 8, 12]}}))
+    said = [r.getMessage() for r in caplog.records if "lr_milestones" in r.getMessage()]
+    assert said == ["reweight.lr_milestones [8, 12] at or after reweight.epochs=8 never apply: "
+                    "the lr is not cut at them"]
+    caplog.clear()
+    pipeline.validate(from_dict({"output_dir": str(tmp_path / "b"),
+                                 "reweight": {"epochs": 8, "lr_milestones": [7]}}))  # cut for the last epoch
+    assert not [r for r in caplog.records if "lr_milestones" in r.getMessage()]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 # ---------------------------------------------------------------- _write_picks / _read_picks
 
 
