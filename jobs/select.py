@@ -25,6 +25,7 @@ the same command again.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -89,8 +90,9 @@ def main(cfg: DictConfig) -> None:
         print(Path(metrics["to_label"]).read_text().rstrip())
         print(f"label them: fill in the 'label' column of {metrics['to_label']} and add its rows to "
               f"{metrics['labels_file']} (a CSV with 'sample_id' and 'label' columns, other columns ignored: "
-              "the filled-in to_label_round0.csv can be it, with later rounds' rows appended without their "
-              "header), then run this same command again")
+              "a copy of the filled-in to_label_round0.csv can be it, with later rounds' rows appended without "
+              "their header), then run this same command again:")
+        print(f"  {shlex.join(['python', '-m', 'jobs.select', *sys.argv[1:]])}")
         return
     sel = Path(exp.output_dir) / "selection.csv"
     print(f"picks ({exp.selection.method}, seed {exp.seed}):")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,12 @@ def labeler(cfg: ExperimentConfig, bundle: Any) -> Labeler:
     from .core.labels import FileLabels, OracleLabels
 
     if cfg.labels.source == "file":
+        path = Path(os.path.realpath(cfg.labels_file))
+        if path.parent == Path(os.path.realpath(cfg.output_dir)) and re.fullmatch(
+                re.escape(TO_LABEL_NAME).replace(r"\{round\}", r"\d+"), path.name):  # rewritten: labels lost
+            raise ConfigError(f"labels.file={cfg.labels_file} is one of the files this job rewrites with the samples "
+                              f"still to label: copy it (filled in) to {Path(cfg.output_dir) / 'labels.csv'} and leave "
+                              "labels.file unset, or copy it elsewhere and set labels.file to the copy")
         return FileLabels(cfg.labels_file, train_ids=bundle.train.sample_id, num_classes=bundle.num_classes)
     return OracleLabels(bundle.train.sample_id, bundle.train.y_true)
 

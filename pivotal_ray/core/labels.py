@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -97,7 +98,10 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
                 if row and any(v.strip() for v in row):  # blank lines are skipped
                     rows.append(row)
                     lines.append(reader.line_num)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except UnicodeDecodeError as err:  # e.g. a spreadsheet's "Unicode text" (UTF-16) or Latin-1 export
+        raise ConfigError(f"labels file {path} is not UTF-8 text ({err}): save it as a UTF-8 CSV (a spreadsheet's "
+                          f"'CSV UTF-8' format); {fix}") from None
+    except (OSError, csv.Error) as err:
         raise ConfigError(f"labels file {path} cannot be read ({err}): {fix}") from None
     if not rows:
         raise ConfigError(f"labels file {path} is empty: {fix}")
@@ -116,28 +120,51 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
     df = df[df["label"].str.strip() != ""]  # to_label_round<r>.csv rows not labelled yet
     parsed = {}
     for col in LABEL_COLUMNS:
-        values = pd.to_numeric(df[col].str.strip(), errors="coerce")
-        bad = df.loc[values.isna() | (values != values.round()), col]
+        values = [_exact_int(v) for v in df[col].str.strip()]
+        bad = df.loc[[v is None for v in values], col]
         if len(bad):
             raise ConfigError(f"labels file {path}: {col} must be an integer, got {bad.head(5).tolist()} "
                               f"(line(s) {[int(i) for i in bad.index[:5]]}): {fix}")
-        parsed[col] = values.astype(np.int64).to_numpy()
+        parsed[col] = values
     ids, labels = parsed["sample_id"], parsed["label"]
-    out_of_range = (labels < 0) | (labels >= num_classes)
-    if out_of_range.any():
-        rows = np.flatnonzero(out_of_range)[:5]
-        raise ConfigError(f"labels file {path}: label(s) {labels[rows].tolist()} of sample(s) {ids[rows].tolist()} "
-                          f"are not classes of this data set (0 to {num_classes - 1}): {fix}")
-    unknown = ~np.isin(ids, np.asarray(train_ids, dtype=np.int64))
+    out_of_range = [r for r, y in enumerate(labels) if not 0 <= y < num_classes][:5]
+    if out_of_range:
+        raise ConfigError(f"labels file {path}: label(s) {[labels[r] for r in out_of_range]} of sample(s) "
+                          f"{[ids[r] for r in out_of_range]} are not classes of this data set "
+                          f"(0 to {num_classes - 1}): {fix}")
+    known = np.asarray(train_ids, dtype=np.int64)
+    fits = np.array([_INT64_MIN <= i <= _INT64_MAX for i in ids], dtype=bool)  # larger ids are no sample's
+    unknown = ~fits
+    unknown[fits] = ~np.isin(np.array([i for i, f in zip(ids, fits) if f], dtype=np.int64), known)
     if unknown.any():
-        raise ConfigError(f"labels file {path}: sample id(s) {ids[unknown][:10].tolist()} are not in the training "
-                          f"split (sample ids are those of the to_label_round<r>.csv files): {fix}")
+        raise ConfigError(f"labels file {path}: sample id(s) {[i for i, u in zip(ids, unknown) if u][:10]} are not "
+                          f"in the training split (sample ids are those of the to_label_round<r>.csv files): {fix}")
     out: dict[int, int] = {}
-    for i, y in zip(ids.tolist(), labels.tolist()):
+    for i, y in zip(ids, labels):
         if out.setdefault(i, y) != y:
             raise ConfigError(f"labels file {path}: sample {i} is labelled both {out[i]} and {y}: keep one row "
                               f"per sample ({fix})")
     return out
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _exact_int(text: str) -> int | None:
+    """The integer a cell holds (``12``, ``+12``, ``12.0``, ``1.2e1``), exactly, or None: not a
+    number, not whole, not finite (``inf``, ``1e400``), or a float too large to name one integer
+    (a 17-digit id read as a float would silently become another id)."""
+    try:
+        return int(text)  # exact for any number of digits
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value != int(value) or abs(value) >= 2**53:
+        return None
+    return int(value)
 
 
 def labels_digest(ids: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray) -> str:

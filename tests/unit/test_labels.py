@@ -149,9 +149,35 @@ def test_a_file_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):
     not a UnicodeDecodeError out of the job."""
     path = tmp_path / "labels.csv"
     path.write_bytes(b"sample_id,label\n4,\xe9\n")
-    with pytest.raises(ConfigError, match="cannot be read") as err:
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as err:
         read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
     assert str(path) in str(err.value) and "sample_id,label" in str(err.value)
+    assert "save it as a UTF-8 CSV" in str(err.value)
+    path.write_bytes("sample_id,label\n4,1\n".encode("utf-16"))  # a spreadsheet's "Unicode text"
+    with pytest.raises(ConfigError, match="save it as a UTF-8 CSV"):
+        read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
+
+
+@pytest.mark.parametrize("cell", ["inf", "-inf", "1e400", "nan", "1.5", "9007199254740993.0", "0x1"])
+def test_labels_that_name_no_integer_exactly_are_refused_by_their_text(tmp_path, cell):
+    """Not finite, not whole, or a float too large to name one integer: refused as written (a
+    pandas cast of inf raised IntCastingNaNError out of the job)."""
+    path = _write(tmp_path, f"sample_id,label\n4,{cell}\n")
+    with pytest.raises(ConfigError, match=r"label must be an integer, got \[" + repr(cell).replace(".", r"\.")):
+        read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
+
+
+def test_integers_are_read_exactly_whatever_their_size(tmp_path):
+    """Whole numbers in any spelling are taken; an id beyond int64 is reported as written, not
+    wrapped around (it was reported as -9223372036854775808)."""
+    path = _write(tmp_path, "sample_id,label\n+4,1.0\n6,1e0\n")
+    assert read_label_file(path, train_ids=TRAIN_IDS, num_classes=3) == {4: 1, 6: 1}
+    path = _write(tmp_path, "sample_id,label\n99999999999999999999,1\n4,0\n9007199254740993,1\n")
+    with pytest.raises(ConfigError, match=r"sample id\(s\) \[99999999999999999999, 9007199254740993\] are not in"):
+        read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
+    path = _write(tmp_path, "sample_id,label\n4,99999999999999999999\n")
+    with pytest.raises(ConfigError, match=r"label\(s\) \[99999999999999999999\] of sample\(s\) \[4\]"):
+        read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
 
 
 def test_whitespace_only_lines_and_padded_header_names_are_accepted(tmp_path):
