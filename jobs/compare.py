@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.select import CONFIGS, exit_interrupted, resolve_config
+from jobs.select import CONFIGS, exit_if_worker_lost, exit_interrupted, resolve_config
 from pivotal_ray.config import CompareConfig, ConfigError, _build
 
 
@@ -48,6 +48,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         exit_interrupted()
+    except Exception as err:
+        exit_if_worker_lost(err)
+        raise
     print((Path(cc.output_root).resolve() / "results.md").read_text())
     print(f"{len(df)} runs; outputs: {cc.output_root}")
 

@@ -65,6 +65,17 @@ def resolve_config(cfg: DictConfig):
     return from_dict(values)
 
 
+def exit_if_worker_lost(err: BaseException) -> None:
+    """A Ray worker process or node lost mid-run (killed, out of memory, a node reclaimed): say so
+    and how to go on, and exit with status 3; any other error is left to the caller to raise."""
+    from pivotal_ray.distributed.failures import lost_worker_message, worker_lost
+
+    lost = worker_lost(err)
+    if lost is not None:
+        print(f"error: {lost_worker_message(lost)}", file=sys.stderr)
+        sys.exit(3)
+
+
 def exit_interrupted() -> None:
     """After Ctrl-C: say how to go on and exit with status 130 (128 + SIGINT)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break Ray's shutdown at exit
@@ -85,6 +96,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         exit_interrupted()
+    except Exception as err:
+        exit_if_worker_lost(err)
+        raise
     if metrics.get("status") == "awaiting_labels":
         print(f"waiting for labels: {metrics['missing']} sample(s) of round {metrics['round']} need a clean label")
         print(Path(metrics["to_label"]).read_text().rstrip())

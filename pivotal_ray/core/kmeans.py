@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -500,7 +501,12 @@ def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.nda
                                            k=M, n_best=budget, signed=signed),
                        k=M, n_best=budget, centroids=km.centroids, weighted=weighted, signed=signed)
         ids, cl, sc = _picks(cands, budget)
-    finally:  # leave the shards as they came: every row active
-        shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))
+    except BaseException:
+        # leave the shards as they came where they can be reached; a shard that is gone (a lost Ray
+        # worker) cannot, and the first error is the one to report, not a second one from here
+        with contextlib.suppress(Exception):
+            shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))
+        raise
+    shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))  # every row active again
     return Selection(np.asarray(ids, dtype=np.int64), np.asarray(cl, dtype=np.int64),
                      np.asarray(sc, dtype=np.float64), km.objective, km.n_iter, M, excluded, km.centroids)

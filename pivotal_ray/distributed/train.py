@@ -337,9 +337,10 @@ def _train_or_read(*, name: str, run_path: str, storage_path: str, data: dict, n
 
     done = _scan_snapshots(run_path)
     if not (done and done[-1]["epoch"] == int(reweight["epochs"]) - 1):
-        if done:  # Ray Train resumes from the run's last checkpoint, which the scan found
-            log.info("training run %s: resuming after epoch %d of %d, its last snapshot", name, done[-1]["epoch"] + 1,
-                     int(reweight["epochs"]))
+        if done:  # Ray Train resumes from the last checkpoint it recorded, which can lag the files
+            log.info("training run %s: resuming after epoch %d of %d, its last snapshot on disk (Ray Train goes on "
+                     "from the last one it recorded, which a killed run can leave a few epochs earlier: those are "
+                     "trained again, to the same result)", name, done[-1]["epoch"] + 1, int(reweight["epochs"]))
         config = {"data": data, "noise": noise, "model": model, "reweight": reweight, "seed": int(seed),
                   "meta_ids": [int(i) for i in meta_ids], "meta_labels": [int(v) for v in meta_labels],
                   "cpus_per_worker": float(cpus_per_worker), "run_tag": run_tag,

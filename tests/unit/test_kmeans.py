@@ -1010,3 +1010,37 @@ def test_feature_containers_and_readers_refuse_malformed_input(tmp_path):
         FactorFeatures(np.arange(4), rng.random((3, 2, 4)), rng.random((3, 2, 5)))  # n differs
     with pytest.raises(FileNotFoundError, match="feature extraction"):
         read_factor_table(tmp_path)  # an empty directory
+
+
+def test_a_shard_lost_mid_selection_is_reported_once_and_a_failed_selection_still_resets_the_shards():
+    """A shard that is gone (a lost Ray worker) fails every later call: the error out of
+    select_pivotal is the first one, not a second one from resetting the shards (which chained
+    the same loss twice). A selection that fails with every shard reachable resets them."""
+    F, _ = planted()
+
+    class Losing:
+        def __init__(self, shards, die_on):
+            self.inner, self.die_on, self.dead, self.calls = LocalShardSet(shards), die_on, False, []
+
+        def __len__(self):
+            return len(self.inner)
+
+        def call(self, method, /, **kwargs):
+            self.calls.append(method)
+            if self.dead:
+                raise RuntimeError(f"shard gone (later call: {method})")
+            if method == self.die_on:
+                self.dead = True
+                raise RuntimeError(f"shard lost during {method}")
+            return self.inner.call(method, **kwargs)
+
+    for op in ("assign_sums", "top_candidates"):
+        ss = Losing([FactorShard(f) for f in F.split(2)], die_on=op)
+        with pytest.raises(RuntimeError) as err:
+            select_pivotal(ss, budget=5, meta_ids=F.sample_id[:3], exclude_frac=0.2, seed=0)
+        assert str(err.value) == f"shard lost during {op}" and err.value.__context__ is None
+        assert ss.calls[-1] == "set_active"  # the reset was tried
+    shards = [FactorShard(f) for f in F.split(2)]
+    with pytest.raises(ValueError, match="exceeds the"):
+        select_pivotal(LocalShardSet(shards), budget=len(F), meta_ids=F.sample_id[:3], exclude_frac=0.5, seed=0)
+    assert sum(s.count() for s in shards) == len(F)  # every row active again

@@ -49,3 +49,82 @@ def test_a_labels_file_the_job_rewrites_is_refused_before_any_work(tmp_path):
         pipeline.validate(cfg)
     other = tmp_path / "elsewhere" / "to_label_round0.csv"  # the same name in another folder is no output
     pipeline.validate(from_dict({"output_dir": str(out), "labels": {"source": "file", "file": str(other)}}))
+
+
+def _lost_actor():
+    import ray.exceptions as rex
+
+    return rex.ActorDiedError()  # what ray.get raises for an actor whose process is gone
+
+
+def test_worker_loss_is_found_inside_what_ray_and_ray_train_raise():
+    import ray.exceptions as rex
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from pivotal_ray.distributed.failures import worker_lost
+
+    died = _lost_actor()
+    assert worker_lost(died) is died
+    health = WorkerHealthCheckFailedError("A worker health check failed.", died)
+    group = WorkerGroupError("rank 0 died", {0: health, 1: RuntimeError("gloo: Connection closed by peer")})
+    assert worker_lost(group) is health
+    assert worker_lost(ControllerError(rex.NodeDiedError("node 10.0.0.5 died"))) is not None
+    # a remote task that called a dead actor (the parameter server calling a lost shard): Ray raises
+    # a RayTaskError that is also an ActorDiedError; the actor's own error names which one died
+    relayed = rex.RayTaskError("ParameterServer.select", "Traceback ...", died).as_instanceof_cause()
+    assert isinstance(relayed, rex.ActorDiedError) and worker_lost(relayed) is died
+    task = rex.RayTaskError("select", "Traceback ...", rex.OutOfMemoryError("memory monitor killed the task"))
+    assert isinstance(worker_lost(task), rex.OutOfMemoryError)
+    try:  # the pipeline re-raises some Ray errors as its own, from them
+        raise RuntimeError("training run x failed") from died
+    except RuntimeError as wrapped:
+        assert worker_lost(wrapped) is died
+    from pivotal_ray.distributed.failures import lost_worker_message
+
+    said = lost_worker_message(rex.NodeDiedError("\x1b[36mnode 10.0.0.5\x1b[39m died"))
+    assert "(NodeDiedError):\n  node 10.0.0.5 died\n" in said and "\x1b" not in said
+    # errors of the code or the data stay errors
+    assert worker_lost(ValueError("bad")) is None
+    assert worker_lost(WorkerGroupError("rank 0 raised", {0: ValueError("bad batch")})) is None
+    init_failed = rex.ActorDiedError(rex.RayTaskError("__init__", "Traceback ...", ValueError("bad arg")))
+    assert init_failed.actor_init_failed and worker_lost(init_failed) is None
+    try:  # a handled loss earlier in the same frame is not this error's cause
+        try:
+            raise died
+        except rex.ActorDiedError:
+            raise KeyError("another error while handling it")  # noqa: B904
+    except KeyError as other:
+        assert worker_lost(other) is None
+
+
+@pytest.mark.parametrize("job", ["select", "compare"])
+def test_a_lost_worker_ends_the_job_with_one_message_and_status_3(tmp_path, monkeypatch, capsys, job):
+    import importlib
+
+    import pivotal_ray.compare
+    import pivotal_ray.pipeline
+
+    def lose(*_, **__):
+        raise RuntimeError("wrapped") from _lost_actor()
+
+    monkeypatch.setattr(pivotal_ray.pipeline, "run_experiment", lose)
+    monkeypatch.setattr(pivotal_ray.compare, "run_compare", lose)
+    module = importlib.import_module(f"jobs.{job}")
+    out_key = "output_dir" if job == "select" else "compare.output_root"
+    monkeypatch.setattr(sys, "argv", [f"jobs/{job}.py", f"{out_key}={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit) as ex:
+        module.main()
+    assert ex.value.code == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: a Ray worker process or node was lost during the run (ActorDiedError):")
+    assert "run the same command again" in err and "Traceback" not in err
+
+    def bug(*_, **__):
+        raise ValueError("a bug, not a loss")
+
+    monkeypatch.setattr(pivotal_ray.pipeline, "run_experiment", bug)
+    monkeypatch.setattr(pivotal_ray.compare, "run_compare", bug)
+    with pytest.raises(SystemExit) as ex:  # Hydra's own report of the traceback, as before
+        module.main()
+    assert ex.value.code == 1 and "ValueError: a bug, not a loss" in capsys.readouterr().err

@@ -72,4 +72,4 @@ def test_an_unfinished_run_says_where_it_resumes(tmp_path, monkeypatch, caplog):
         train_mod.run_training(name="run-b", storage_path=str(tmp_path / "store"), data=plain["data"],
                                noise=plain["noise"], model=plain["model"], reweight={**plain["reweight"], "epochs": 5},
                                seed=0, meta_ids=np.array([1, 2]), meta_labels=np.array([0, 1]))
-    assert "training run run-b: resuming after epoch 3 of 5, its last snapshot" in caplog.text
+    assert "training run run-b: resuming after epoch 3 of 5, its last snapshot on disk" in caplog.text
