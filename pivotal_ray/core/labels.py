@@ -153,7 +153,10 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 def _exact_int(text: str) -> int | None:
     """The integer a cell holds (``12``, ``+12``, ``12.0``, ``1.2e1``), exactly, or None: not a
     number, not whole, not finite (``inf``, ``1e400``), or a float too large to name one integer
-    (a 17-digit id read as a float would silently become another id)."""
+    (a 17-digit id read as a float would silently become another id). Python's digit separators
+    are not a spreadsheet's: ``1_0`` is refused, not read as 10."""
+    if "_" in text:
+        return None
     try:
         return int(text)  # exact for any number of digits
     except ValueError:

@@ -28,6 +28,7 @@ def worker_lost(err: BaseException) -> BaseException | None:
         from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
     except ImportError:  # another Ray layout: the per-rank failures below still carry the cause
         WorkerHealthCheckFailedError = ()  # type: ignore[assignment]  # noqa: N806
+
     def is_lost(e: BaseException) -> bool:
         return isinstance(e, lost) and not (isinstance(e, rex.RayActorError) and e.actor_init_failed)
 

@@ -158,7 +158,7 @@ def test_a_file_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):
         read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
 
 
-@pytest.mark.parametrize("cell", ["inf", "-inf", "1e400", "nan", "1.5", "9007199254740993.0", "0x1"])
+@pytest.mark.parametrize("cell", ["inf", "-inf", "1e400", "nan", "1.5", "9007199254740993.0", "0x1", "1_0"])
 def test_labels_that_name_no_integer_exactly_are_refused_by_their_text(tmp_path, cell):
     """Not finite, not whole, or a float too large to name one integer: refused as written (a
     pandas cast of inf raised IntCastingNaNError out of the job)."""
