@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -63,6 +64,18 @@ def resolve_config(cfg: DictConfig):
     if isinstance(ray_cfg.get("storage_path"), str) and ray_cfg["storage_path"].startswith("~"):
         ray_cfg["storage_path"] = os.path.expanduser(ray_cfg["storage_path"])  # a relative one is refused
     return from_dict(values)
+
+
+def rerun_command() -> str:
+    """The command that runs this job again, as a shell reads it. Under ``ray job submit`` (Ray
+    sets RAY_JOB_CONFIG_JSON_ENV_VAR in a submitted job) it is submitted again; run here, it is
+    the interpreter that runs this one, by name where ``python`` on PATH is that one."""
+    args = shlex.join(["-m", "jobs.select", *sys.argv[1:]])
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        return f"ray job submit <the same options> -- python {args}"
+    on_path = shutil.which("python")
+    python = "python" if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable) else sys.executable
+    return f"{shlex.quote(python)} {args}"
 
 
 def exit_if_worker_lost(err: BaseException) -> None:
@@ -106,7 +119,7 @@ def main(cfg: DictConfig) -> None:
               f"{metrics['labels_file']} (a CSV with 'sample_id' and 'label' columns, other columns ignored: "
               "a copy of the filled-in to_label_round0.csv can be it, with later rounds' rows appended without "
               "their header), then run this same command again:")
-        print(f"  {shlex.join(['python', '-m', 'jobs.select', *sys.argv[1:]])}")
+        print(f"  {rerun_command()}")
         return
     sel = Path(exp.output_dir) / "selection.csv"
     print(f"picks ({exp.selection.method}, seed {exp.seed}):")

@@ -126,7 +126,8 @@ class ReweightConfig:
         self.lr_milestones = [int(m) for m in self.lr_milestones]
         _check(all(m >= 1 for m in self.lr_milestones),
                f"reweight.lr_milestones={self.lr_milestones}: a milestone is the number of epochs after which "
-               "the lr is multiplied by reweight.lr_gamma, so it must be >= 1 (one of 0 or less never applies)")
+               "the lr is multiplied by reweight.lr_gamma, so it must be >= 1 (0 would cut it before the first "
+               "epoch: lower reweight.lr instead; a negative one never applies)")
 
 
 @dataclass

@@ -147,9 +147,12 @@ def labeler(cfg: ExperimentConfig, bundle: Any) -> Labeler:
     from .core.labels import FileLabels, OracleLabels
 
     if cfg.labels.source == "file":
-        path = Path(os.path.realpath(cfg.labels_file))
-        if path.parent == Path(os.path.realpath(cfg.output_dir)) and re.fullmatch(
-                re.escape(TO_LABEL_NAME).replace(r"\{round\}", r"\d+"), path.name):  # rewritten: labels lost
+        # a to_label_round<r>.csv of output_dir is rewritten at the next stop (os.replace: through a link
+        # too), and the labels in it lost: by its path as given or resolved, in any letter case
+        outs = {os.path.normcase(f(cfg.output_dir)) for f in (os.path.abspath, os.path.realpath)}
+        to_label = re.escape(TO_LABEL_NAME).replace(r"\{round\}", r"\d+")
+        if any(os.path.normcase(os.path.dirname(p)) in outs and re.fullmatch(to_label, os.path.basename(p), re.I)
+               for p in {os.path.abspath(cfg.labels_file), os.path.realpath(cfg.labels_file)}):
             raise ConfigError(f"labels.file={cfg.labels_file} is one of the files this job rewrites with the samples "
                               f"still to label: copy it (filled in) to {Path(cfg.output_dir) / 'labels.csv'} and leave "
                               "labels.file unset, or copy it elsewhere and set labels.file to the copy")

@@ -10,8 +10,9 @@ and for what is missing.
 from __future__ import annotations
 
 import csv
+import decimal
 import hashlib
-import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -148,24 +149,18 @@ def read_label_file(path: str | Path, *, train_ids: np.ndarray, num_classes: int
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 def _exact_int(text: str) -> int | None:
-    """The integer a cell holds (``12``, ``+12``, ``12.0``, ``1.2e1``), exactly, or None: not a
-    number, not whole, not finite (``inf``, ``1e400``), or a float too large to name one integer
-    (a 17-digit id read as a float would silently become another id). Python's digit separators
-    are not a spreadsheet's: ``1_0`` is refused, not read as 10."""
-    if "_" in text:
+    """The whole number a cell spells (``12``, ``+12``, ``12.0``, ``1.2e1``, ``1e16``), read exactly
+    as a decimal, or None: not a plain ASCII number (``inf``, ``nan``, ``0x1``, Python's ``1_0``,
+    other scripts' digits), or not whole (``1.5``, ``0.99999999999999999``, which a float would
+    round to 1). A spelling over 40 digits long is refused too, rather than expanded."""
+    if not _NUMBER.fullmatch(text):
         return None
-    try:
-        return int(text)  # exact for any number of digits
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    if not math.isfinite(value) or value != int(value) or abs(value) >= 2**53:
+    value = decimal.Decimal(text)
+    if value.adjusted() > 40 or value != value.to_integral_value():
         return None
     return int(value)
 

@@ -18,7 +18,8 @@ def worker_lost(err: BaseException) -> BaseException | None:
     none: then ``err`` is an error of the code or the data and is reported as it is.
 
     An actor whose constructor raised is reported by Ray as a dead actor too; that is an error of
-    the code (``actor_init_failed``) and does not count.
+    the code (``actor_init_failed``) and does not count. Nor does a worker that stopped answering
+    (Ray Train's health-check timeout): a hang can be the code's.
     """
     import ray.exceptions as rex
 
@@ -46,7 +47,11 @@ def worker_lost(err: BaseException) -> BaseException | None:
                 continue
             return e
         if WorkerHealthCheckFailedError and isinstance(e, WorkerHealthCheckFailedError):
-            return e  # Ray Train could not reach a worker: its process or node is gone
+            # Ray Train raises it for anything its poll of a worker met: a dead worker, but also a
+            # report that would not pickle (a code error); only the first is a loss
+            if worker_lost(e.health_check_failure) is not None:
+                return e
+            continue
         todo += [e.__cause__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
         todo += list((getattr(e, "worker_failures", None) or {}).values())
     return None
@@ -62,4 +67,6 @@ def lost_worker_message(lost: BaseException) -> str:
             "Nothing was marked finished and the stages that finished are kept: run the same command again "
             "to go on (finished stages are read back, training resumes from its last snapshot). If the "
             "worker was killed for memory (the Ray logs say so), give the nodes more memory or run fewer "
-            "extraction actors (ray.extract_actors) or smaller batches (features.batch_size).")
+            "extraction actors (ray.extract_actors) or smaller batches (features.batch_size). If it stops the "
+            "same way at the same stage again, it is no chance loss (a crash in native code, memory): read the "
+            "lost worker's log (Ray's session logs, worker-*.err, or the dashboard's Logs view).")

@@ -27,9 +27,11 @@ from pivotal_ray.config import CompareConfig, ConfigError, from_dict
     ({"reweight": {"lr_milestones": 12}}, "reweight.lr_milestones=12 must be a list, e.g. 'reweight.lr_milestones=[12]'"),
     ({"reweight": {"lr_milestones": ["a"]}}, "reweight.lr_milestones[0]='a' must be an integer"),
     ({"reweight": {"lr_milestones": None}}, "reweight.lr_milestones=None must be a list, e.g. 'reweight.lr_milestones=[]'"),
-    # MultiStepLR cuts the lr when its count of finished epochs equals a milestone: 0 or less never does
+    # MultiStepLR cuts the lr when its count of finished epochs equals a milestone: 0 at construction
+    # (before the first epoch: a lower lr), a negative one never
     ({"reweight": {"lr_milestones": [0, 12]}}, "reweight.lr_milestones=[0, 12]: a milestone is the number of epochs"),
-    ({"reweight": {"lr_milestones": [-1]}}, "must be >= 1 (one of 0 or less never applies)"),
+    ({"reweight": {"lr_milestones": [0]}}, "0 would cut it before the first epoch: lower reweight.lr instead"),
+    ({"reweight": {"lr_milestones": [-1]}}, "must be >= 1 (0 would cut it before"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(values, fragment):
     with pytest.raises(ConfigError) as err:

@@ -158,7 +158,8 @@ def test_a_file_that_is_not_utf8_names_the_file_and_the_fix(tmp_path):
         read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
 
 
-@pytest.mark.parametrize("cell", ["inf", "-inf", "1e400", "nan", "1.5", "9007199254740993.0", "0x1", "1_0"])
+@pytest.mark.parametrize("cell", ["inf", "-inf", "1e400", "nan", "1.5", "0x1", "1_0", "0.99999999999999999",
+                                  "12.0000000000000001", "\u0661\u0662", "1e99999999999"])
 def test_labels_that_name_no_integer_exactly_are_refused_by_their_text(tmp_path, cell):
     """Not finite, not whole, or a float too large to name one integer: refused as written (a
     pandas cast of inf raised IntCastingNaNError out of the job)."""
@@ -170,10 +171,11 @@ def test_labels_that_name_no_integer_exactly_are_refused_by_their_text(tmp_path,
 def test_integers_are_read_exactly_whatever_their_size(tmp_path):
     """Whole numbers in any spelling are taken; an id beyond int64 is reported as written, not
     wrapped around (it was reported as -9223372036854775808)."""
-    path = _write(tmp_path, "sample_id,label\n+4,1.0\n6,1e0\n")
-    assert read_label_file(path, train_ids=TRAIN_IDS, num_classes=3) == {4: 1, 6: 1}
-    path = _write(tmp_path, "sample_id,label\n99999999999999999999,1\n4,0\n9007199254740993,1\n")
-    with pytest.raises(ConfigError, match=r"sample id\(s\) \[99999999999999999999, 9007199254740993\] are not in"):
+    path = _write(tmp_path, "sample_id,label\n+4,1.0\n6,1e0\n0.8e1,.2e1\n")
+    assert read_label_file(path, train_ids=TRAIN_IDS, num_classes=3) == {4: 1, 6: 1, 8: 2}
+    path = _write(tmp_path, "sample_id,label\n99999999999999999999,1\n4,0\n9007199254740993.0,1\n1e16,0\n")
+    with pytest.raises(ConfigError, match=r"sample id\(s\) \[99999999999999999999, 9007199254740993, "
+                                          r"10000000000000000\] are not in"):
         read_label_file(path, train_ids=TRAIN_IDS, num_classes=3)
     path = _write(tmp_path, "sample_id,label\n4,99999999999999999999\n")
     with pytest.raises(ConfigError, match=r"label\(s\) \[99999999999999999999\] of sample\(s\) \[4\]"):

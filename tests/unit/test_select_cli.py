@@ -26,11 +26,22 @@ def test_a_stop_for_labels_prints_the_command_to_run_again(tmp_path, monkeypatch
     monkeypatch.setattr(pivotal_ray.pipeline, "run_experiment", stopped)
     args = ["labels=file", f"output_dir={tmp_path / 'out'}", "reweight.epochs=8", "reweight.lr_milestones=[4]"]  # as the shell passes them
     monkeypatch.setattr(sys, "argv", ["jobs/select.py", *args])
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setattr(sys, "executable", "/opt/my env/bin/python")  # not the python on PATH
     jobs.select.main()
     out = capsys.readouterr().out
     assert "a copy of the filled-in to_label_round0.csv can be it" in out
-    assert out.rstrip().splitlines()[-1] == "  " + shlex.join(["python", "-m", "jobs.select", *args])
+    assert out.rstrip().splitlines()[-1] == "  " + shlex.join(["/opt/my env/bin/python", "-m", "jobs.select", *args])
     assert out.rstrip().endswith("'reweight.lr_milestones=[4]'")  # quoted again for the shell
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/opt/my env/bin/python")  # an activated environment
+    jobs.select.main()
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("  python -m jobs.select labels=file")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # a job run by ray job submit
+    jobs.select.main()
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == (
+        "  ray job submit <the same options> -- python " + shlex.join(["-m", "jobs.select", *args]))
 
 
 def test_a_labels_file_the_job_rewrites_is_refused_before_any_work(tmp_path):
@@ -49,6 +60,17 @@ def test_a_labels_file_the_job_rewrites_is_refused_before_any_work(tmp_path):
         pipeline.validate(cfg)
     other = tmp_path / "elsewhere" / "to_label_round0.csv"  # the same name in another folder is no output
     pipeline.validate(from_dict({"output_dir": str(out), "labels": {"source": "file", "file": str(other)}}))
+    # through links either way: the folder, or a link in output_dir to a file elsewhere (os.replace
+    # replaces the link), and another letter case (a case-insensitive file system)
+    out.mkdir()
+    (tmp_path / "link").symlink_to(out)
+    other.parent.mkdir()
+    other.write_text("sample_id,label\n")
+    (out / "to_label_round1.csv").symlink_to(other)
+    for given in (tmp_path / "link" / "to_label_round0.csv", out / "to_label_round1.csv", out / "TO_LABEL_ROUND2.CSV"):
+        cfg = from_dict({"output_dir": str(out), "labels": {"source": "file", "file": str(given)}})
+        with pytest.raises(ConfigError, match="is one of the files this job rewrites"):
+            pipeline.labeler(cfg, None)  # the guard, before the labels are read (validate stops at the link)
 
 
 def _lost_actor():
@@ -69,6 +91,9 @@ def test_worker_loss_is_found_inside_what_ray_and_ray_train_raise():
     health = WorkerHealthCheckFailedError("A worker health check failed.", died)
     group = WorkerGroupError("rank 0 died", {0: health, 1: RuntimeError("gloo: Connection closed by peer")})
     assert worker_lost(group) is health
+    # the same error for a report that would not pickle: the code's, rerunning cannot help
+    unpicklable = rex.RayTaskError("poll", "Traceback ...", TypeError("cannot pickle '_thread.lock' object"))
+    assert worker_lost(WorkerGroupError("rank 0", {0: WorkerHealthCheckFailedError("failed", unpicklable)})) is None
     assert worker_lost(ControllerError(rex.NodeDiedError("node 10.0.0.5 died"))) is not None
     # a remote task that called a dead actor (the parameter server calling a lost shard): Ray raises
     # a RayTaskError that is also an ActorDiedError; the actor's own error names which one died
