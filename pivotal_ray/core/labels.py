@@ -160,7 +160,7 @@ def _exact_int(text: str) -> int | None:
     if not _NUMBER.fullmatch(text):
         return None
     value = decimal.Decimal(text)
-    if value.adjusted() > 40 or value != value.to_integral_value():
+    if value.adjusted() >= 40 or value != value.to_integral_value():
         return None
     return int(value)
 

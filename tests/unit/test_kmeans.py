@@ -1044,3 +1044,36 @@ def test_a_shard_lost_mid_selection_is_reported_once_and_a_failed_selection_stil
     with pytest.raises(ValueError, match="exceeds the"):
         select_pivotal(LocalShardSet(shards), budget=len(F), meta_ids=F.sample_id[:3], exclude_frac=0.5, seed=0)
     assert sum(s.count() for s in shards) == len(F)  # every row active again
+
+
+class _FailingOnce:
+    """A shard set whose ``on`` call raises ``exc``; with ``dead`` every later call raises too."""
+
+    def __init__(self, shards, exc, on, dead):
+        self.inner, self.exc, self.on, self.dead, self.failed = LocalShardSet(shards), exc, on, dead, False
+
+    def __len__(self):
+        return len(self.inner)
+
+    def call(self, method, /, **kwargs):
+        if self.failed and self.dead:
+            raise self.exc("gone")
+        if method == self.on and not self.failed:
+            self.failed = True
+            raise self.exc("first")
+        return self.inner.call(method, **kwargs)
+
+
+def test_ctrl_c_mid_selection_resets_the_shards_and_a_lost_rays_error_is_reported_once():
+    import ray.exceptions as rex
+
+    F, _ = planted()
+    shards = [FactorShard(f) for f in F.split(2)]
+    with pytest.raises(KeyboardInterrupt):
+        select_pivotal(_FailingOnce(shards, KeyboardInterrupt, "top_candidates", dead=False), budget=5,
+                       meta_ids=F.sample_id[:3], exclude_frac=0.2, seed=0)
+    assert sum(s.count() for s in shards) == len(F)
+    with pytest.raises(rex.RayError) as err:  # Ray's errors are no RuntimeError
+        select_pivotal(_FailingOnce([FactorShard(f) for f in F.split(2)], rex.RayError, "top_candidates", dead=True),
+                       budget=5, meta_ids=F.sample_id[:3], exclude_frac=0.2, seed=0)
+    assert str(err.value) == "first" and err.value.__context__ is None

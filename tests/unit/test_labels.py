@@ -190,3 +190,18 @@ def test_whitespace_only_lines_and_padded_header_names_are_accepted(tmp_path):
     path = _write(tmp_path, " sample_id, label\n4,1\n   \n")
     assert read_label_file(path, train_ids=TRAIN_IDS, num_classes=3) == {4: 1}
 
+
+
+def test_signed_exponents_and_ids_beyond_int64_either_way(tmp_path):
+    """A spreadsheet writes exponents with a sign (1E+0); an id far below int64 is reported as
+    written, like one far above it (it raised OverflowError)."""
+    assert read_label_file(_write(tmp_path, "sample_id,label\n4e+0,1E+0\n"), train_ids=TRAIN_IDS, num_classes=3) == {4: 1}
+    with pytest.raises(ConfigError, match=r"sample id\(s\) \[-99999999999999999999\] are not in"):
+        read_label_file(_write(tmp_path, "sample_id,label\n-99999999999999999999,1\n"), train_ids=TRAIN_IDS,
+                        num_classes=3)
+    with pytest.raises(ConfigError, match="must be an integer"):  # over 40 digits: not expanded
+        read_label_file(_write(tmp_path, "sample_id,label\n4," + "1" + "0" * 40 + "\n"), train_ids=TRAIN_IDS,
+                        num_classes=3)
+    with pytest.raises(ConfigError, match=r"label\(s\) \[" + "1" + "0" * 39 + r"\]"):  # 40 digits: a number
+        read_label_file(_write(tmp_path, "sample_id,label\n4," + "1" + "0" * 39 + "\n"), train_ids=TRAIN_IDS,
+                        num_classes=3)

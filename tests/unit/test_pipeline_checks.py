@@ -51,10 +51,15 @@ def test_lr_milestones_a_run_never_reaches_are_named_in_a_warning(tmp_path, capl
     assert said == ["reweight.lr_milestones [8, 12] at or after reweight.epochs=8 never apply: "
                     "the lr is not cut at them"]
     caplog.clear()
+    pipeline.validate(from_dict({"output_dir": str(tmp_path / "c"),
+                                 "reweight": {"epochs": 8, "lr_milestones": [4, 8]}}))
+    assert [r.getMessage() for r in caplog.records if "lr_milestones" in r.getMessage()] == [
+        "reweight.lr_milestones [8] at or after reweight.epochs=8 never apply: the lr is not cut at it"]
+    caplog.clear()
     pipeline.validate(from_dict({"output_dir": str(tmp_path / "b"),
                                  "reweight": {"epochs": 8, "lr_milestones": [7]}}))  # cut for the last epoch
     assert not [r for r in caplog.records if "lr_milestones" in r.getMessage()]
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 # ---------------------------------------------------------------- _write_picks / _read_picks

@@ -38,6 +38,8 @@ def test_a_stop_for_labels_prints_the_command_to_run_again(tmp_path, monkeypatch
     monkeypatch.setattr(shutil, "which", lambda name: "/opt/my env/bin/python")  # an activated environment
     jobs.select.main()
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("  python -m jobs.select labels=file")
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no python on PATH at all
+    assert jobs.select.rerun_command() == shlex.join(["/opt/my env/bin/python", "-m", "jobs.select", *args])
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # a job run by ray job submit
     jobs.select.main()
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == (
@@ -58,6 +60,8 @@ def test_a_labels_file_the_job_rewrites_is_refused_before_any_work(tmp_path):
     for name in ("to_label_round0_filled.csv", "labels.csv"):  # copies are what the message asks for
         cfg = from_dict({"output_dir": str(out), "labels": {"source": "file", "file": str(out / name)}})
         pipeline.validate(cfg)
+    for name in ("to_label_round0.csv.bak", "copy_to_label_round0.csv"):  # the whole name, not a part
+        pipeline.validate(from_dict({"output_dir": str(out), "labels": {"source": "file", "file": str(out / name)}}))
     other = tmp_path / "elsewhere" / "to_label_round0.csv"  # the same name in another folder is no output
     pipeline.validate(from_dict({"output_dir": str(out), "labels": {"source": "file", "file": str(other)}}))
     # through links either way: the folder, or a link in output_dir to a file elsewhere (os.replace
@@ -71,6 +75,11 @@ def test_a_labels_file_the_job_rewrites_is_refused_before_any_work(tmp_path):
         cfg = from_dict({"output_dir": str(out), "labels": {"source": "file", "file": str(given)}})
         with pytest.raises(ConfigError, match="is one of the files this job rewrites"):
             pipeline.labeler(cfg, None)  # the guard, before the labels are read (validate stops at the link)
+    # output_dir given through the link, labels.file by the real folder
+    cfg = from_dict({"output_dir": str(tmp_path / "link"),
+                     "labels": {"source": "file", "file": str(out / "to_label_round0.csv")}})
+    with pytest.raises(ConfigError, match="is one of the files this job rewrites"):
+        pipeline.labeler(cfg, None)
 
 
 def _lost_actor():
@@ -153,3 +162,15 @@ def test_a_lost_worker_ends_the_job_with_one_message_and_status_3(tmp_path, monk
     with pytest.raises(SystemExit) as ex:  # Hydra's own report of the traceback, as before
         module.main()
     assert ex.value.code == 1 and "ValueError: a bug, not a loss" in capsys.readouterr().err
+
+
+def test_the_lost_worker_search_ends_on_a_cycle_and_the_message_keeps_rays_lines_plain():
+    from pivotal_ray.distributed.failures import lost_worker_message, worker_lost
+
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__cause__ = b, a  # causes that loop back
+    assert worker_lost(a) is None
+    text = "\x1b[1;31mhead\x1b[0m\n" + "\n".join(f"\tline{i}" for i in range(1, 15))
+    said = lost_worker_message(RuntimeError(text))
+    assert "\x1b" not in said and "\n  head\n  line1\n" in said  # colours off, tabs stripped
+    assert "  line11\n" in said and "line12" not in said  # Ray's first 12 lines
