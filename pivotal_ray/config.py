@@ -271,9 +271,14 @@ class RayConfig:
     # the pre-flight checks of CPUs, GPUs and memory against what the cluster has *now* are
     # skipped (it may start with a CPU-less head and no workers); Ray waits for the autoscaler
     autoscaling: bool = False
+    # restarts of a training run within the job after a worker fails (a lost node, or an error in
+    # the training code: Ray Train's FailureConfig.max_failures; -1: no limit), each from its last
+    # checkpoint; 0: the job ends and the same command resumes it
+    max_failures: int = 0
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")
+        _check(self.max_failures >= -1, f"ray.max_failures={self.max_failures} must be >= 0, or -1 (no limit)")
         _check(self.extract_actors >= 1, "ray.extract_actors must be >= 1")
         _check(self.kmeans_shards >= 1, "ray.kmeans_shards must be >= 1")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")

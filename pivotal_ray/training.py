@@ -65,7 +65,7 @@ def train(cfg: ExperimentConfig, name: str, meta_ids: np.ndarray, meta_labels: n
                         reweight=reweight or c["reweight"], seed=cfg.seed, meta_ids=meta_ids,
                         meta_labels=meta_labels, num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                         cpus_per_worker=cfg.ray.cpus_per_worker, run_tag=run_tag, train_ids=train_ids,
-                        init_from=init_from)
+                        init_from=init_from, max_failures=cfg.ray.max_failures)
 
 
 def warmup_ids(cfg: ExperimentConfig, bundle: Any) -> np.ndarray:

@@ -81,6 +81,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "ray.extract_actors",
     "ray.log_to_driver",
     "ray.autoscaling",
+    "ray.max_failures",
 )
 
 # Versions recorded in every manifest: distribution name -> manifest key.

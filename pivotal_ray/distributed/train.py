@@ -307,14 +307,17 @@ def _fit(trainer: Any) -> Any:
 def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model: dict, reweight: dict,
                  seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int = 1,
                  use_gpu: bool = False, cpus_per_worker: float = 1.0, run_tag: str = "train",
-                 train_ids: np.ndarray | None = None, init_from: str | None = None) -> TrainRun:
+                 train_ids: np.ndarray | None = None, init_from: str | None = None,
+                 max_failures: int = 0) -> TrainRun:
     """Train (or resume) one meta re-weighting run with Ray Train and return its snapshots.
 
     ``name`` + ``storage_path`` identify the run: calling again with the same pair resumes from the
     last checkpoint, and returns at once when the run had finished. The batch order depends only
     on ``seed`` and ``run_tag`` (not on the name), so identical configs give identical runs.
     ``train_ids`` (sample ids) restricts training to those samples; ``init_from`` (a snapshot
-    path) starts from that snapshot's model instead of the seeded initialisation.
+    path) starts from that snapshot's model instead of the seeded initialisation. ``max_failures``
+    (``ray.max_failures``): how often Ray Train restarts the run within this call after a worker
+    fails, from its last checkpoint (-1: no limit); 0 raises at once (the caller resumes later).
     """
     t0 = time.perf_counter()
     run_path = storage.join(storage_path, name)
@@ -325,13 +328,14 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
         return _train_or_read(name=name, run_path=run_path, storage_path=storage_path, data=data, noise=noise,
                               model=model, reweight=reweight, seed=seed, meta_ids=meta_ids, meta_labels=meta_labels,
                               num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                              run_tag=run_tag, train_ids=train_ids, init_from=init_from, t0=t0)
+                              run_tag=run_tag, train_ids=train_ids, init_from=init_from, max_failures=max_failures,
+                              t0=t0)
 
 
 def _train_or_read(*, name: str, run_path: str, storage_path: str, data: dict, noise: dict, model: dict,
                    reweight: dict, seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int,
                    use_gpu: bool, cpus_per_worker: float, run_tag: str, train_ids: np.ndarray | None,
-                   init_from: str | None, t0: float) -> TrainRun:
+                   init_from: str | None, max_failures: int, t0: float) -> TrainRun:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -356,7 +360,7 @@ def _train_or_read(*, name: str, run_path: str, storage_path: str, data: dict, n
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=str(storage_path),
                                  checkpoint_config=CheckpointConfig(num_to_keep=None),
-                                 failure_config=FailureConfig(max_failures=0)),
+                                 failure_config=FailureConfig(max_failures=int(max_failures))),
         )
         try:
             result = _fit(trainer)

@@ -86,3 +86,8 @@ def test_output_dir_must_be_set_and_a_home_path_is_expanded(monkeypatch, tmp_pat
     from tests.e2e.conftest import compose_config
 
     assert compare_config(compose_config("compare.output_root='~/cmp'")).output_root == f"{tmp_path}/cmp"
+
+
+def test_ray_max_failures_below_minus_one_is_refused():
+    with pytest.raises(ConfigError, match=r"ray.max_failures=-2 must be >= 0, or -1 \(no limit\)"):
+        from_dict({"output_dir": "/tmp/x", "ray": {"max_failures": -2}})

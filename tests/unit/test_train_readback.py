@@ -73,3 +73,27 @@ def test_an_unfinished_run_says_where_it_resumes(tmp_path, monkeypatch, caplog):
                                noise=plain["noise"], model=plain["model"], reweight={**plain["reweight"], "epochs": 5},
                                seed=0, meta_ids=np.array([1, 2]), meta_labels=np.array([0, 1]))
     assert "training run run-b: resuming after epoch 3 of 5, its last snapshot on disk" in caplog.text
+
+
+@pytest.mark.parametrize("max_failures", [0, 3, -1])
+def test_ray_max_failures_reaches_ray_trains_failure_config(tmp_path, monkeypatch, max_failures):
+    """ray.max_failures: how often Ray Train restarts a run within the job after a worker fails."""
+    import ray.train.torch
+
+    from pivotal_ray import training
+    from pivotal_ray.config import from_dict
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, run_config, **kwargs):
+        seen["max_failures"] = run_config.failure_config.max_failures
+        raise Stop
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", capture)
+    cfg = from_dict({"output_dir": str(tmp_path / "out"), "ray": {"max_failures": max_failures}})
+    with pytest.raises(Stop):
+        training.train(cfg, "run-c", np.array([1, 2]), np.array([0, 1]), str(tmp_path / "store"))
+    assert seen == {"max_failures": max_failures}
