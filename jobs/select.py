@@ -54,12 +54,10 @@ def resolve_config(cfg: DictConfig):
                           "head node or a mounted shared volume, and put checkpoints on the URI with "
                           "ray.storage_path=<uri>")
     values["output_dir"] = os.path.abspath(out)
-    data = values.get("data") or {}
-    if data.get("root") and "://" not in str(data["root"]):
-        data["root"] = os.path.abspath(os.path.expanduser(str(data["root"])))
-    labels = values.get("labels") or {}
-    if labels.get("file") and "://" not in str(labels["file"]):  # a URI is refused by LabelsConfig
-        labels["file"] = os.path.abspath(os.path.expanduser(str(labels["file"])))
+    for section, key in (("data", "root"), ("labels", "file")):  # a labels.file URI is refused by LabelsConfig
+        group = values.get(section) or {}
+        if group.get(key) and "://" not in str(group[key]):
+            group[key] = os.path.abspath(os.path.expanduser(str(group[key])))
     ray_cfg = values.get("ray") or {}
     if isinstance(ray_cfg.get("storage_path"), str) and ray_cfg["storage_path"].startswith("~"):
         ray_cfg["storage_path"] = os.path.expanduser(ray_cfg["storage_path"])  # a relative one is refused

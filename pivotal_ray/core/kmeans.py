@@ -446,6 +446,11 @@ def n_excluded(n_candidates: int, exclude_frac: float) -> int:
     return int(math.floor(exclude_frac * n_candidates + 1e-9))
 
 
+def _activate_all(shards: Any) -> None:
+    """Every row of every shard active again, as the shards came to :func:`select_pivotal`."""
+    shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))
+
+
 def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.ndarray, exclude_frac: float,
                    weighted: bool = True, init: str = "kmeans++", max_iter: int = 200, tol: float = 1e-6,
                    seed: int, sign_align: bool = True, signed: bool = False, device: str = "cpu") -> Selection:
@@ -505,8 +510,8 @@ def select_pivotal(shards: Any, *, budget: int, meta_ids: Sequence[int] | np.nda
         # leave the shards as they came where they can be reached; a shard that is gone (a lost Ray
         # worker) cannot, and the first error is the one to report, not a second one from here
         with contextlib.suppress(Exception):
-            shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))
+            _activate_all(shards)
         raise
-    shards.call("set_active", exclude_ids=np.zeros(0, dtype=np.int64))  # every row active again
+    _activate_all(shards)
     return Selection(np.asarray(ids, dtype=np.int64), np.asarray(cl, dtype=np.int64),
                      np.asarray(sc, dtype=np.float64), km.objective, km.n_iter, M, excluded, km.centroids)

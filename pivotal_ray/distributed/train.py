@@ -230,7 +230,7 @@ SNAPSHOT_FILES = (*PT_FILES, "metrics.json", "history.json")  # what a checkpoin
 
 def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
     """Every persisted snapshot of a run (local path or storage URI), one per epoch, by epoch."""
-    by_epoch: dict[int, tuple[tuple[float, ...], dict[str, Any]]] = {}
+    by_epoch: dict[int, tuple[tuple[bool, float, int], dict[str, Any]]] = {}
     for i, d in enumerate(storage.list_dirs(run_path, prefix="checkpoint_")):
         # skip an upload still in flight (or cut off): Ray does not promise the files' order, and a
         # file cut off mid-copy exists. The JSON files are parsed; the .pt files must have the sizes
@@ -251,7 +251,7 @@ def _scan_snapshots(run_path: str) -> list[dict[str, Any]]:
         # saved; copies written before that was recorded count as earlier, and among them the folder
         # name (Ray's local time of the save) decides
         saved_at = metrics.pop("saved_at", None)
-        order = (0.0, float(i)) if saved_at is None else (1.0, float(saved_at), float(i))
+        order = (saved_at is not None, float(saved_at or 0.0), i)
         epoch = int(metrics["epoch"])
         if epoch not in by_epoch or order > by_epoch[epoch][0]:
             by_epoch[epoch] = (order, {"path": d, **metrics})
