@@ -5,8 +5,11 @@ batch 128; meta batch 100 (``reweight.meta_batch_size``); modes ``direct`` and `
 (:mod:`pivotal_ray.core.reweight`). The plain step is what a trainer without re-weighting does:
 train-mode forward, mean cross-entropy, backward, ``SGD.step``. Time: median of interleaved
 repeats. Memory: peak above the resting state during one step (see ``_common.peak_memory``).
-Also timed, to locate the cost: an eval forward (no grad) and the forward-mode JVP of eq. S4
-(``per_sample_grad_dot``) alone.
+Also timed, to locate the cost: an eval forward (no grad), the forward-mode JVP of eq. S4
+(``per_sample_grad_dot``) alone, and the l2rw step forced to each of its two forms (the same
+floats): ``l2rw_one_pass``, the real forward and the JVP as one dual-tensor pass, and
+``l2rw_two_pass``, a forward and then the JVP. ``l2rw`` is the form the mode picks for the model
+(one pass unless it has normalisation layers).
 
     python -m benchmarks.reweight_step --size full --out benchmarks/results/reweight_step.jsonl
 
@@ -53,6 +56,7 @@ def _setup(name: str, size: str, device: torch.device, seed: int = 0) -> dict[st
 def _steps(s: dict[str, Any]) -> dict[str, Any]:
     model, opt = s["model"], s["opt"]
     rw = {mode: build_reweighter(mode, meta_lr=100.0) for mode in ("direct", "l2rw")}
+    rw |= {f"l2rw_{form}_pass": build_reweighter("l2rw", one_pass=form == "one") for form in ("one", "two")}
 
     def plain() -> None:
         loss = F.cross_entropy(model(s["x"]), s["y"])
@@ -77,7 +81,8 @@ def _steps(s: dict[str, Any]) -> dict[str, Any]:
     def jvp() -> None:
         per_sample_grad_dot(model, named, s["x"], s["y"], v)
 
-    return {"sgd": plain, "direct": meta("direct"), "l2rw": meta("l2rw"), "eval_forward": forward, "jvp": jvp}
+    return {"sgd": plain, "direct": meta("direct"), "l2rw": meta("l2rw"), "l2rw_one_pass": meta("l2rw_one_pass"),
+            "l2rw_two_pass": meta("l2rw_two_pass"), "eval_forward": forward, "jvp": jvp}
 
 
 def run(args) -> dict[str, Any]:
@@ -89,7 +94,7 @@ def run(args) -> dict[str, Any]:
         fns = _steps(s)
         t = _common.interleaved(fns, repeats=repeats, device=device, warmup=1 if args.size == "full" else 0)
         mem = {}
-        for k in ("sgd", "direct", "l2rw"):  # one step each, after the warm-up steps above
+        for k in ("sgd", "direct", "l2rw", "l2rw_one_pass", "l2rw_two_pass"):  # one step each, after the warm-up
             with _common.peak_memory(device) as pm:
                 fns[k]()
                 _common.sync(device)
@@ -98,15 +103,21 @@ def run(args) -> dict[str, Any]:
              "memory_method": pm["method"],
              "time_ratio_direct": t["direct"] / t["sgd"], "time_ratio_l2rw": t["l2rw"] / t["sgd"],
              "mem_ratio_direct": mem["direct"] / max(mem["sgd"], 1), "mem_ratio_l2rw": mem["l2rw"] / max(mem["sgd"], 1),
+             "l2rw_one_pass_over_two_pass": {"time": t["l2rw_one_pass"] / t["l2rw_two_pass"],
+                                             "peak_memory": mem["l2rw_one_pass"] / max(mem["l2rw_two_pass"], 1)},
              "jvp_over_eval_forward": t["jvp"] / t["eval_forward"],
              "sgd_over_eval_forward": t["sgd"] / t["eval_forward"]}
         results[name] = r
         print(f"{name} batch {s['batch']}: sgd {t['sgd']*1e3:.1f} ms, direct {t['direct']*1e3:.1f} ms, "
-              f"l2rw {t['l2rw']*1e3:.1f} ms, eval fwd {t['eval_forward']*1e3:.1f} ms, jvp {t['jvp']*1e3:.1f} ms")
+              f"l2rw {t['l2rw']*1e3:.1f} ms (one pass {t['l2rw_one_pass']*1e3:.1f}, two {t['l2rw_two_pass']*1e3:.1f}), "
+              f"eval fwd {t['eval_forward']*1e3:.1f} ms, jvp {t['jvp']*1e3:.1f} ms")
         print("  " + _common.fmt_ratio("time direct/sgd", r["time_ratio_direct"], "<= 2.0") + "; "
               + _common.fmt_ratio("time l2rw/sgd", r["time_ratio_l2rw"], "<= 2.0"))
         print(f"  peak memory (MiB) sgd {mem['sgd']/2**20:.1f}, direct {mem['direct']/2**20:.1f}, "
-              f"l2rw {mem['l2rw']/2**20:.1f}; ratio direct {r['mem_ratio_direct']:.2f}, l2rw {r['mem_ratio_l2rw']:.2f}")
+              f"l2rw {mem['l2rw']/2**20:.1f} (one pass {mem['l2rw_one_pass']/2**20:.1f}, two "
+              f"{mem['l2rw_two_pass']/2**20:.1f}); ratio direct {r['mem_ratio_direct']:.2f}, l2rw {r['mem_ratio_l2rw']:.2f}")
+        q = r["l2rw_one_pass_over_two_pass"]
+        print(f"  l2rw one pass / two passes: time {q['time']:.2f}, peak memory {q['peak_memory']:.2f}")
         del s, fns
     return _common.write_result(args, "reweight_step", device, results, repeats=repeats)
 

@@ -24,7 +24,11 @@ across workers before a model is evaluated or saved.
 
 Modes (``REWEIGHTERS``): ``direct`` (above), ``l2rw`` (Ren et al. 2018), ``mwnet`` (Shu et al.
 2019, :mod:`pivotal_ray.core.mwnet`) and ``none`` (plain training with fixed weights, no meta
-pass). A mode with ``needs_meta = False`` is stepped with ``x_meta = y_meta = None``.
+pass). A mode with ``needs_meta = False`` is stepped with ``x_meta = y_meta = None``. In ``l2rw``
+the meta gradient is taken at ``theta`` itself, before the train batch is seen, so for a model
+without normalisation layers the real forward and the JVP are one dual-tensor pass
+(:func:`losses_and_grad_dots`, the same floats); ``direct`` and ``mwnet`` need the batch's
+gradient before ``v`` and keep the separate JVP.
 """
 
 from __future__ import annotations
@@ -170,6 +174,38 @@ def per_sample_grad_dot(model: nn.Module, params: dict[str, torch.Tensor], x: to
         return fwAD.unpack_dual(losses).tangent
 
 
+def losses_and_grad_dots(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                         v: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real forward and :func:`per_sample_grad_dot` in one pass, for a ``v`` known beforehand.
+
+    Returns the (b,) per-sample losses, with their autograd graph to ``params`` (the real step's
+    backward runs on it), and the (b,) inner products ``<v, grad_theta f_j(theta)>``, detached.
+    The parameters enter as dual tensors whose primal is the parameter itself, so the primal
+    losses are those of ``model(x)``, computed by the same kernels (equal to the separate
+    forward and JVP bit for bit), and one forward is saved. BatchNorm updates the model's own
+    running statistics, as the real forward does.
+
+    The autograd graph also records the tangent's operations (they involve the parameters). For
+    convolutions and linear layers that costs less memory than the separate JVP's peak; through
+    normalisation layers, whose forward-mode formulas keep many intermediates, the step's peak
+    about doubles (LeNet-5 and the CIFAR ResNet-18 in ``benchmarks.reweight_step``, docs/performance.md
+    row 1). :class:`L2RWReweighter` therefore takes this path only for models without them.
+    """
+    with _FORWARD_AD_LOCK, fwAD.dual_level():
+        duals = {k: fwAD.make_dual(p, t) for (k, p), t in zip(params.items(), v)}
+        logits = functional_call(model, (duals, dict(model.named_buffers())), (x,))  # (b, C)
+        losses, dots = fwAD.unpack_dual(F.cross_entropy(logits, y, reduction="none"))
+    return losses, dots.detach()
+
+
+_NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # _NormBase: BatchNorm, InstanceNorm
+
+
+def has_normalisation(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm, InstanceNorm, GroupNorm or LayerNorm layer."""
+    return any(isinstance(m, _NORMALISATION) for m in model.modules())
+
+
 REWEIGHTERS: Registry[type] = Registry("re-weighting mode")
 
 
@@ -231,18 +267,26 @@ class L2RWReweighter(_Stateless):
     returned weights are rescaled by ``|B|`` (mean 1) so they are comparable across batches.
     """
 
-    def __init__(self, *, meta_class_balanced: bool = False, **_: object) -> None:
+    def __init__(self, *, meta_class_balanced: bool = False, one_pass: bool | None = None, **_: object) -> None:
         self.meta_class_balanced = meta_class_balanced
+        # None: one pass (:func:`losses_and_grad_dots`) unless the model has normalisation layers,
+        # where it keeps about twice the activations; True / False force it (benchmarks, tests)
+        self.one_pass = one_pass
 
     def step(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              w: torch.Tensor, x_meta: torch.Tensor, y_meta: torch.Tensor, lr: float, global_batch: int,
              reducer: Reducer) -> StepOutput:
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
-        losses = F.cross_entropy(model(x), y, reduction="none")  # (b,)
+        one_pass = not has_normalisation(model) if self.one_pass is None else self.one_pass
+        if not one_pass:
+            losses = F.cross_entropy(model(x), y, reduction="none")  # (b,) the real forward
         v, meta_loss = meta_gradient(model, {k: p.detach() for k, p in named}, x_meta, y_meta, reducer=reducer,
                                      class_balanced=self.meta_class_balanced)
-        dots = per_sample_grad_dot(model, dict(named), x, y, _unflat(v, params))  # (b,) <v, grad f_j>
+        if one_pass:  # v does not depend on the train batch: the real forward and the JVP in one pass
+            losses, dots = losses_and_grad_dots(model, dict(named), x, y, _unflat(v, params))
+        else:
+            dots = per_sample_grad_dot(model, dict(named), x, y, _unflat(v, params))  # (b,) <v, grad f_j>
         weight_grad = -lr * dots  # dL_meta/d eps_j at eps = 0 (eq. S10)
         raw = (-weight_grad).clamp(min=0.0)  # (b,)
         total = reducer.sum_(raw.sum().reshape(1).to(torch.float64))[0]

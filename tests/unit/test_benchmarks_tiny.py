@@ -27,8 +27,8 @@ def test_reweight_step(tmp_path, capsys):
     for model in ("lenet5", "resnet18_cifar"):
         r = res[model]
         assert {"time_ratio_direct", "time_ratio_l2rw", "mem_ratio_direct", "mem_ratio_l2rw",
-                "jvp_over_eval_forward"} <= set(r)
-        assert set(r["seconds"]) == {"sgd", "direct", "l2rw", "eval_forward", "jvp"}
+                "jvp_over_eval_forward", "l2rw_one_pass_over_two_pass"} <= set(r)
+        assert set(r["seconds"]) == {"sgd", "direct", "l2rw", "l2rw_one_pass", "l2rw_two_pass", "eval_forward", "jvp"}
         assert all(v > 0 for v in r["seconds"].values())
     assert "time direct/sgd" in capsys.readouterr().out
 

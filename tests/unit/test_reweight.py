@@ -81,7 +81,8 @@ def test_weights_clipped_and_real_step_uses_new_weights():
             torch.testing.assert_close(q, p - 0.1 * p.grad)
 
 
-def test_meta_pass_does_not_touch_batchnorm_statistics():
+@pytest.mark.parametrize("mode", ["direct", "l2rw", "mwnet"])
+def test_meta_pass_does_not_touch_batchnorm_statistics(mode):
     torch.manual_seed(2)
     model = TinyNet(bn=True).train()
     bn = model.body[1]
@@ -89,9 +90,9 @@ def test_meta_pass_does_not_touch_batchnorm_statistics():
     # one plain forward gives the expected running stats of a single real forward
     expected = copy.deepcopy(model)
     expected(x)
-    DirectReweighter(meta_lr=1.0).step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), x=x,
-                                       y=y, w=torch.ones(8), x_meta=torch.randn(4, 5), y_meta=torch.randint(0, 3, (4,)),
-                                       lr=0.1, global_batch=8, reducer=LocalReducer())
+    build_reweighter(mode, meta_lr=1.0).step(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), x=x, y=y, w=torch.ones(8),
+        x_meta=torch.randn(4, 5), y_meta=torch.randint(0, 3, (4,)), lr=0.1, global_batch=8, reducer=LocalReducer())
     torch.testing.assert_close(bn.running_mean, expected.body[1].running_mean)
     torch.testing.assert_close(bn.running_var, expected.body[1].running_var)
     assert int(bn.num_batches_tracked) == 1
@@ -131,8 +132,13 @@ def test_l2rw_clips_every_sample_to_zero_weight_without_nan(monkeypatch):
     every weight is 0 (eq. S11's normaliser is 0): no NaN, and the real step changes nothing."""
     from pivotal_ray.core import reweight as rw
 
-    real = rw.per_sample_grad_dot
-    monkeypatch.setattr(rw, "per_sample_grad_dot", lambda *a, **k: -real(*a, **k).abs())  # all disagree
+    real = rw.losses_and_grad_dots
+
+    def disagree(*a, **k):
+        losses, dots = real(*a, **k)
+        return losses, -dots.abs()  # every sample's gradient disagrees with the meta gradient
+
+    monkeypatch.setattr(rw, "losses_and_grad_dots", disagree)
     torch.manual_seed(3)
     model = TinyNet().double()
     before = [p.detach().clone() for p in model.parameters()]
@@ -181,3 +187,64 @@ def test_class_balanced_meta_gradient_matches_autograd(mode):
     out = rw.step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), x=x, y=y, w=w0, x_meta=xm,
                   y_meta=ym, lr=lr, global_batch=10, reducer=LocalReducer())
     torch.testing.assert_close(out.weight_grad, ref)
+
+
+@pytest.mark.parametrize("one_pass", [None, True, False])
+@pytest.mark.parametrize("bn", [False, True])
+def test_l2rw_one_pass_equals_separate_forward_and_jvp_bit_for_bit(bn, one_pass):
+    """l2rw's real forward and the JVP of eq. S4 as one dual pass, or as a forward and then the JVP:
+    the result (weights, loss, parameters after the step, BatchNorm statistics) is that of the
+    separate forward, meta gradient and JVP written out here, exactly, over several steps."""
+    from pivotal_ray.core.reweight import _apply_step, _unflat, meta_gradient, per_sample_grad_dot
+
+    torch.manual_seed(6)
+    model = TinyNet(bn=bn).train()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.5) for m in (model, ref))
+    xm, ym = torch.randn(5, 5), torch.randint(0, 3, (5,))
+    rw = build_reweighter("l2rw", one_pass=one_pass)
+    for step in range(3):
+        x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+        out = rw.step(model=model, optimizer=opt, x=x, y=y, w=torch.ones(12), x_meta=xm, y_meta=ym, lr=0.2,
+                      global_batch=12, reducer=LocalReducer())
+        named = [(k, p) for k, p in ref.named_parameters()]
+        params = [p for _, p in named]
+        losses = F.cross_entropy(ref(x), y, reduction="none")  # the real forward
+        v, meta_loss = meta_gradient(ref, {k: p.detach() for k, p in named}, xm, ym, reducer=LocalReducer())
+        dots = per_sample_grad_dot(ref, dict(named), x, y, _unflat(v, params))
+        raw = (0.2 * dots).clamp(min=0.0)
+        new_w = raw / raw.sum()
+        loss = (new_w * losses).sum()
+        _apply_step(loss, params, ref_opt, LocalReducer())
+        assert (raw == 0).any() and (raw > 0).any()  # clipped and kept samples: not vacuous
+        assert torch.equal(out.weights, new_w * 12) and out.loss == float(loss.detach()) and out.meta_loss == meta_loss
+        assert torch.equal(out.weight_grad, -0.2 * dots)
+        for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("bn, one_pass", [(False, True), (True, False)])
+def test_l2rw_takes_one_pass_only_without_normalisation_layers(monkeypatch, bn, one_pass):
+    """Through normalisation layers the one-pass graph keeps about twice the activations: such a
+    model gets the forward and then the JVP."""
+    from pivotal_ray.core import reweight as rw
+
+    calls = []
+    for name in ("losses_and_grad_dots", "per_sample_grad_dot"):
+        real = getattr(rw, name)
+        monkeypatch.setattr(rw, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    model = TinyNet(bn=bn).train()
+    assert rw.has_normalisation(model) == bn
+    rw.build_reweighter("l2rw").step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     x=torch.randn(8, 5), y=torch.randint(0, 3, (8,)), w=torch.ones(8),
+                                     x_meta=torch.randn(4, 5), y_meta=torch.randint(0, 3, (4,)), lr=0.1,
+                                     global_batch=8, reducer=LocalReducer())
+    assert calls == ["losses_and_grad_dots" if one_pass else "per_sample_grad_dot"]
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.InstanceNorm1d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4)])
+def test_has_normalisation_finds_each_kind(layer):
+    from pivotal_ray.core.reweight import has_normalisation
+
+    assert has_normalisation(nn.Sequential(nn.Linear(3, 4), nn.Sequential(layer)))
+    assert not has_normalisation(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Conv1d(1, 2, 3)))
