@@ -16,14 +16,13 @@ artefacts) and ``ray_train/`` (the shared Ray Train storage).
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from jobs.select import CONFIGS, exit_if_worker_lost, exit_interrupted, resolve_config
-from pivotal_ray.config import CompareConfig, ConfigError, _build
+from jobs.select import CONFIGS, exit_status, resolve_config
+from pivotal_ray.config import CompareConfig, _build
 
 
 def compare_config(cfg: DictConfig) -> CompareConfig:
@@ -38,19 +37,11 @@ def main(cfg: DictConfig) -> None:
     from pivotal_ray.compare import run_compare
     from pivotal_ray.pipeline import _check_cluster, connect
 
-    try:
+    with exit_status():
         cc = compare_config(cfg)
         base = resolve_config(cfg)
         # Ray once every run is valid; then every run that will train is checked against the cluster
         df = run_compare(base=base, cc=cc, before_runs=lambda: connect(base), check=_check_cluster)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        exit_interrupted()
-    except Exception as err:
-        exit_if_worker_lost(err)
-        raise
     print((Path(cc.output_root).resolve() / "results.md").read_text())
     print(f"{len(df)} runs; outputs: {cc.output_root}")
 

@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -95,13 +96,12 @@ def exit_interrupted() -> None:
     sys.exit(130)
 
 
-@hydra.main(config_path=CONFIGS, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    from pivotal_ray.pipeline import run_experiment
-
+@contextmanager
+def exit_status():
+    """A job's exit status: 2 with the message for bad input (ConfigError), 130 after Ctrl-C,
+    3 for a lost Ray worker; any other error is raised as it is (Hydra prints its traceback)."""
     try:
-        exp = resolve_config(cfg)
-        metrics = run_experiment(exp)
+        yield
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -110,6 +110,15 @@ def main(cfg: DictConfig) -> None:
     except Exception as err:
         exit_if_worker_lost(err)
         raise
+
+
+@hydra.main(config_path=CONFIGS, config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from pivotal_ray.pipeline import run_experiment
+
+    with exit_status():
+        exp = resolve_config(cfg)
+        metrics = run_experiment(exp)
     if metrics.get("status") == "awaiting_labels":
         print(f"waiting for labels: {metrics['missing']} sample(s) of round {metrics['round']} need a clean label")
         print(Path(metrics["to_label"]).read_text().rstrip())
