@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -54,6 +55,7 @@ __all__ = [
     "cpu_model",
     "compute_platform",
     "git_revision",
+    "git_changes",
     "config_fingerprint",
     "write_manifest",
     "check_output_dir",
@@ -455,6 +457,56 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> str | None:
         return None
 
 
+GIT_CHANGES_LISTED = 50  # paths a manifest lists; more are counted
+
+
+def git_changes(path: str | os.PathLike[str] | None = None) -> list[str] | None:
+    """Tracked files of the checkout containing ``path`` that differ from its commit.
+
+    So a manifest says whether the code that ran is the commit it names. Runs ``git status``
+    (untracked files left out: outputs and data are not code; without taking git's optional
+    index lock, so another git command is never blocked).
+
+    Parameters
+    ----------
+    path : path-like, optional
+        Any path inside the checkout; default: the checkout holding this package.
+
+    Returns
+    -------
+    list of str or None
+        The changed paths, relative to the checkout, sorted (empty: the commit as it is); past
+        :data:`GIT_CHANGES_LISTED` paths, the rest counted in a last entry ``"... N more"``. None
+        where it cannot be told: no ``git`` program (Ray's container images often lack it), not
+        a checkout (a Ray job's working-dir copy ships HEAD and refs only), or git failing.
+    """
+    start = (Path(path) if path is not None else Path(__file__).parent).resolve()
+    git = shutil.which("git")
+    checkout = next((f for f in (start, *start.parents) if (f / ".git").exists()), None)
+    git_dir = None if checkout is None else _find_git_dir(checkout)
+    if git is None or git_dir is None:
+        return None
+    try:  # the checkout git_revision reads, named outright: git never looks further up for another
+        proc = subprocess.run([git, f"--git-dir={git_dir}", f"--work-tree={checkout}", "status", "--porcelain=v1",
+                               "-z", "--untracked-files=no"], cwd=checkout, capture_output=True, timeout=30,
+                              check=False, stdin=subprocess.DEVNULL, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    entries = iter(proc.stdout.decode("utf-8", errors="replace").split("\0"))
+    paths = []
+    for entry in entries:
+        if len(entry) > 3:  # "XY path"
+            paths.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy: its source path follows
+                next(entries, None)
+    paths.sort()
+    if len(paths) > GIT_CHANGES_LISTED:
+        paths = [*paths[:GIT_CHANGES_LISTED], f"... {len(paths) - GIT_CHANGES_LISTED} more"]
+    return paths
+
+
 # ------------------------------------------------------------------------------- fingerprint
 
 
@@ -565,7 +617,9 @@ def write_manifest(output_dir: str | os.PathLike[str], *, config: Mapping[str, A
     -------
     pathlib.Path
         The manifest's path. Its keys: format, created (UTC, ISO 8601), fingerprint, seed,
-        config, timings, versions, git_revision, host, platform (:func:`compute_platform`), extra.
+        config, timings, versions, git_revision, git_changes (:func:`git_changes`: the tracked
+        files that differ from that commit, None where that cannot be told), host, platform
+        (:func:`compute_platform`), extra.
     """
     out = _local_path(output_dir, "output_dir")
     plain = _plain(config, "")
@@ -582,6 +636,7 @@ def write_manifest(output_dir: str | os.PathLike[str], *, config: Mapping[str, A
         "timings": {k: float(v) for k, v in timings.items()},
         "versions": package_versions(),
         "git_revision": git_revision(),
+        "git_changes": git_changes(),
         "host": platform.node(),
         "platform": compute_platform(),
         "extra": dict(extra or {}),

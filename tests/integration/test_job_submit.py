@@ -200,3 +200,6 @@ def test_job_manifest_names_the_commit_that_ran(submitted):
             assert (pkg / ".git" / "HEAD").is_file()
     manifest = json.loads((submitted["out"] / "manifest.json").read_text())
     assert manifest["git_revision"] is not None and manifest["git_revision"] == git_revision(REPO)
+    # the job ran from Ray's copy of the working dir, whose .git holds HEAD and refs only: what
+    # differed from the commit cannot be told there, and is not taken from another repository
+    assert manifest["git_changes"] is None

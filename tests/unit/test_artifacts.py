@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +412,45 @@ def test_a_setting_only_one_run_has_is_shown_as_not_set(tmp_path: Path) -> None:
         art.check_output_dir(tmp_path, config={"seed": 0})
     assert ("Differences: labels.source: 'file' -> (not set: its default, or not used by that method)."
             in str(err.value))
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args], cwd=repo,
+                   check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git program")
+def test_git_changes_lists_the_tracked_files_that_differ_from_the_commit(tmp_path: Path, monkeypatch) -> None:
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    for name in ("a.py", "b.py", "old.py"):
+        (repo / "pkg" / name).write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "c")
+    assert art.git_changes(repo / "pkg") == []  # the commit as it is, asked from a subfolder
+    (repo / "pkg" / "b.py").write_text("x = 2\n")
+    (repo / "pkg" / "new.py").write_text("untracked\n")  # untracked: outputs and data are not code
+    _git(repo, "mv", "pkg/old.py", "pkg/moved.py")
+    assert art.git_changes(repo / "pkg") == ["pkg/b.py", "pkg/moved.py"]
+    monkeypatch.setattr(art, "GIT_CHANGES_LISTED", 1)
+    assert art.git_changes(repo) == ["pkg/b.py", "... 1 more"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs the git program")
+def test_git_changes_is_none_where_it_cannot_be_told(tmp_path: Path, monkeypatch) -> None:
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    _git(outer, "init", "-q")  # a real repository above: never reported for the folders below
+    (outer / "plain").mkdir()
+    shipped = _fake_repo(outer / "shipped", "ref: refs/heads/main", {"refs/heads/main": SHA})  # a Ray job's copy
+    assert art.git_revision(shipped) == SHA and art.git_changes(shipped) is None
+    assert art.git_changes(tmp_path / "nowhere") is None
+    monkeypatch.setattr(art.shutil, "which", lambda name: None)  # no git program
+    assert art.git_changes(outer) is None
+
+
+def test_manifest_records_git_changes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(art, "git_changes", lambda path=None: ["pivotal_ray/core/x.py"])
+    art.write_manifest(tmp_path, config={"a": 1}, seed=0, timings={})
+    assert json.loads((tmp_path / "manifest.json").read_text())["git_changes"] == ["pivotal_ray/core/x.py"]
