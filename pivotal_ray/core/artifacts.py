@@ -442,7 +442,7 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> str | None:
     -------
     str or None
         The commit hash, or None outside a git checkout, on a branch with no commits yet, or when
-        ``.git`` cannot be read. Uncommitted changes are not detected.
+        ``.git`` cannot be read. Uncommitted changes are :func:`git_changes`'s.
     """
     start = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
