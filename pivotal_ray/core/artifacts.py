@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -56,6 +57,7 @@ __all__ = [
     "compute_platform",
     "git_revision",
     "git_changes",
+    "code_state",
     "config_fingerprint",
     "write_manifest",
     "check_output_dir",
@@ -475,36 +477,54 @@ def git_changes(path: str | os.PathLike[str] | None = None) -> list[str] | None:
     Returns
     -------
     list of str or None
-        The changed paths, relative to the checkout, sorted (empty: the commit as it is); past
+        The changed paths, relative to the checkout, sorted (empty: the commit as it is; a
+        renamed file is its old and its new path); past
         :data:`GIT_CHANGES_LISTED` paths, the rest counted in a last entry ``"... N more"``. None
         where it cannot be told: no ``git`` program (Ray's container images often lack it), not
         a checkout (a Ray job's working-dir copy ships HEAD and refs only), or git failing.
     """
     start = (Path(path) if path is not None else Path(__file__).parent).resolve()
     git = shutil.which("git")
-    checkout = next((f for f in (start, *start.parents) if (f / ".git").exists()), None)
-    git_dir = None if checkout is None else _find_git_dir(checkout)
-    if git is None or git_dir is None:
-        return None
-    try:  # the checkout git_revision reads, named outright: git never looks further up for another
+    try:
+        checkout = next((f for f in (start, *start.parents) if (f / ".git").exists()), None)
+        git_dir = None if checkout is None else _find_git_dir(checkout)
+        if git is None or git_dir is None:
+            return None
+        # the checkout git_revision reads, named outright (git never looks further up for another);
+        # none of the caller's GIT_* settings (a hook's GIT_INDEX_FILE, ...) changes what is read
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_OPTIONAL_LOCKS": "0"}
         proc = subprocess.run([git, f"--git-dir={git_dir}", f"--work-tree={checkout}", "status", "--porcelain=v1",
-                               "-z", "--untracked-files=no"], cwd=checkout, capture_output=True, timeout=30,
-                              check=False, stdin=subprocess.DEVNULL, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+                               "-z", "--untracked-files=no", "--no-renames"], cwd=checkout, capture_output=True,
+                              timeout=30, check=False, stdin=subprocess.DEVNULL, env=env)
     except (OSError, subprocess.SubprocessError):
         return None
     if proc.returncode != 0:
         return None
     entries = iter(proc.stdout.decode("utf-8", errors="replace").split("\0"))
     paths = []
-    for entry in entries:
-        if len(entry) > 3:  # "XY path"
+    for entry in entries:  # "XY path"; a rename is its two paths (--no-renames), both listed
+        if len(entry) > 3:
             paths.append(entry[3:])
-            if entry[0] in "RC":  # a rename or copy: its source path follows
+            if "R" in entry[:2] or "C" in entry[:2]:  # (not with --no-renames) the source path follows
                 next(entries, None)
     paths.sort()
     if len(paths) > GIT_CHANGES_LISTED:
         paths = [*paths[:GIT_CHANGES_LISTED], f"... {len(paths) - GIT_CHANGES_LISTED} more"]
     return paths
+
+
+@functools.lru_cache(maxsize=1)
+def _code_state() -> tuple[str | None, tuple[str, ...] | None]:
+    changes = git_changes()
+    return git_revision(), None if changes is None else tuple(changes)
+
+
+def code_state() -> dict[str, Any]:
+    """``git_revision`` and ``git_changes`` of this package's checkout, as they were the first time
+    this process asked: the code it loaded, not a commit or an edit made while it ran (a
+    manifest is written again when the run ends; a resumed run names the code that resumed it)."""
+    revision, changes = _code_state()
+    return {"git_revision": revision, "git_changes": None if changes is None else list(changes)}
 
 
 # ------------------------------------------------------------------------------- fingerprint
@@ -618,8 +638,8 @@ def write_manifest(output_dir: str | os.PathLike[str], *, config: Mapping[str, A
     pathlib.Path
         The manifest's path. Its keys: format, created (UTC, ISO 8601), fingerprint, seed,
         config, timings, versions, git_revision, git_changes (:func:`git_changes`: the tracked
-        files that differ from that commit, None where that cannot be told), host, platform
-        (:func:`compute_platform`), extra.
+        files that differ from that commit, None where that cannot be told; both as this process
+        first saw them, :func:`code_state`), host, platform (:func:`compute_platform`), extra.
     """
     out = _local_path(output_dir, "output_dir")
     plain = _plain(config, "")
@@ -635,8 +655,7 @@ def write_manifest(output_dir: str | os.PathLike[str], *, config: Mapping[str, A
         "config": plain,
         "timings": {k: float(v) for k, v in timings.items()},
         "versions": package_versions(),
-        "git_revision": git_revision(),
-        "git_changes": git_changes(),
+        **code_state(),
         "host": platform.node(),
         "platform": compute_platform(),
         "extra": dict(extra or {}),

@@ -27,8 +27,8 @@ Modes (``REWEIGHTERS``): ``direct`` (above), ``l2rw`` (Ren et al. 2018), ``mwnet
 pass). A mode with ``needs_meta = False`` is stepped with ``x_meta = y_meta = None``. In ``l2rw``
 the meta gradient is taken at ``theta`` itself, before the train batch is seen, so for a model
 without normalisation layers the real forward and the JVP are one dual-tensor pass
-(:func:`losses_and_grad_dots`, the same floats); ``direct`` and ``mwnet`` need the batch's
-gradient before ``v`` and keep the separate JVP.
+(:func:`losses_and_grad_dots`, the same floats for a forward without dropout); ``direct`` and
+``mwnet`` need the batch's gradient before ``v`` and keep the separate JVP.
 """
 
 from __future__ import annotations
@@ -183,7 +183,9 @@ def losses_and_grad_dots(model: nn.Module, params: dict[str, torch.Tensor], x: t
     The parameters enter as dual tensors whose primal is the parameter itself, so the primal
     losses are those of ``model(x)``, computed by the same kernels (equal to the separate
     forward and JVP bit for bit), and one forward is saved. BatchNorm updates the model's own
-    running statistics, as the real forward does.
+    running statistics, as the real forward does. Bit for bit holds for a forward that draws no
+    random numbers (none of this package's models does): with dropout, one pass takes the JVP
+    through the real forward's masks, where a separate JVP draws masks of its own.
 
     The autograd graph also records the tangent's operations (they involve the parameters). For
     convolutions and linear layers that costs less memory than the separate JVP's peak; through
@@ -198,11 +200,13 @@ def losses_and_grad_dots(model: nn.Module, params: dict[str, torch.Tensor], x: t
     return losses, dots.detach()
 
 
-_NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # _NormBase: BatchNorm, InstanceNorm
+# _NormBase: BatchNorm and InstanceNorm
+_NORMALISATION = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
 
 
 def has_normalisation(model: nn.Module) -> bool:
-    """Whether ``model`` has a BatchNorm, InstanceNorm, GroupNorm or LayerNorm layer."""
+    """Whether ``model`` has a BatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm or
+    LocalResponseNorm layer."""
     return any(isinstance(m, _NORMALISATION) for m in model.modules())
 
 

@@ -423,34 +423,61 @@ def _git(repo: Path, *args: str) -> None:
 def test_git_changes_lists_the_tracked_files_that_differ_from_the_commit(tmp_path: Path, monkeypatch) -> None:
     repo = tmp_path / "repo"
     (repo / "pkg").mkdir(parents=True)
-    for name in ("a.py", "b.py", "old.py"):
-        (repo / "pkg" / name).write_text("x = 1\n")
+    for name in ("a.py", "b.py", "old.py", "two.py"):
+        (repo / "pkg" / name).write_text(f"x = '{name}'\n")
+    (repo / "pkg" / "with space.py").write_text("y = 1\n")
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
     _git(repo, "commit", "-q", "-m", "c")
     assert art.git_changes(repo / "pkg") == []  # the commit as it is, asked from a subfolder
     (repo / "pkg" / "b.py").write_text("x = 2\n")
+    (repo / "pkg" / "with space.py").write_text("y = 2\n")
     (repo / "pkg" / "new.py").write_text("untracked\n")  # untracked: outputs and data are not code
-    _git(repo, "mv", "pkg/old.py", "pkg/moved.py")
-    assert art.git_changes(repo / "pkg") == ["pkg/b.py", "pkg/moved.py"]
-    monkeypatch.setattr(art, "GIT_CHANGES_LISTED", 1)
-    assert art.git_changes(repo) == ["pkg/b.py", "... 1 more"]
+    _git(repo, "mv", "pkg/old.py", "pkg/moved.py")  # a rename in the index: both its paths
+    (repo / "pkg" / "two.py").rename(repo / "pkg" / "two_renamed.py")
+    _git(repo, "add", "-N", "pkg/two_renamed.py")  # a rename in the worktree (intent to add)
+    monkeypatch.setenv("GIT_INDEX_FILE", str(tmp_path / "other-index"))  # a hook's setting: not ours to read
+    assert art.git_changes(repo / "pkg") == ["pkg/b.py", "pkg/moved.py", "pkg/old.py", "pkg/two.py",
+                                             "pkg/two_renamed.py", "pkg/with space.py"]
+    monkeypatch.setattr(art, "GIT_CHANGES_LISTED", 2)
+    assert art.git_changes(repo) == ["pkg/b.py", "pkg/moved.py", "... 4 more"]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs the git program")
 def test_git_changes_is_none_where_it_cannot_be_told(tmp_path: Path, monkeypatch) -> None:
     outer = tmp_path / "outer"
     outer.mkdir()
-    _git(outer, "init", "-q")  # a real repository above: never reported for the folders below
+    _git(outer, "init", "-q")  # a real repository above: never reported for a checkout below it
     (outer / "plain").mkdir()
+    assert art.git_changes(outer / "plain") == []  # a folder of the outer checkout is part of it
     shipped = _fake_repo(outer / "shipped", "ref: refs/heads/main", {"refs/heads/main": SHA})  # a Ray job's copy
     assert art.git_revision(shipped) == SHA and art.git_changes(shipped) is None
     assert art.git_changes(tmp_path / "nowhere") is None
+    real_read = Path.read_text
+
+    def unreadable(self, *a, **k):
+        if self.name == ".git":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *a, **k)
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".git").write_text(f"gitdir: {outer / '.git'}\n")  # a worktree's link file, unreadable below
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert art.git_revision(linked) is None and art.git_changes(linked) is None
+    monkeypatch.undo()
     monkeypatch.setattr(art.shutil, "which", lambda name: None)  # no git program
     assert art.git_changes(outer) is None
 
 
-def test_manifest_records_git_changes(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(art, "git_changes", lambda path=None: ["pivotal_ray/core/x.py"])
-    art.write_manifest(tmp_path, config={"a": 1}, seed=0, timings={})
-    assert json.loads((tmp_path / "manifest.json").read_text())["git_changes"] == ["pivotal_ray/core/x.py"]
+def test_manifest_records_the_code_state_this_process_first_saw(tmp_path: Path, monkeypatch) -> None:
+    seen = iter([["pivotal_ray/core/x.py"], ["pivotal_ray/core/y.py"]])
+    monkeypatch.setattr(art, "git_changes", lambda path=None: next(seen))
+    art._code_state.cache_clear()
+    try:
+        art.write_manifest(tmp_path / "a", config={"a": 1}, seed=0, timings={})
+        art.write_manifest(tmp_path / "a", config={"a": 1}, seed=0, timings={"total_s": 1.0})  # an edit meanwhile
+        manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+        assert manifest["git_changes"] == ["pivotal_ray/core/x.py"] and manifest["git_revision"] == art.git_revision()
+    finally:
+        art._code_state.cache_clear()

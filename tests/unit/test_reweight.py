@@ -127,26 +127,28 @@ def test_l2rw_weights_match_autograd_at_zero_eps():
             torch.testing.assert_close(q, p - 0.2 * p.grad)
 
 
-def test_l2rw_clips_every_sample_to_zero_weight_without_nan(monkeypatch):
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_l2rw_clips_every_sample_to_zero_weight_without_nan(monkeypatch, one_pass):
     """When no training sample's gradient agrees with the meta gradient (every <v, grad f_j> <= 0),
     every weight is 0 (eq. S11's normaliser is 0): no NaN, and the real step changes nothing."""
     from pivotal_ray.core import reweight as rw
 
-    real = rw.losses_and_grad_dots
+    real_one, real_two = rw.losses_and_grad_dots, rw.per_sample_grad_dot
 
-    def disagree(*a, **k):
-        losses, dots = real(*a, **k)
-        return losses, -dots.abs()  # every sample's gradient disagrees with the meta gradient
+    def disagree(*a, **k):  # every sample's gradient disagrees with the meta gradient
+        losses, dots = real_one(*a, **k)
+        return losses, -dots.abs()
 
     monkeypatch.setattr(rw, "losses_and_grad_dots", disagree)
+    monkeypatch.setattr(rw, "per_sample_grad_dot", lambda *a, **k: -real_two(*a, **k).abs())
     torch.manual_seed(3)
     model = TinyNet().double()
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
     xm, ym = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
-    out = build_reweighter("l2rw").step(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2), x=x,
-                                        y=y, w=torch.ones(12, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.2,
-                                        global_batch=12, reducer=LocalReducer())
+    out = build_reweighter("l2rw", one_pass=one_pass).step(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.2), x=x, y=y,
+        w=torch.ones(12, dtype=torch.float64), x_meta=xm, y_meta=ym, lr=0.2, global_batch=12, reducer=LocalReducer())
     assert torch.equal(out.weights, torch.zeros(12, dtype=torch.float64)) and out.loss == 0.0
     for p, q in zip(before, model.parameters()):
         assert torch.isfinite(q).all() and torch.equal(p, q)
@@ -190,21 +192,24 @@ def test_class_balanced_meta_gradient_matches_autograd(mode):
 
 
 @pytest.mark.parametrize("one_pass", [None, True, False])
-@pytest.mark.parametrize("bn", [False, True])
-def test_l2rw_one_pass_equals_separate_forward_and_jvp_bit_for_bit(bn, one_pass):
+@pytest.mark.parametrize("net", ["tiny", "tiny_bn", "lenet5"])
+def test_l2rw_one_pass_equals_separate_forward_and_jvp_bit_for_bit(net, one_pass):
     """l2rw's real forward and the JVP of eq. S4 as one dual pass, or as a forward and then the JVP:
     the result (weights, loss, parameters after the step, BatchNorm statistics) is that of the
-    separate forward, meta gradient and JVP written out here, exactly, over several steps."""
+    separate forward, meta gradient and JVP written out here, exactly, over several steps
+    (linear layers, BatchNorm, and LeNet-5's convolutions and pooling)."""
+    from pivotal_ray.core.models import build_model
     from pivotal_ray.core.reweight import _apply_step, _unflat, meta_gradient, per_sample_grad_dot
 
     torch.manual_seed(6)
-    model = TinyNet(bn=bn).train()
+    shape, C = ((1, 28, 28), 10) if net == "lenet5" else ((5,), 3)
+    model = (build_model({"name": "lenet5"}, C, shape, seed=6) if net == "lenet5" else TinyNet(bn=net == "tiny_bn")).train()
     ref = copy.deepcopy(model)
     opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.5) for m in (model, ref))
-    xm, ym = torch.randn(5, 5), torch.randint(0, 3, (5,))
+    xm, ym = torch.randn(5, *shape), torch.randint(0, C, (5,))
     rw = build_reweighter("l2rw", one_pass=one_pass)
     for step in range(3):
-        x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+        x, y = torch.randn(12, *shape), torch.randint(0, C, (12,))
         out = rw.step(model=model, optimizer=opt, x=x, y=y, w=torch.ones(12), x_meta=xm, y_meta=ym, lr=0.2,
                       global_batch=12, reducer=LocalReducer())
         named = [(k, p) for k, p in ref.named_parameters()]
@@ -242,7 +247,8 @@ def test_l2rw_takes_one_pass_only_without_normalisation_layers(monkeypatch, bn, 
     assert calls == ["losses_and_grad_dots" if one_pass else "per_sample_grad_dot"]
 
 
-@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.InstanceNorm1d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4)])
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.InstanceNorm1d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4),
+                                   nn.RMSNorm(4), nn.LocalResponseNorm(2)])
 def test_has_normalisation_finds_each_kind(layer):
     from pivotal_ray.core.reweight import has_normalisation
 
