@@ -55,7 +55,7 @@ def resolve_config(cfg: DictConfig):
                           "head node or a mounted shared volume, and put checkpoints on the URI with "
                           "ray.storage_path=<uri>")
     values["output_dir"] = os.path.abspath(out)
-    for section, key in (("data", "root"), ("labels", "file")):  # a labels.file URI is refused by LabelsConfig
+    for section, key in (("data", "root"), ("labels", "file"), ("noise", "file")):  # URIs: refused by the configs
         group = values.get(section) or {}
         if group.get(key) and "://" not in str(group[key]):
             group[key] = os.path.abspath(os.path.expanduser(str(group[key])))

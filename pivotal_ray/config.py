@@ -28,7 +28,7 @@ def _one_of(name: str, value: str, allowed: Any) -> None:
 
 
 DATASETS = ("toy", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
-NOISE_KINDS = ("none", "uniform", "uniform_mix", "adversarial")
+NOISE_KINDS = ("none", "uniform", "uniform_mix", "adversarial", "cifar_n")
 PROJECTION_KINDS = ("countsketch", "gaussian")  # the names registered in core.gbc.PROJECTIONS
 
 
@@ -71,14 +71,26 @@ class NoiseConfig:
     """Label noise and class imbalance applied to the training split (spec section 5)."""
 
     kind: str = "uniform"
-    rate: float = 0.6
+    rate: float = 0.6  # not used by cifar_n, whose labels are the noise
     imbalance_factor: float = 1.0  # 1 = balanced; 200 = the paper's imbalance setting
+    # cifar_n (real human label noise, CIFAR-10N / CIFAR-100N): the release's .pt file (default
+    # <data.root>/CIFAR-N/CIFAR-10_human.pt or CIFAR-100_human.pt) and which of its label sets
+    # (CIFAR-10N: aggre_label, worse_label, random_label1-3; CIFAR-100N: noisy_label, the default)
+    file: str | None = None
+    label: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("noise kind", self.kind, NOISE_KINDS)
         _check(0.0 <= self.rate < 1.0, f"noise.rate={self.rate} must be in [0, 1)")
         _check(self.imbalance_factor >= 1.0,
                f"noise.imbalance_factor={self.imbalance_factor} must be >= 1 (1 = balanced)")
+        if self.kind != "cifar_n":
+            unused = [k for k in ("file", "label") if getattr(self, k) is not None]
+            _check(not unused, f"noise.{' and noise.'.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} to "
+                               "noise.kind=cifar_n (noise=cifar_n); "
+                               f"remove {' and '.join('noise.' + k for k in unused)} or choose noise=cifar_n")
+        _check(self.file is None or "://" not in self.file,
+               f"noise.file={self.file!r} is a URI: put the CIFAR-N file on every node and give its path")
 
 
 @dataclass

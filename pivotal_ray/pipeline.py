@@ -532,7 +532,9 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     clean = split.y_obs == split.y_true
     metrics = {
         "method": cfg.selection.method, "seed": cfg.seed, "dataset": cfg.data.name,
-        "noise": {"kind": cfg.noise.kind, "rate": cfg.noise.rate},
+        # cifar_n: the rate is that of the human labels over the training split, with their label set
+        "noise": ({"kind": cfg.noise.kind, "rate": cfg.noise.rate} if cfg.noise.kind != "cifar_n" else
+                  {"kind": "cifar_n", "rate": float(np.mean(~clean)), "label": cfg.noise.label or "noisy_label"}),
         "budget": cfg.selection.budget, "warmup": cfg.selection.warmup,
         "test_acc_at_best_val": run.test_acc_at_best, "best_val_acc": run.best_val_acc,
         "best_epoch": run.best_epoch, "final_test_acc": run.final_test_acc,

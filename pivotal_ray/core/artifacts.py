@@ -78,6 +78,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "data.root",
     "data.download",
     "data.loader_workers",
+    "noise.file",  # where the CIFAR-N labels are read from (checked against the data set's own labels)
     "ray.address",
     "ray.num_cpus",
     "ray.object_store_memory",

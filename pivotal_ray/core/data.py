@@ -9,7 +9,8 @@ same bundle from the same plain dicts instead of receiving tensors::
     x = bundle.train.inputs(np.arange(8))                    # (8, 1, 28, 28) float32, normalised
 
 Protocol: the official training set (class-imbalanced first if ``noise.imbalance_factor > 1``)
-gets label noise -> ``train.y_obs``; the official test set is split at random into validation
+gets label noise -> ``train.y_obs`` (synthetic, or CIFAR-N's human labels with
+``noise.kind=cifar_n``); the official test set is split at random into validation
 (``data.val_frac``) and test, whose ``y_obs == y_true``. The toy set of the paper's Figure 1 is
 generated and partitioned 600/240/160 instead. Data sets live in the registry :data:`DATASETS`;
 add one by registering a :class:`DatasetSpec`.
@@ -394,8 +395,11 @@ def _unverified(cls: type) -> type:
 
 def _cifar(cls: type, mean: tuple[float, ...], std: tuple[float, ...], name: str) -> DatasetSpec:
     def open_split(cfg: DataConfig, train: bool) -> Any:
+        # files already there are read, never fetched again: torchvision would download the official
+        # archive over a copy that fails its md5 check (or fail with no network) even with them present
+        download = cfg.download and not has_data(Path(cfg.root))
         try:
-            return cls(cfg.root, train=train, download=cfg.download)
+            return cls(cfg.root, train=train, download=download)
         except RuntimeError:
             if not has_data(Path(cfg.root)):
                 raise
@@ -498,6 +502,16 @@ def _remove_empty_dirs(top: Path) -> None:
             Path(dirpath).rmdir()
 
 
+def cifar_n_file(dcfg: DataConfig, ncfg: NoiseConfig) -> Path:
+    """``noise.file``, or the release's file for the data set under ``<data.root>/CIFAR-N/``."""
+    if dcfg.name not in noise_lib.CIFAR_N_FILES:
+        raise ConfigError(f"noise.kind=cifar_n (real human labels of CIFAR-10N / CIFAR-100N) needs dataset=cifar10 or "
+                          f"dataset=cifar100, not {dcfg.name!r}: choose one of those, or another noise")
+    if ncfg.file is not None:
+        return Path(ncfg.file)
+    return Path(dcfg.root or ".") / "CIFAR-N" / noise_lib.CIFAR_N_FILES[dcfg.name]
+
+
 def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig | Mapping[str, Any],
                seed: int) -> DataBundle:
     """Load a data set, make the training labels noisy/imbalanced and split val/test (spec section 5).
@@ -517,6 +531,8 @@ def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig 
     dcfg = _as_config(DataConfig, data_cfg, "the data config")
     ncfg = _as_config(NoiseConfig, noise_cfg, "the noise config")
     spec = DATASETS.get(dcfg.name)
+    # CIFAR-N's file is looked for before the data set is read (or downloaded)
+    human = noise_lib.check_cifar_n_file(cifar_n_file(dcfg, ncfg)) if ncfg.kind == "cifar_n" else None
     if _check_root(dcfg, spec):  # the files are not there yet: spec.load downloads them
         train, val, test, C = _download_and_load(spec, dcfg, int(seed))
     else:
@@ -527,7 +543,11 @@ def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig 
         keep = noise_lib.imbalance_indices(train.y, factor=ncfg.imbalance_factor, num_classes=C,
                                            rng=numpy_rng(seed, "imbalance"))
     rows, y_true = train.rows[keep], train.y[keep]
-    y_obs = noise_lib.apply_noise(y_true, kind=ncfg.kind, rate=ncfg.rate, num_classes=C, rng=numpy_rng(seed, "noise"))
+    if human is not None:  # human labels of the official training images, by their index (rows)
+        y_obs = noise_lib.read_cifar_n(human, ncfg.label, train.y, C)[rows]
+    else:
+        y_obs = noise_lib.apply_noise(y_true, kind=ncfg.kind, rate=ncfg.rate, num_classes=C,
+                                      rng=numpy_rng(seed, "noise"))
 
     return DataBundle(
         train=Split(sample_id=rows, y_obs=y_obs, y_true=y_true, source=train.source),

@@ -14,16 +14,22 @@ Noise kinds (registry :data:`NOISE`):
   uniformly from ALL classes (it may redraw the true class), so the realised rate is p (C-1)/C;
 - ``adversarial``: exactly floor(p N) samples, chosen at random, get ``pi(y)`` for one random
   derangement ``pi`` of the classes (no class maps to itself);
-- ``none``: labels unchanged.
+- ``none``: labels unchanged;
+- ``cifar_n``: real human labels of the CIFAR-10/100 training images from the CIFAR-N release
+  (Wei et al., ICLR 2022; the paper's Table 7), read by :func:`read_cifar_n` (it needs the
+  images' order, so :func:`pivotal_ray.core.data.build_data` applies it, not :func:`apply_noise`).
 """
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from pivotal_ray.config import ConfigError
 from pivotal_ray.core.registry import Registry
 
 NoiseFn = Callable[..., np.ndarray]
@@ -225,3 +231,93 @@ def split_val_test(n: int, *, val_frac: float, rng: np.random.Generator) -> tupl
     n_val = min(max(int(round(val_frac * n)), 1), n - 1)
     perm = rng.permutation(n)
     return np.sort(perm[:n_val]).astype(np.int64), np.sort(perm[n_val:]).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- CIFAR-N (real noise)
+CIFAR_N_FILES = {"cifar10": "CIFAR-10_human.pt", "cifar100": "CIFAR-100_human.pt"}  # the release's names
+CIFAR_N_RELEASE = "the CIFAR-N release: github.com/UCSC-REAL/cifar-10-100n, data/CIFAR-10_human.pt or data/CIFAR-100_human.pt"
+
+
+def _load_cifar_n(path: Path) -> dict:
+    """The release's ``torch.save`` of a dict of numpy arrays, unpickled with only numpy's array
+    types allowed (``weights_only``: a file cannot run code)."""
+    import torch
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]
+    allowed = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtypes]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_cifar_n_file(path: str | Path) -> Path:
+    """``path`` as a Path; ConfigError naming the fix when no such file exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"noise.file={path} does not exist: put the file there ({CIFAR_N_RELEASE}) "
+                          "or give its path with noise.file=/abs/path")
+    return path
+
+
+def read_cifar_n(path: str | Path, label: str | None, clean: np.ndarray, num_classes: int) -> np.ndarray:
+    """A CIFAR-N label set of the training images, in the order of ``clean``.
+
+    Parameters
+    ----------
+    path : the release's ``CIFAR-10_human.pt`` or ``CIFAR-100_human.pt`` (or a file of the same form)
+    label : the label set, e.g. ``worse_label`` (CIFAR-10N, 40% noise) or ``noisy_label``
+        (CIFAR-100N); None: ``noisy_label`` where the file has it
+    clean : (N,) the data set's own training labels, in the python-version CIFAR order the release
+        indexes; the file's ``clean_label`` must equal them (so the file belongs to this data set,
+        in this order)
+    num_classes : C
+
+    Returns
+    -------
+    (N,) int64 human labels, ``[j]`` for the training image ``j``
+
+    Raises
+    ------
+    ConfigError naming the fix: no such file, not a CIFAR-N file, an unknown label set, a file
+    for another data set or order.
+    """
+    path = check_cifar_n_file(path)
+    try:
+        data = _load_cifar_n(path)
+    except Exception as err:  # torch/pickle raise many kinds for a file of another form
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+        found = re.search(r"Unsupported global: GLOBAL \S+|Can only build [^\n]+", text)  # weights_only's refusal
+        first = found.group(0) if found else (text.splitlines()[0] if text else type(err).__name__)
+        raise ConfigError(f"noise.file={path} could not be read as a CIFAR-N label file (a torch.save of a dict of "
+                          f"numpy label arrays, as {CIFAR_N_RELEASE}): {first}") from None
+    sets = sorted(k for k, v in data.items() if k != "clean_label" and np.ndim(v) == 1
+                  and np.shape(v)[0] == np.shape(clean)[0] and "coarse" not in k) if isinstance(data, dict) else []
+    if not isinstance(data, dict) or "clean_label" not in data:
+        raise ConfigError(f"noise.file={path} holds no 'clean_label' array: it is not a CIFAR-N label file "
+                          f"({CIFAR_N_RELEASE})")
+    if label is None:
+        if "noisy_label" not in data:
+            raise ConfigError(f"noise.label is not set and {path.name} has several label sets: choose one of {sets} "
+                              "(noise.label=worse_label is CIFAR-10N's noisiest, about 40%)")
+        label = "noisy_label"
+    if label not in data:
+        raise ConfigError(f"noise.label={label!r} is not in {path.name}: choose one of {sets}")
+    ref = np.asarray(data["clean_label"])
+    human = np.asarray(data[label])
+    for name, arr in (("clean_label", ref), (label, human)):
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.shape[0] != np.shape(clean)[0]:
+            raise ConfigError(f"noise.file={path}: {name} has shape {arr.shape} and dtype {arr.dtype}, not the "
+                              f"{np.shape(clean)[0]} integer labels of this data set's training images: the file is "
+                              "for another data set (CIFAR-10N for cifar10, CIFAR-100N for cifar100)")
+    differ = int(np.count_nonzero(ref != np.asarray(clean)))
+    if differ:
+        raise ConfigError(f"noise.file={path}: its clean_label differs from the data set's training labels at {differ} "
+                          f"of {ref.shape[0]} images: the file is for another data set (CIFAR-10N for cifar10, "
+                          "CIFAR-100N for cifar100) or the images are in another order (CIFAR-N indexes the "
+                          "python-version training batches in their original order)")
+    if human.min() < 0 or human.max() >= num_classes:
+        raise ConfigError(f"noise.file={path}: {label} has labels outside [0, {num_classes})")
+    return human.astype(np.int64, copy=True)

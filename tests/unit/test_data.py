@@ -160,6 +160,25 @@ def test_synthetic_cifar_layout_loads_with_a_warning_and_normalises(tmp_path, hu
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar_files_present_are_read_not_downloaded_again_with_download_on(tmp_path, monkeypatch, hundred):
+    """dataset=cifar10/100 set data.download=true: files already there (a copy that fails torchvision's
+    md5 check) are read as they are, with no download attempt (which replaced them, or failed offline)."""
+    import torchvision.datasets.utils as tv_utils
+
+    ref = _write_cifar(tmp_path, hundred=hundred)
+
+    def no_network(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    for mod in (tv_utils, __import__("torchvision.datasets.cifar", fromlist=["x"])):
+        monkeypatch.setattr(mod, "download_and_extract_archive", no_network, raising=False)
+    with pytest.warns(UserWarning, match="md5"):
+        b = build_data({"name": "cifar100" if hundred else "cifar10", "root": str(tmp_path), "download": True},
+                       {"kind": "none"}, seed=0)
+    assert np.array_equal(b.train.y_true, ref["train_y"])
+
+
 def test_cifar_augmentation_is_deterministic_per_generator(tmp_path):
     _write_cifar(tmp_path, hundred=False)
     with pytest.warns(UserWarning):
@@ -315,3 +334,141 @@ def test_imagefolder_refuses_mismatched_class_folders_and_cannot_download(tmp_pa
         build_data({"name": "imagefolder", "root": str(tmp_path)}, {"kind": "none"}, seed=0)
     with pytest.raises(ConfigError, match="cannot be downloaded"):  # download=true fetches nothing here
         build_data({"name": "imagefolder", "root": str(tmp_path / "nowhere"), "download": True}, {}, seed=0)
+
+
+# ----------------------------------------------------------------------------- CIFAR-N (real human noise)
+def _write_cifar_n(path: Path, clean: np.ndarray, **label_sets: np.ndarray) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"clean_label": np.asarray(clean, dtype=np.int64),
+                **{k: np.asarray(v, dtype=np.int64) for k, v in label_sets.items()}}, path)
+    return path
+
+
+def _cifar_n_data(tmp_path: Path, *, hundred: bool = False, **noise):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic pickles fail torchvision's md5 check
+        return build_data({"name": "cifar100" if hundred else "cifar10", "root": str(tmp_path)},
+                          {"kind": "cifar_n", "rate": 0.0, **noise}, seed=0)
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_cifar_n_gives_each_training_image_its_human_label(tmp_path, hundred):
+    ref = _write_cifar(tmp_path, hundred=hundred)
+    C, clean = (100 if hundred else 10), ref["train_y"]
+    noisy = clean.copy()
+    noisy[::3] = (noisy[::3] + 1) % C  # every third image mislabelled
+    if hundred:  # CIFAR-100N: noisy_label, the default label set
+        _write_cifar_n(tmp_path / "CIFAR-N" / "CIFAR-100_human.pt", clean, noisy_label=noisy)
+        b = _cifar_n_data(tmp_path, hundred=True)
+    else:  # CIFAR-10N: several label sets, one named
+        _write_cifar_n(tmp_path / "CIFAR-N" / "CIFAR-10_human.pt", clean, aggre_label=clean, worse_label=noisy)
+        b = _cifar_n_data(tmp_path, label="worse_label")
+    assert np.array_equal(b.train.y_true, clean) and np.array_equal(b.train.y_obs, noisy[b.train.sample_id])
+    assert np.array_equal(b.train.sample_id, np.arange(len(clean))) and (b.train.y_obs != b.train.y_true).any()
+    assert np.array_equal(b.test.y_obs, b.test.y_true)  # val/test keep their own labels
+
+
+def test_cifar_n_labels_follow_the_images_through_class_imbalance(tmp_path):
+    ref = _write_cifar(tmp_path, hundred=False, n_train=40)
+    clean = ref["train_y"]
+    noisy = (clean + np.arange(len(clean)) % 3) % 10  # an image's label depends on its index
+    path = _write_cifar_n(tmp_path / "elsewhere" / "labels.pt", clean, worse_label=noisy)
+    b = _cifar_n_data(tmp_path, label="worse_label", file=str(path), imbalance_factor=10.0)
+    assert len(b.train) < len(clean)  # some images dropped
+    assert np.array_equal(b.train.y_obs, noisy[b.train.sample_id])
+    assert np.array_equal(b.train.y_true, clean[b.train.sample_id])
+
+
+def test_cifar_n_refuses_files_that_do_not_fit_naming_the_fix(tmp_path):
+    from pivotal_ray.config import ConfigError
+
+    ref = _write_cifar(tmp_path, hundred=False)
+    clean = ref["train_y"]
+    n = len(clean)
+    path = tmp_path / "CIFAR-N" / "CIFAR-10_human.pt"
+    _write_cifar_n(path, clean, aggre_label=clean, worse_label=clean)
+    with pytest.raises(ConfigError, match=r"noise.label is not set .*\['aggre_label', 'worse_label'\]"):
+        _cifar_n_data(tmp_path)
+    with pytest.raises(ConfigError, match=r"noise.label='random_label9' is not in CIFAR-10_human.pt"):
+        _cifar_n_data(tmp_path, label="random_label9")
+    off = clean.copy()
+    off[2] = (off[2] + 1) % 10
+    _write_cifar_n(path, off, worse_label=clean)
+    with pytest.raises(ConfigError, match=rf"differs from the data set's training labels at 1 of {n} images"):
+        _cifar_n_data(tmp_path, label="worse_label")
+    _write_cifar_n(path, clean[:-1], worse_label=clean[:-1])  # another data set's length
+    with pytest.raises(ConfigError, match="for another data set"):
+        _cifar_n_data(tmp_path, label="worse_label")
+    _write_cifar_n(path, clean, worse_label=np.full(n, 10))
+    with pytest.raises(ConfigError, match=r"labels outside \[0, 10\)"):
+        _cifar_n_data(tmp_path, label="worse_label")
+    path.write_text("sample_id,label\n")
+    with pytest.raises(ConfigError, match="could not be read as a CIFAR-N label file"):
+        _cifar_n_data(tmp_path, label="worse_label")
+
+
+def test_cifar_n_file_is_unpickled_with_numpy_arrays_only(tmp_path):
+    """A file that would call a function when unpickled is refused (weights_only), the call not made."""
+    import torch
+
+    from pivotal_ray.config import ConfigError
+    from pivotal_ray.core.noise import read_cifar_n
+
+    clean = np.arange(6) % 3
+    path = tmp_path / "labels.pt"
+    torch.save({"clean_label": clean, "noisy_label": clean, "code": _CallsOnLoad()}, path)
+    _CALLS.clear()
+    with pytest.raises(ConfigError, match="could not be read as a CIFAR-N label file.*_record_call"):
+        read_cifar_n(path, None, clean, 3)
+    assert _CALLS == []
+    torch.save({"clean_label": clean, "noisy_label": clean}, path)
+    assert np.array_equal(read_cifar_n(path, None, clean, 3), clean)  # the same file without it reads
+
+
+_CALLS: list[str] = []
+
+
+def _record_call(what: str) -> str:
+    _CALLS.append(what)
+    return what
+
+
+class _CallsOnLoad:
+    def __reduce__(self):
+        return (_record_call, ("unpickled",))
+
+
+def test_cifar_n_asks_for_its_file_before_reading_the_data_set(tmp_path):
+    from pivotal_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"noise.file=.*CIFAR-N/CIFAR-10_human.pt does not exist"):
+        build_data({"name": "cifar10", "root": str(tmp_path / "no_data")}, {"kind": "cifar_n"}, seed=0)
+    with pytest.raises(ConfigError, match="needs dataset=cifar10 or dataset=cifar100, not 'mnist'"):
+        build_data({"name": "mnist", "root": str(tmp_path)}, {"kind": "cifar_n"}, seed=0)
+    with pytest.raises(ConfigError, match=r"noise.file and noise.label only apply to noise.kind=cifar_n"):
+        build_data({"name": "toy"}, {"kind": "uniform", "file": "/x.pt", "label": "worse_label"}, seed=0)
+
+
+SHARED_CIFAR_N = Path(__file__).resolve().parents[3] / "shared" / "data" / "CIFAR-N"
+
+
+@pytest.mark.skipif(not SHARED_CIFAR_N.is_dir(), reason="the CIFAR-N release files are not beside the repository")
+@pytest.mark.parametrize("name, label, rate", [("CIFAR-10_human.pt", "aggre_label", 9.01),
+                                               ("CIFAR-10_human.pt", "worse_label", 40.21),
+                                               ("CIFAR-10_human.pt", "random_label1", 17.23),
+                                               ("CIFAR-100_human.pt", None, 40.20)])
+def test_the_released_cifar_n_files_read_with_their_published_noise_rates(name, label, rate):
+    """The release's files (pickled with numpy 1.x) read under weights_only; their clean_label is
+    the CIFAR training order (the data README: CIFAR-10 begins 6, 9, 9, 4, 1, ...)."""
+    from pivotal_ray.core.noise import _load_cifar_n, read_cifar_n
+
+    clean = np.asarray(_load_cifar_n(SHARED_CIFAR_N / name)["clean_label"])
+    C = 100 if "100" in name else 10
+    human = read_cifar_n(SHARED_CIFAR_N / name, label, clean, C)
+    assert round(100 * float((human != clean).mean()), 2) == rate
+    if C == 10:
+        assert clean[:5].tolist() == [6, 9, 9, 4, 1]

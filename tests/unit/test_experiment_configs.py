@@ -24,7 +24,7 @@ from pivotal_ray.selectors import SELECTORS
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIGS) / "experiment").glob("*.yaml"))
 # runnable on a CPU machine (the README gives a command for each), and the GPU-cluster configs
 LOCAL = {"mnist_adv60", "toy_fig1", "mnist_adv80_auc", "mnist_snapshots", "mnist_noise_rates", "mnist_imbalance"}
-REQUIRED = LOCAL | {"cifar10_adv60", "cifar100_adv60", "imagenet10"}
+REQUIRED = LOCAL | {"cifar10_adv60", "cifar100_adv60", "cifar100n", "imagenet10"}
 
 
 def _compose(name: str, *overrides: str):
@@ -79,6 +79,11 @@ def test_specific_settings():
     assert (c100.selection.budget, c100.selection.warmup, c100.model.name) == (200, 50, "resnet34_cifar")
     assert c100.ray.use_gpu and c100.reweight.lr_milestones == [80, 90]
     assert get("imagenet10", "data.root=/d").model.name == "resnet34"
+    c100n = get("cifar100n", "data.root=/d")
+    assert (c100n.noise.kind, c100n.noise.label, c100n.noise.file) == ("cifar_n", "noisy_label", None)
+    assert (c100n.data.name, c100n.selection.budget, c100n.selection.warmup) == ("cifar100", 200, 50)
+    assert get("cifar100n", "data.root=/d", "noise.file=rel/CIFAR-100_human.pt").noise.file == str(
+        Path("rel/CIFAR-100_human.pt").resolve())  # made absolute: it crosses into Ray workers
     cc = compare_config(_compose("mnist_noise_rates", "compare.output_root=/x"))
     assert (cc.vary_key, cc.vary_values) == ("noise.rate", [0.2, 0.4, 0.6, 0.8])
     cc = compare_config(_compose("mnist_snapshots", "compare.output_root=/x"))

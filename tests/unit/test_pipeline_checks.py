@@ -175,3 +175,30 @@ def test_a_link_to_nothing_on_the_way_is_refused_by_name(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(ConfigError, match="dangling is a link to nothing"):
         check_writable(tmp_path / "dangling" / "out", "output_dir")
+
+
+# ---------------------------------------------------------------- CIFAR-N noise in the pre-flight
+
+
+def test_cifar_n_is_checked_before_work_and_recorded_as_its_realised_rate(tmp_path):
+    import warnings
+
+    from tests.unit.test_data import _write_cifar, _write_cifar_n
+
+    ref = _write_cifar(tmp_path / "data", hundred=False, n_train=20)
+    clean = ref["train_y"]
+    noisy = clean.copy()
+    noisy[:25] = (noisy[:25] + 1) % 10  # 25 of 100 wrong
+    _write_cifar_n(tmp_path / "data" / "CIFAR-N" / "CIFAR-10_human.pt", clean, worse_label=noisy, aggre_label=clean)
+
+    def cfg(**noise):
+        return from_dict({"output_dir": str(tmp_path / "out"), "data": {"name": "cifar10", "root": str(tmp_path / "data")},
+                          "noise": {"kind": "cifar_n", "rate": 0.0, **noise}, "model": {"name": "mlp"}})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # synthetic CIFAR files fail torchvision's md5 check
+        with pytest.raises(ConfigError, match="noise.label is not set"):
+            pipeline.validate(cfg())
+        bundle = pipeline.validate(cfg(label="worse_label"))
+    assert not (tmp_path / "out").exists()
+    assert float(np.mean(bundle.train.y_obs != bundle.train.y_true)) == 0.25
