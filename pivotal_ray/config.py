@@ -87,8 +87,8 @@ class NoiseConfig:
         if self.kind != "cifar_n":
             unused = [k for k in ("file", "label") if getattr(self, k) is not None]
             _check(not unused, f"noise.{' and noise.'.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} to "
-                               "noise.kind=cifar_n (noise=cifar_n); "
-                               f"remove {' and '.join('noise.' + k for k in unused)} or choose noise=cifar_n")
+                               f"noise.kind=cifar_n (noise=cifar_n), not {self.kind}: set "
+                               f"{' '.join('noise.' + k + '=null' for k in unused)}, or choose noise=cifar_n")
         _check(self.file is None or "://" not in self.file,
                f"noise.file={self.file!r} is a URI: put the CIFAR-N file on every node and give its path")
 

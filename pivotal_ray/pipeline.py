@@ -26,7 +26,7 @@ import torch
 
 from .config import ConfigError, ExperimentConfig, from_dict, kmeans_signed, to_dict, without_defaults
 from .core import artifacts, locks
-from .core.data import build_data
+from .core.data import build_data, noise_identity
 from .core.labels import TO_LABEL_NAME, Labeler, labels_suffix, to_label_rows
 from .core.metrics import weight_auc
 from .selectors import SELECTORS, Picks, RoundContext, clustered_feature_kind, plan_of
@@ -48,6 +48,7 @@ def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     uses ("abs" / "signed", so "auto" matches what it resolves to) and without it for methods that
     run no weighted K-means."""
     plain = to_dict(cfg)
+    plain["noise"] = noise_identity(cfg.data, cfg.noise)  # cifar_n: its label set's digest, not its path
     labels = plain.pop("labels")  # the file is a path: where the labels come from, not what they are
     if labels["source"] != "oracle":  # (oracle runs keep the names they had before labels existed)
         plain["labels"] = {"source": labels["source"]}
@@ -70,6 +71,15 @@ def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
     if isinstance(sel, dict) and "similarity" not in sel:
         recorded = {**recorded, "selection": {**sel, "similarity": "abs"}}
     return run_identity(from_dict(recorded))
+
+
+def noise_record(cfg: ExperimentConfig, train: Any) -> dict[str, Any]:
+    """metrics.json's ``noise``: kind and rate as configured; for cifar_n the rate of its human labels
+    over the training split (observed != true) and the label set read (None resolved)."""
+    if cfg.noise.kind != "cifar_n":
+        return {"kind": cfg.noise.kind, "rate": cfg.noise.rate}
+    return {"kind": "cifar_n", "rate": float(np.mean(train.y_obs != train.y_true)),
+            "label": noise_identity(cfg.data, cfg.noise)["label"]}
 
 
 def check_run_dir(cfg: ExperimentConfig) -> None:
@@ -532,9 +542,7 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     clean = split.y_obs == split.y_true
     metrics = {
         "method": cfg.selection.method, "seed": cfg.seed, "dataset": cfg.data.name,
-        # cifar_n: the rate is that of the human labels over the training split, with their label set
-        "noise": ({"kind": cfg.noise.kind, "rate": cfg.noise.rate} if cfg.noise.kind != "cifar_n" else
-                  {"kind": "cifar_n", "rate": float(np.mean(~clean)), "label": cfg.noise.label or "noisy_label"}),
+        "noise": noise_record(cfg, split),
         "budget": cfg.selection.budget, "warmup": cfg.selection.warmup,
         "test_acc_at_best_val": run.test_acc_at_best, "best_val_acc": run.best_val_acc,
         "best_epoch": run.best_epoch, "final_test_acc": run.final_test_acc,

@@ -89,6 +89,9 @@ def warmup_name(cfg: ExperimentConfig) -> str:
     statistics) and each runs floor(cpus_per_worker) threads."""
     c = to_dict(cfg)
     key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
+    from .core.data import noise_identity
+
+    key["noise"] = noise_identity(cfg.data, cfg.noise)  # cifar_n: its label set's digest, not its path
     key["ray"] = {k: c["ray"][k] for k in TRAINING_RESOURCES}
     if cfg.selection.balanced_warmup:  # only when set, so the names of uniform warm-ups never change
         key["balanced_warmup"] = True

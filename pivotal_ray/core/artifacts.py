@@ -78,7 +78,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "data.root",
     "data.download",
     "data.loader_workers",
-    "noise.file",  # where the CIFAR-N labels are read from (checked against the data set's own labels)
+    "noise.file",  # where CIFAR-N's labels are read from: run identity has a digest of them (data.noise_identity)
     "ray.address",
     "ray.num_cpus",
     "ray.object_store_memory",

@@ -19,6 +19,7 @@ add one by registering a :class:`DatasetSpec`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import os
 import shutil
@@ -397,15 +398,21 @@ def _cifar(cls: type, mean: tuple[float, ...], std: tuple[float, ...], name: str
     def open_split(cfg: DataConfig, train: bool) -> Any:
         # files already there are read, never fetched again: torchvision would download the official
         # archive over a copy that fails its md5 check (or fail with no network) even with them present
-        download = cfg.download and not has_data(Path(cfg.root))
+        root = Path(cfg.root).expanduser()
+        download = cfg.download and not has_data(root)
         try:
-            return cls(cfg.root, train=train, download=download)
+            return cls(str(root), train=train, download=download)
         except RuntimeError:
-            if not has_data(Path(cfg.root)):
+            if not has_data(root):
                 raise
         warnings.warn(f"{cls.base_folder} under {cfg.root} does not match torchvision's md5 checksums "
                       "(not the official files); reading it as-is", stacklevel=3)
-        return _unverified(cls)(cfg.root, train=train, download=False)
+        try:
+            return _unverified(cls)(str(root), train=train, download=False)
+        except Exception as err:  # a cut-off or damaged copy: unpickling fails in many ways
+            raise ConfigError(f"{root / cls.base_folder} fails torchvision's md5 checks and cannot be read "
+                              f"({type(err).__name__}: {err}): delete that folder and run again with data.download=true "
+                              "to fetch the official files, or put an intact copy there") from None
 
     def load(cfg: DataConfig, seed: int) -> tuple[Pool, Pool, Pool, int]:
         tr, te = open_split(cfg, True), open_split(cfg, False)
@@ -508,8 +515,21 @@ def cifar_n_file(dcfg: DataConfig, ncfg: NoiseConfig) -> Path:
         raise ConfigError(f"noise.kind=cifar_n (real human labels of CIFAR-10N / CIFAR-100N) needs dataset=cifar10 or "
                           f"dataset=cifar100, not {dcfg.name!r}: choose one of those, or another noise")
     if ncfg.file is not None:
-        return Path(ncfg.file)
-    return Path(dcfg.root or ".") / "CIFAR-N" / noise_lib.CIFAR_N_FILES[dcfg.name]
+        return Path(ncfg.file).expanduser()
+    return Path(dcfg.root or ".").expanduser() / "CIFAR-N" / noise_lib.CIFAR_N_FILES[dcfg.name]
+
+
+def noise_identity(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig | Mapping[str, Any]) -> dict:
+    """The noise settings as a run's identity and its training runs' names see them: the config as
+    it is, except for ``cifar_n``, whose unused rate and file path give way to the label set (None
+    resolved) and a digest of its labels (reads the file; ConfigError naming the fix without it)."""
+    dcfg = _as_config(DataConfig, data_cfg, "the data config")
+    ncfg = _as_config(NoiseConfig, noise_cfg, "the noise config")
+    plain = {f.name: getattr(ncfg, f.name) for f in dataclasses.fields(ncfg)}
+    if ncfg.kind != "cifar_n":
+        return plain
+    return {"kind": ncfg.kind, "imbalance_factor": ncfg.imbalance_factor,
+            **noise_lib.cifar_n_identity(cifar_n_file(dcfg, ncfg), ncfg.label)}
 
 
 def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig | Mapping[str, Any],
@@ -531,9 +551,11 @@ def build_data(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseConfig 
     dcfg = _as_config(DataConfig, data_cfg, "the data config")
     ncfg = _as_config(NoiseConfig, noise_cfg, "the noise config")
     spec = DATASETS.get(dcfg.name)
-    # CIFAR-N's file is looked for before the data set is read (or downloaded)
-    human = noise_lib.check_cifar_n_file(cifar_n_file(dcfg, ncfg)) if ncfg.kind == "cifar_n" else None
-    if _check_root(dcfg, spec):  # the files are not there yet: spec.load downloads them
+    human = cifar_n_file(dcfg, ncfg) if ncfg.kind == "cifar_n" else None  # (a data set CIFAR-N does not label)
+    download = _check_root(dcfg, spec)  # True: the files are not there yet and spec.load downloads them
+    if human is not None:  # CIFAR-N's file is looked for before the data set is read (or downloaded)
+        noise_lib.check_cifar_n_file(human)
+    if download:
         train, val, test, C = _download_and_load(spec, dcfg, int(seed))
     else:
         train, val, test, C = spec.load(dcfg, int(seed))

@@ -22,6 +22,8 @@ Noise kinds (registry :data:`NOISE`):
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -243,23 +245,87 @@ def _load_cifar_n(path: Path) -> dict:
     types allowed (``weights_only``: a file cannot run code)."""
     import torch
 
+    if tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):
+        raise ConfigError(f"reading CIFAR-N label files needs torch >= 2.6 (safe numpy unpickling); this is torch "
+                          f"{torch.__version__}: upgrade torch")
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2 (numpy 1.26 has a stub of the module too)
+    except ImportError:  # pragma: no cover - older numpy 1.x
         from numpy.core.multiarray import _reconstruct
     dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]
-    allowed = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, *dtypes]
-    with torch.serialization.safe_globals(allowed):
+    # a file pickled under numpy 1.x names numpy.core, one pickled under numpy 2 numpy._core
+    allowed = [(_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct"),
+               np.ndarray, np.dtype, *dtypes]
+    already = torch.serialization.get_safe_globals()
+    # only what is not allowed already: leaving the context removes what it added
+    with torch.serialization.safe_globals([g for g in allowed if g not in already]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_cifar_n_file(path: str | Path) -> Path:
     """``path`` as a Path; ConfigError naming the fix when no such file exists."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"noise.file={path} does not exist: put the file there ({CIFAR_N_RELEASE}) "
                           "or give its path with noise.file=/abs/path")
     return path
+
+
+def _cifar_n_sets(data: dict) -> list[str]:
+    """The fine-label sets a file offers: its 1-D arrays other than clean_label (coarse ones left out)."""
+    return sorted(k for k, v in data.items() if isinstance(k, str) and k != "clean_label" and "coarse" not in k
+                  and isinstance(v, np.ndarray) and v.ndim == 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _cifar_n_label_set(path: Path, label: str | None, _stamp: tuple[int, int]) -> tuple[str, np.ndarray, np.ndarray]:
+    try:
+        data = _load_cifar_n(path)
+    except ConfigError:
+        raise
+    except Exception as err:  # torch/pickle raise many kinds for a file of another form
+        # weights_only's reason, without torch's boilerplate (which suggests turning the check off)
+        lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()]
+        boilerplate = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Please file an issue")
+        reasons = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
+                   if line and not line.startswith(boilerplate)]
+        first = next((r for r in reasons if r), lines[0] if lines and lines[0] else type(err).__name__)
+        raise ConfigError(f"noise.file={path} could not be read as a CIFAR-N label file (a torch.save of a dict of "
+                          f"numpy label arrays, as {CIFAR_N_RELEASE}): {first}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("clean_label"), np.ndarray):
+        raise ConfigError(f"noise.file={path} holds no 'clean_label' array: it is not a CIFAR-N label file "
+                          f"({CIFAR_N_RELEASE})")
+    sets = _cifar_n_sets(data)
+    if label is None:
+        if "noisy_label" not in sets:
+            raise ConfigError(f"noise.label is not set and {path.name} has several label sets: choose one of {sets} "
+                              "(noise.label=worse_label is CIFAR-10N's noisiest, about 40%)")
+        label = "noisy_label"
+    if label not in sets:
+        raise ConfigError(f"noise.label={label!r} is not one of {path.name}'s label sets: choose one of {sets}")
+    ref, human = data["clean_label"], data[label]
+    for name, arr in (("clean_label", ref), (label, human)):
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.shape != ref.shape:
+            raise ConfigError(f"noise.file={path}: {name} has shape {arr.shape} and dtype {arr.dtype}: not one integer "
+                              "label per training image, as in the CIFAR-N release")
+    return label, ref.astype(np.int64), human.astype(np.int64)
+
+
+def cifar_n_label_set(path: str | Path, label: str | None) -> tuple[str, np.ndarray, np.ndarray]:
+    """``(label set, clean_label, its labels)`` of a CIFAR-N file, both arrays (N,) int64; read
+    once per file version (path, size, mtime). ConfigError naming the fix for a file that is not
+    one, or a label set it lacks (None: ``noisy_label``, CIFAR-100N's one set)."""
+    path = check_cifar_n_file(path)
+    st = path.stat()
+    return _cifar_n_label_set(path.resolve(), label, (st.st_size, st.st_mtime_ns))
+
+
+def cifar_n_identity(path: str | Path, label: str | None) -> dict[str, str]:
+    """What a run with these CIFAR-N labels computes on: the label set and a digest of its labels
+    (a file moved elsewhere is the same run; another file with other labels is another run)."""
+    label, ref, human = cifar_n_label_set(path, label)
+    digest = hashlib.sha256(ref.tobytes() + b"|" + human.tobytes()).hexdigest()[:16]
+    return {"label": label, "labels_sha256": digest}
 
 
 def read_cifar_n(path: str | Path, label: str | None, clean: np.ndarray, num_classes: int) -> np.ndarray:
@@ -269,7 +335,7 @@ def read_cifar_n(path: str | Path, label: str | None, clean: np.ndarray, num_cla
     ----------
     path : the release's ``CIFAR-10_human.pt`` or ``CIFAR-100_human.pt`` (or a file of the same form)
     label : the label set, e.g. ``worse_label`` (CIFAR-10N, 40% noise) or ``noisy_label``
-        (CIFAR-100N); None: ``noisy_label`` where the file has it
+        (CIFAR-100N); None: ``noisy_label`` where the file has it. Coarse sets are not offered.
     clean : (N,) the data set's own training labels, in the python-version CIFAR order the release
         indexes; the file's ``clean_label`` must equal them (so the file belongs to this data set,
         in this order)
@@ -284,34 +350,10 @@ def read_cifar_n(path: str | Path, label: str | None, clean: np.ndarray, num_cla
     ConfigError naming the fix: no such file, not a CIFAR-N file, an unknown label set, a file
     for another data set or order.
     """
-    path = check_cifar_n_file(path)
-    try:
-        data = _load_cifar_n(path)
-    except Exception as err:  # torch/pickle raise many kinds for a file of another form
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
-        found = re.search(r"Unsupported global: GLOBAL \S+|Can only build [^\n]+", text)  # weights_only's refusal
-        first = found.group(0) if found else (text.splitlines()[0] if text else type(err).__name__)
-        raise ConfigError(f"noise.file={path} could not be read as a CIFAR-N label file (a torch.save of a dict of "
-                          f"numpy label arrays, as {CIFAR_N_RELEASE}): {first}") from None
-    sets = sorted(k for k, v in data.items() if k != "clean_label" and np.ndim(v) == 1
-                  and np.shape(v)[0] == np.shape(clean)[0] and "coarse" not in k) if isinstance(data, dict) else []
-    if not isinstance(data, dict) or "clean_label" not in data:
-        raise ConfigError(f"noise.file={path} holds no 'clean_label' array: it is not a CIFAR-N label file "
-                          f"({CIFAR_N_RELEASE})")
-    if label is None:
-        if "noisy_label" not in data:
-            raise ConfigError(f"noise.label is not set and {path.name} has several label sets: choose one of {sets} "
-                              "(noise.label=worse_label is CIFAR-10N's noisiest, about 40%)")
-        label = "noisy_label"
-    if label not in data:
-        raise ConfigError(f"noise.label={label!r} is not in {path.name}: choose one of {sets}")
-    ref = np.asarray(data["clean_label"])
-    human = np.asarray(data[label])
-    for name, arr in (("clean_label", ref), (label, human)):
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.shape[0] != np.shape(clean)[0]:
-            raise ConfigError(f"noise.file={path}: {name} has shape {arr.shape} and dtype {arr.dtype}, not the "
-                              f"{np.shape(clean)[0]} integer labels of this data set's training images: the file is "
-                              "for another data set (CIFAR-10N for cifar10, CIFAR-100N for cifar100)")
+    label, ref, human = cifar_n_label_set(path, label)
+    if ref.shape[0] != np.shape(clean)[0]:
+        raise ConfigError(f"noise.file={path}: {ref.shape[0]} labels for the data set's {np.shape(clean)[0]} training "
+                          "images: the file is for another data set (CIFAR-10N for cifar10, CIFAR-100N for cifar100)")
     differ = int(np.count_nonzero(ref != np.asarray(clean)))
     if differ:
         raise ConfigError(f"noise.file={path}: its clean_label differs from the data set's training labels at {differ} "

@@ -393,15 +393,23 @@ def test_cifar_n_refuses_files_that_do_not_fit_naming_the_fix(tmp_path):
     _write_cifar_n(path, clean, aggre_label=clean, worse_label=clean)
     with pytest.raises(ConfigError, match=r"noise.label is not set .*\['aggre_label', 'worse_label'\]"):
         _cifar_n_data(tmp_path)
-    with pytest.raises(ConfigError, match=r"noise.label='random_label9' is not in CIFAR-10_human.pt"):
+    with pytest.raises(ConfigError, match=r"noise.label='random_label9' is not one of CIFAR-10_human.pt's label sets"):
         _cifar_n_data(tmp_path, label="random_label9")
+    _write_cifar_n(path, clean, aggre_label=clean, noisy_coarse_label=clean // 5)
+    for label in ("noisy_coarse_label", "clean_label"):  # a 20-class set on 100 classes; no noise at all
+        with pytest.raises(ConfigError, match=rf"noise.label='{label}' is not one of .* \['aggre_label'\]"):
+            _cifar_n_data(tmp_path, label=label)
     off = clean.copy()
     off[2] = (off[2] + 1) % 10
     _write_cifar_n(path, off, worse_label=clean)
     with pytest.raises(ConfigError, match=rf"differs from the data set's training labels at 1 of {n} images"):
         _cifar_n_data(tmp_path, label="worse_label")
     _write_cifar_n(path, clean[:-1], worse_label=clean[:-1])  # another data set's length
-    with pytest.raises(ConfigError, match="for another data set"):
+    with pytest.raises(ConfigError, match=f"{n - 1} labels for the data set's {n} training images: the file is for "
+                                          "another data set"):
+        _cifar_n_data(tmp_path, label="worse_label")
+    _write_cifar_n(path, clean, worse_label=clean[:-1])  # one set shorter than clean_label
+    with pytest.raises(ConfigError, match="not one integer label per training image"):
         _cifar_n_data(tmp_path, label="worse_label")
     _write_cifar_n(path, clean, worse_label=np.full(n, 10))
     with pytest.raises(ConfigError, match=r"labels outside \[0, 10\)"):
@@ -429,6 +437,46 @@ def test_cifar_n_file_is_unpickled_with_numpy_arrays_only(tmp_path):
     assert np.array_equal(read_cifar_n(path, None, clean, 3), clean)  # the same file without it reads
 
 
+def test_cifar_n_read_errors_say_what_the_file_holds_and_leave_torchs_allowlist_as_it_was(tmp_path):
+    import os
+    import pickle
+
+    import torch
+
+    from pivotal_ray.config import ConfigError
+    from pivotal_ray.core.noise import read_cifar_n
+
+    clean = np.arange(6) % 3
+    path = tmp_path / "labels.pt"
+    torch.save({"clean_label": clean, "noisy_label": clean, "run": _Calls(os.getpid)}, path)
+    with pytest.raises(ConfigError, match=r"could not be read as a CIFAR-N label file .*: [^:]*getpid") as info:
+        read_cifar_n(path, None, clean, 3)
+    assert "weights_only" not in str(info.value)  # torch's advice to turn the check off is not passed on
+    torch.save({0: clean, "clean_label": clean, "noisy_label": clean}, path)  # a key that is not a name
+    assert np.array_equal(read_cifar_n(path, None, clean, 3), clean)
+    path.write_bytes(pickle.dumps({"clean_label": clean}))  # a plain pickle, not a torch.save archive
+    with pytest.raises(ConfigError, match="could not be read as a CIFAR-N label file"):
+        read_cifar_n(path, None, clean, 3)
+    torch.save({"clean_label": clean, "noisy_label": clean}, path)
+    torch.serialization.add_safe_globals([np.ndarray])  # the caller's own entry
+    try:
+        before = list(torch.serialization.get_safe_globals())
+        read_cifar_n(path, None, clean, 3)
+        after = torch.serialization.get_safe_globals()
+        assert np.ndarray in after and sorted(map(repr, after)) == sorted(map(repr, before))
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals([g for g in before if g is not np.ndarray])
+
+
+class _Calls:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __reduce__(self):
+        return (self.fn, ())
+
+
 _CALLS: list[str] = []
 
 
@@ -442,15 +490,62 @@ class _CallsOnLoad:
         return (_record_call, ("unpickled",))
 
 
-def test_cifar_n_asks_for_its_file_before_reading_the_data_set(tmp_path):
+def test_cifar_n_asks_for_its_file_before_downloading_the_data_set(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
     from pivotal_ray.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"noise.file=.*CIFAR-N/CIFAR-10_human.pt does not exist"):
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(ConfigError, match=r"noise.file=.*no_data/CIFAR-N/CIFAR-10_human.pt does not exist"):
+        build_data({"name": "cifar10", "root": str(tmp_path / "no_data"), "download": True}, {"kind": "cifar_n"}, seed=0)
+    # without a download the missing data set is what is said first: its root is the one to fix
+    with pytest.raises(ConfigError, match=r"data.root=.*no_data does not exist and data.download=false"):
         build_data({"name": "cifar10", "root": str(tmp_path / "no_data")}, {"kind": "cifar_n"}, seed=0)
     with pytest.raises(ConfigError, match="needs dataset=cifar10 or dataset=cifar100, not 'mnist'"):
         build_data({"name": "mnist", "root": str(tmp_path)}, {"kind": "cifar_n"}, seed=0)
-    with pytest.raises(ConfigError, match=r"noise.file and noise.label only apply to noise.kind=cifar_n"):
+    with pytest.raises(ConfigError, match=r"noise.file and noise.label only apply to noise.kind=cifar_n \(noise=cifar_n\), "
+                                          r"not uniform: set noise.file=null noise.label=null, or choose noise=cifar_n"):
         build_data({"name": "toy"}, {"kind": "uniform", "file": "/x.pt", "label": "worse_label"}, seed=0)
+
+
+def test_a_damaged_cifar_copy_is_a_config_error_naming_the_fix(tmp_path):
+    from pivotal_ray.config import ConfigError
+
+    _write_cifar(tmp_path, hundred=False)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_5"
+    batch.write_bytes(batch.read_bytes()[:100])  # cut off (an interrupted extraction)
+    with pytest.warns(UserWarning, match="md5"), \
+            pytest.raises(ConfigError, match=r"cifar-10-batches-py fails torchvision's md5 checks and cannot be read "
+                                             r"\(UnpicklingError.*\): delete that folder and run again with "
+                                             r"data.download=true"):
+        build_data({"name": "cifar10", "root": str(tmp_path), "download": True}, {"kind": "none"}, seed=0)
+
+
+def test_cifar_n_runs_are_named_by_the_labels_they_read_not_the_files_path(tmp_path):
+    """Run identity and training-run names: the label set (None resolved) and a digest of its labels.
+    The same labels moved elsewhere are the same run; other labels with the same clean labels, or
+    another set of one file, are another; the unused noise.rate does not count."""
+    from pivotal_ray.config import from_dict
+    from pivotal_ray.pipeline import run_identity
+    from pivotal_ray.training import warmup_name
+
+    clean = np.arange(30) % 10
+    worse = (clean + (np.arange(30) % 2)) % 10
+    a = _write_cifar_n(tmp_path / "CIFAR-N" / "CIFAR-100_human.pt", clean, noisy_label=worse)
+    moved = _write_cifar_n(tmp_path / "b" / "x.pt", clean, noisy_label=worse)
+    other = _write_cifar_n(tmp_path / "c" / "x.pt", clean, noisy_label=(worse + 1) % 10, second=clean)
+
+    def ids(**noise):
+        cfg = from_dict({"output_dir": str(tmp_path / "out"), "data": {"name": "cifar100", "root": str(tmp_path)},
+                         "noise": {"kind": "cifar_n", "rate": 0.0, **noise}})
+        ident = run_identity(cfg)
+        return ident["noise"], warmup_name(cfg)
+
+    base = ids()  # the default file: <data.root>/CIFAR-N/CIFAR-100_human.pt
+    assert base[0]["label"] == "noisy_label" and "file" not in base[0] and "rate" not in base[0]
+    assert ids(file=str(a)) == base == ids(file=str(moved), label="noisy_label", rate=0.6)
+    assert ids(file=str(other))[1] != base[1] and ids(file=str(other))[0] != base[0]
+    assert ids(file=str(other), label="second")[1] not in (base[1], ids(file=str(other))[1])
 
 
 SHARED_CIFAR_N = Path(__file__).resolve().parents[3] / "shared" / "data" / "CIFAR-N"

@@ -202,3 +202,8 @@ def test_cifar_n_is_checked_before_work_and_recorded_as_its_realised_rate(tmp_pa
         bundle = pipeline.validate(cfg(label="worse_label"))
     assert not (tmp_path / "out").exists()
     assert float(np.mean(bundle.train.y_obs != bundle.train.y_true)) == 0.25
+    # metrics.json's noise: the human labels' rate over the training split and the set read
+    assert pipeline.noise_record(cfg(label="worse_label"), bundle.train) == {
+        "kind": "cifar_n", "rate": 0.25, "label": "worse_label"}
+    synthetic = from_dict({"output_dir": str(tmp_path / "out"), "noise": {"kind": "adversarial", "rate": 0.4}})
+    assert pipeline.noise_record(synthetic, bundle.train) == {"kind": "adversarial", "rate": 0.4}
