@@ -231,6 +231,42 @@ def test_mwnet_two_workers_equal_one_process_on_the_union_batch():
             torch.testing.assert_close(q, p)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_l2rw_two_workers_equal_one_process_on_the_union_batch(one_pass):
+    """l2rw's collectives in order on every rank (the meta gradient, then the weights' normaliser, then
+    the real step's gradient), with the real forward and the JVP in one pass or two: two workers on
+    unequal slices take the single process's step on the union batch, over two steps."""
+    torch.manual_seed(8)
+    model = TinyNet().double()
+    steps = [_problem(9 + k, b=12) for k in range(2)]
+    single, single_rw = copy.deepcopy(model), build_reweighter("l2rw", one_pass=one_pass)
+    single_opt = torch.optim.SGD(single.parameters(), lr=0.2, momentum=0.5)
+    expected = []
+    for x, y, xm, ym in steps:
+        out = single_rw.step(model=single, optimizer=single_opt, x=x, y=y, w=torch.ones(12, dtype=torch.float64),
+                             x_meta=xm, y_meta=ym, lr=0.2, global_batch=12, reducer=LocalReducer())
+        expected.append(out.weights)
+    assert any(((w == 0).any() and (w > 0).any()) for w in expected)  # clipped and kept: not vacuous
+    workers = [copy.deepcopy(model) for _ in range(2)]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(rank: int, reducer: ThreadReducer) -> None:
+        m, rw = workers[rank], build_reweighter("l2rw", one_pass=one_pass)
+        opt = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.5)
+        sl = slice(0, 5) if rank == 0 else slice(5, 12)  # unequal shares on purpose
+        for x, y, xm, ym in steps:
+            out = rw.step(model=m, optimizer=opt, x=x[sl], y=y[sl], w=torch.ones(sl.stop - sl.start, dtype=torch.float64),
+                          x_meta=xm, y_meta=ym, lr=0.2, global_batch=12, reducer=reducer)
+            got[rank].append(out.weights)
+
+    ThreadReducer(2).run(work)
+    for k in range(2):
+        torch.testing.assert_close(torch.cat([got[0][k], got[1][k]]), expected[k])
+    for m in workers:
+        for p, q in zip(single.parameters(), m.parameters()):
+            torch.testing.assert_close(q, p)
+
+
 def test_none_mode_is_plain_sgd_and_keeps_the_weights():
     torch.manual_seed(6)
     model = TinyNet(bn=True).double()
