@@ -392,17 +392,19 @@ def compute_platform() -> dict[str, Any]:
 _SHA_RE = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")  # SHA-1, or SHA-256 repositories
 
 
-def _find_git_dir(start: Path) -> Path | None:
+def _find_checkout(start: Path) -> tuple[Path, Path] | None:
+    """``(checkout folder, its git dir)`` of the first ``.git`` at or above ``start``; None if there
+    is none or it does not name a git dir."""
     for folder in (start, *start.parents):
         dot_git = folder / ".git"
         if dot_git.is_dir():
-            return dot_git
+            return folder, dot_git
         if dot_git.is_file():  # worktrees and submodules: "gitdir: <path>"
             text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
             if text.startswith("gitdir:"):
                 target = Path(text[len("gitdir:"):].strip())
                 target = target if target.is_absolute() else folder / target
-                return target if target.is_dir() else None
+                return (folder, target) if target.is_dir() else None
             return None
     return None
 
@@ -449,7 +451,8 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> str | None:
     """
     start = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
-        git_dir = _find_git_dir(start.resolve())
+        found = _find_checkout(start.resolve())
+        git_dir = None if found is None else found[1]
         if git_dir is None or not (git_dir / "HEAD").is_file():
             return None
         head = (git_dir / "HEAD").read_text(encoding="utf-8", errors="replace").strip()
@@ -487,10 +490,10 @@ def git_changes(path: str | os.PathLike[str] | None = None) -> list[str] | None:
     start = (Path(path) if path is not None else Path(__file__).parent).resolve()
     git = shutil.which("git")
     try:
-        checkout = next((f for f in (start, *start.parents) if (f / ".git").exists()), None)
-        git_dir = None if checkout is None else _find_git_dir(checkout)
-        if git is None or git_dir is None:
+        found = _find_checkout(start)
+        if git is None or found is None:
             return None
+        checkout, git_dir = found
         # the checkout git_revision reads, named outright (git never looks further up for another);
         # none of the caller's GIT_* settings (a hook's GIT_INDEX_FILE, ...) changes what is read
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_OPTIONAL_LOCKS": "0"}
@@ -501,13 +504,11 @@ def git_changes(path: str | os.PathLike[str] | None = None) -> list[str] | None:
         return None
     if proc.returncode != 0:
         return None
-    entries = iter(proc.stdout.decode("utf-8", errors="replace").split("\0"))
+    entries = proc.stdout.decode("utf-8", errors="replace").split("\0")
     paths = []
-    for entry in entries:  # "XY path"; a rename is its two paths (--no-renames), both listed
+    for entry in entries:  # "XY path"; with --no-renames a rename is its two paths, both listed
         if len(entry) > 3:
             paths.append(entry[3:])
-            if "R" in entry[:2] or "C" in entry[:2]:  # (not with --no-renames) the source path follows
-                next(entries, None)
     paths.sort()
     if len(paths) > GIT_CHANGES_LISTED:
         paths = [*paths[:GIT_CHANGES_LISTED], f"... {len(paths) - GIT_CHANGES_LISTED} more"]

@@ -525,9 +525,8 @@ def noise_identity(data_cfg: DataConfig | Mapping[str, Any], noise_cfg: NoiseCon
     resolved) and a digest of its labels (reads the file; ConfigError naming the fix without it)."""
     dcfg = _as_config(DataConfig, data_cfg, "the data config")
     ncfg = _as_config(NoiseConfig, noise_cfg, "the noise config")
-    plain = {f.name: getattr(ncfg, f.name) for f in dataclasses.fields(ncfg)}
     if ncfg.kind != "cifar_n":
-        return plain
+        return dataclasses.asdict(ncfg)
     return {"kind": ncfg.kind, "imbalance_factor": ncfg.imbalance_factor,
             **noise_lib.cifar_n_identity(cifar_n_file(dcfg, ncfg), ncfg.label)}
 

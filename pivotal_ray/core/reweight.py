@@ -167,11 +167,18 @@ def per_sample_grad_dot(model: nn.Module, params: dict[str, torch.Tensor], x: to
     in-place update of its (copied) running statistics is legal here and forbidden under a
     functorch transform.
     """
+    detached = {k: p.detach() for k, p in params.items()}
+    return _dual_losses(model, detached, _buffer_copies(model), x, y, v)[1]
+
+
+def _dual_losses(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                 x: torch.Tensor, y: torch.Tensor, v: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(primal, tangent) of the (b,) per-sample losses for parameters ``params`` (dual, tangents
+    ``v``) and ``buffers``: one forward-mode pass of eq. S4."""
     with _FORWARD_AD_LOCK, fwAD.dual_level():  # dual levels are process-global: one thread at a time
-        duals = {k: fwAD.make_dual(p.detach(), t) for (k, p), t in zip(params.items(), v)}
-        logits = functional_call(model, (duals, _buffer_copies(model)), (x,))  # (b, C)
-        losses = F.cross_entropy(logits, y, reduction="none")  # (b,)
-        return fwAD.unpack_dual(losses).tangent
+        duals = {k: fwAD.make_dual(p, t) for (k, p), t in zip(params.items(), v)}
+        logits = functional_call(model, (duals, buffers), (x,))  # (b, C)
+        return tuple(fwAD.unpack_dual(F.cross_entropy(logits, y, reduction="none")))
 
 
 def losses_and_grad_dots(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -193,10 +200,7 @@ def losses_and_grad_dots(model: nn.Module, params: dict[str, torch.Tensor], x: t
     about doubles (LeNet-5 and the CIFAR ResNet-18 in ``benchmarks.reweight_step``, docs/performance.md
     row 1). :class:`L2RWReweighter` therefore takes this path only for models without them.
     """
-    with _FORWARD_AD_LOCK, fwAD.dual_level():
-        duals = {k: fwAD.make_dual(p, t) for (k, p), t in zip(params.items(), v)}
-        logits = functional_call(model, (duals, dict(model.named_buffers())), (x,))  # (b, C)
-        losses, dots = fwAD.unpack_dual(F.cross_entropy(logits, y, reduction="none"))
+    losses, dots = _dual_losses(model, params, dict(model.named_buffers()), x, y, v)
     return losses, dots.detach()
 
 
