@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> None:
         cc = compare_config(cfg)
         base = resolve_config(cfg)
         # Ray once every run is valid; then every run that will train is checked against the cluster
+        # (its memory shared by the compare.concurrency runs at once)
         df = run_compare(base=base, cc=cc, before_runs=lambda: connect(base), check=_check_cluster)
     print((Path(cc.output_root).resolve() / "results.md").read_text())
     print(f"{len(df)} runs; outputs: {cc.output_root}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,14 +195,16 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
                 run: Callable[[ExperimentConfig], dict[str, Any]] | None = None,
                 log: Callable[[str], None] = print,
                 before_runs: Callable[[], None] | None = None,
-                check: Callable[[ExperimentConfig, Any], None] | None = None) -> pd.DataFrame:
+                check: Callable[..., None] | None = None) -> pd.DataFrame:
     """Run (or read) every spec, write the results and the figures; returns the results table.
 
     Every spec is validated first (``pipeline.validate``: its settings, its data, its run
     directory), so a bad one is refused before any run trains; then ``before_runs`` is called
-    (``jobs.compare`` connects to Ray there), then ``check(cfg, bundle)`` for every spec that has
-    not finished (``jobs.compare``: the checks against the cluster's CPUs, GPUs and memory), and
-    the specs run in order.
+    (``jobs.compare`` connects to Ray there), then ``check(cfg, bundle, runs_at_once=n)`` for every
+    spec that has not finished (``jobs.compare``: the checks against the cluster's CPUs, GPUs and
+    memory, which ``n`` runs share), and the specs run in order: one at a time, or
+    ``compare.concurrency`` at a time (:func:`run_concurrently`), the tables and figures following
+    once every run has ended.
     """
     from .core.data import build_data
     from .pipeline import run_experiment, validate
@@ -230,16 +233,24 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
         finished = [finished_metrics(spec.cfg) for spec in specs]
     if check is not None:  # grouped by data: one bundle built at a time
         todo = [s.cfg for s, m in zip(specs, finished) if m is None]
+        at_once = max(1, min(cc.concurrency, len(todo)))
         for key in dict.fromkeys(data_key(c) for c in todo):
             group = [c for c in todo if data_key(c) == key]
             bundle = build_data(group[0].data, group[0].noise, group[0].seed)
             for c in group:
-                check(c, bundle)
+                check(c, bundle, runs_at_once=at_once)
             del bundle
+    ran: set[int] = set()
+    if cc.concurrency > 1:  # every unfinished run first, several at a time; then the analysis in order
+        todo = [i for i, m in enumerate(finished) if m is None]
+        results = run_concurrently([specs[i] for i in todo], run=run, limit=cc.concurrency, log=log)
+        for i, metrics in zip(todo, results):
+            finished[i] = metrics
+        ran = set(todo)
     rows, done = [], []
     bundles: dict[str, Any] = {}
     for i, (spec, metrics) in enumerate(zip(specs, finished), 1):
-        status = "read"
+        status = "ran" if i - 1 in ran else "read"
         if metrics is None:
             with _in_compare_terms():  # its folder is checked again once it is this comparison's
                 metrics, status = run(spec.cfg), "ran"
@@ -260,6 +271,104 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
             for path in draw_figures(done=done, df=df, cc=cc, root=root):
                 log(f"figure: {path}")
     return df
+
+
+def describe(spec: RunSpec) -> str:
+    tag = variant_tag(spec.variant)
+    return f"{spec.method} seed {spec.seed}" + ("" if tag == "default" else f" {tag}")
+
+
+RUN_THREAD = "compare"  # run threads are named "compare[<method> seed <s>]"
+
+
+def run_concurrently(specs: list[RunSpec], *, run: Callable[[ExperimentConfig], dict[str, Any]], limit: int,
+                     log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``run(spec.cfg)`` for every spec, up to ``limit`` at a time, each in its own thread of this
+    driver (they share its Ray session); returns their results in the order of ``specs``.
+
+    Started in order: consecutive specs are one method's seeds, whose warm-ups differ, so the
+    first runs train different warm-ups side by side; a run that needs a warm-up another is
+    training waits for it (its lock) and reads it back. Ray queues what the cluster cannot hold
+    yet. Each run's log lines start with ``[<method> seed <s>]``. After a run fails no other
+    starts; those in flight finish (a finished run is read back by the next invocation), then the
+    first failure is raised and every failure named. Ctrl-C leaves Ray at once
+    (``pipeline.leave_ray``), which ends every run's actors; the threads are daemons, so the
+    process does not wait for them.
+    """
+    import queue
+    import threading
+
+    from . import pipeline
+
+    results: list[dict[str, Any] | None] = [None] * len(specs)
+    ended: queue.Queue = queue.Queue()
+    failures: list[tuple[RunSpec, BaseException]] = []
+
+    def work(i: int) -> None:
+        try:
+            with _in_compare_terms():
+                ended.put((i, run(specs[i].cfg), None))
+        except BaseException as err:  # noqa: BLE001 -- handed to the calling thread
+            ended.put((i, None, err))
+
+    started = running = 0
+    try:
+        with _labelled_run_lines():
+            while started < len(specs) or running:
+                while running < limit and started < len(specs) and not failures:
+                    threading.Thread(target=work, args=(started,), daemon=True,
+                                     name=f"{RUN_THREAD}[{describe(specs[started])}]").start()
+                    started, running = started + 1, running + 1
+                    log(f"started {describe(specs[started - 1])} ({running} running, {len(specs) - started} waiting)")
+                if not running:
+                    break
+                while True:
+                    try:
+                        i, metrics, err = ended.get(timeout=0.5)  # short waits: this thread takes a Ctrl-C between them
+                        break
+                    except queue.Empty:
+                        continue
+                running -= 1
+                if err is None:
+                    results[i] = metrics
+                    log(f"finished {describe(specs[i])} ({running} running)")
+                else:
+                    failures.append((specs[i], err))
+                    first = (str(err).strip().splitlines() or [""])[0][:300]
+                    log(f"{describe(specs[i])} failed: {type(err).__name__}: {first}" +
+                        (f"; no other run starts, waiting for the {running} in flight" if running else ""))
+    except KeyboardInterrupt:
+        pipeline.leave_ray()
+        raise
+    if failures:
+        if len(failures) > 1:
+            log(f"{len(failures)} runs failed ({', '.join(describe(s) for s, _ in failures)}); raising the first")
+        raise failures[0][1]
+    return results  # type: ignore[return-value]
+
+
+class _RunLabel(logging.Filter):
+    """Prefixes a record logged from a run thread with that thread's ``[<method> seed <s>]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.threadName or ""
+        if name.startswith(RUN_THREAD + "[") and not getattr(record, "run_label", None):
+            record.run_label = name[len(RUN_THREAD):]
+            record.msg = f"{record.run_label} {record.msg}"
+        return True
+
+
+@contextlib.contextmanager
+def _labelled_run_lines() -> Iterator[None]:
+    """While runs share the driver, the root logger's handlers label each line with its run."""
+    handlers, label = list(logging.getLogger().handlers), _RunLabel()
+    for h in handlers:
+        h.addFilter(label)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(label)
 
 
 @contextlib.contextmanager

@@ -449,6 +449,9 @@ class CompareConfig:
     boundary_frac: float = 0.1  # boundary AUC: this fraction of samples nearest the decision boundary
     tsne_max: int = 1500  # samples in the t-SNE plot (subsampled, seeded)
     plots: bool = True
+    # runs trained at once (each in its own driver thread, sharing the Ray session): 1 runs them one
+    # after another; more suits a cluster with room for several (Ray queues what does not fit yet)
+    concurrency: int = 1
 
     def __post_init__(self) -> None:
         self.methods, self.seeds, self.vary_values = list(self.methods), list(self.seeds), list(self.vary_values)
@@ -470,3 +473,4 @@ class CompareConfig:
                "compare.vary_values is set but compare.vary_key is not: set compare.vary_key=noise.rate (say)")
         _check(0.0 < self.boundary_frac <= 1.0, f"compare.boundary_frac={self.boundary_frac} must be in (0, 1]")
         _check(self.tsne_max >= 10, f"compare.tsne_max={self.tsne_max} must be >= 10")
+        _check(self.concurrency >= 1, f"compare.concurrency={self.concurrency} must be >= 1 (1: one run at a time)")

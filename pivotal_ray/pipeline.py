@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,15 +41,19 @@ SELECTION_COLUMNS = ["sample_id", "observed_label", "cleaned_label", "round", "c
 GBC_KNOBS = ("num_layers", "proj_dim", "projection")  # read only where GBC features are extracted
 
 
-def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+def run_identity(cfg: ExperimentConfig, *, noise: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings that make a run what it is: ``to_dict(cfg)`` less the GBC knobs when the
     method extracts no GBC features (rbc/random runs with another features.proj_dim are the same run),
     and less ``labels`` (a person's labels file is a path; the oracle, the default, is left out so
     run names stay as they were), with ``selection.similarity`` as the similarity weighted K-means
     uses ("abs" / "signed", so "auto" matches what it resolves to) and without it for methods that
-    run no weighted K-means."""
+    run no weighted K-means. ``noise``: a ``cifar_n`` run's noise identity as its manifest recorded
+    it (:func:`manifest_extra`), used instead of reading its file, which may have moved since."""
     plain = to_dict(cfg)
-    plain["noise"] = noise_identity(cfg.data, cfg.noise)  # cifar_n: its label set's digest, not its path
+    if noise is not None and cfg.noise.kind == "cifar_n":
+        plain["noise"] = dict(noise)
+    else:
+        plain["noise"] = noise_identity(cfg.data, cfg.noise)  # cifar_n: its label set's digest, not its path
     labels = plain.pop("labels")  # the file is a path: where the labels come from, not what they are
     if labels["source"] != "oracle":  # (oracle runs keep the names they had before labels existed)
         plain["labels"] = {"source": labels["source"]}
@@ -63,14 +68,32 @@ def run_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     return plain
 
 
-def _normalised(recorded: dict[str, Any]) -> dict[str, Any]:
+def _normalised(recorded: dict[str, Any], noise: dict[str, Any] | None = None) -> dict[str, Any]:
     """A recorded config through the dataclasses: settings added since it was written get their
     defaults, so an older run still matches when it computed the same thing. The exception: a run
-    recorded before ``selection.similarity`` existed clustered with ``|<G_j, C_i>|`` ("abs")."""
+    recorded before ``selection.similarity`` existed clustered with ``|<G_j, C_i>|`` ("abs").
+    ``noise``: the noise identity its manifest recorded (``cifar_n``), else read from its file."""
     sel = recorded.get("selection")
     if isinstance(sel, dict) and "similarity" not in sel:
         recorded = {**recorded, "selection": {**sel, "similarity": "abs"}}
-    return run_identity(from_dict(recorded))
+    return run_identity(from_dict(recorded), noise=noise)
+
+
+def manifest_extra(cfg: ExperimentConfig, **fields: Any) -> dict[str, Any]:
+    """``fields`` for ``manifest.json``'s ``extra``, plus a ``cifar_n`` run's ``noise_identity``
+    (label set and digest): the run folder is then recognised with its file moved elsewhere."""
+    if cfg.noise.kind == "cifar_n":
+        fields["noise_identity"] = noise_identity(cfg.data, cfg.noise)
+    return fields
+
+
+def _recorded_noise_identity(output_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((Path(output_dir) / artifacts.MANIFEST_NAME).read_text(encoding="utf-8"))
+        noise = manifest["extra"]["noise_identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return noise if isinstance(noise, dict) else None
 
 
 def noise_record(cfg: ExperimentConfig, train: Any) -> dict[str, Any]:
@@ -86,7 +109,9 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
     """OutputDirError (naming the fix and the differing keys) when ``cfg.output_dir`` holds another run."""
     labels_file = Path(cfg.labels_file)
     inputs = [labels_file.name] if cfg.labels.source == "file" and labels_file.parent == Path(cfg.output_dir) else []
-    artifacts.check_output_dir(Path(cfg.output_dir), config=run_identity(cfg), normalise=_normalised, inputs=inputs)
+    recorded_noise = _recorded_noise_identity(cfg.output_dir) if cfg.noise.kind == "cifar_n" else None
+    artifacts.check_output_dir(Path(cfg.output_dir), config=run_identity(cfg), inputs=inputs,
+                               normalise=lambda recorded: _normalised(recorded, recorded_noise))
 
 
 def completed_metrics(output_dir: str | Path) -> dict[str, Any] | None:
@@ -276,30 +301,41 @@ def craig_bytes(cfg: ExperimentConfig, bundle: Any) -> tuple[int, int]:
     return n * (bundle.num_classes + d) * 4, n * min(CRAIG_COVERAGE, n) * 4
 
 
-def _check_craig_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
+def _memory_terms(memory_bytes: float, runs_at_once: int) -> tuple[float, str, str]:
+    """(one run's share of the memory, how a message says what it has, the extra fix)."""
+    gib = 2**30
+    if runs_at_once <= 1:
+        return memory_bytes, f"the Ray cluster has {memory_bytes / gib:.1f} GiB", ""
+    share = memory_bytes / runs_at_once
+    return (share, f"each of compare.concurrency={runs_at_once} runs at once has 1/{runs_at_once} of the Ray "
+                   f"cluster's {memory_bytes / gib:.1f} GiB ({share / gib:.1f} GiB)", ", or lower compare.concurrency")
+
+
+def _check_craig_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float, runs_at_once: int = 1) -> None:
     table, sim = craig_bytes(cfg, bundle)
     need = FEATURE_MEMORY_FACTOR * table + sim + FEATURE_MEMORY_OVERHEAD
-    if need <= memory_bytes:
+    share, has, also = _memory_terms(memory_bytes, runs_at_once)
+    if need <= share:
         return
     gib = 2**30
     raise ConfigError(
         f"craig holds one snapshot's RBC factors ({table / gib:.1f} GiB: {len(bundle.train)} samples x "
         f"{table // (4 * len(bundle.train))} floats) and a {len(bundle.train)} x {sim // (4 * len(bundle.train))} "
         f"similarity block ({sim / gib:.1f} GiB) in the driver, about {need / gib:.1f} GiB with Ray's "
-        f"{FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB, but the Ray cluster has {memory_bytes / gib:.1f} GiB: run the "
-        "driver on a node with more memory, or choose a clustering method (method=rbc shards its table over "
-        "ray.kmeans_shards actors)")
+        f"{FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB, but {has}: run the driver on a node with more memory, or choose "
+        f"a clustering method (method=rbc shards its table over ray.kmeans_shards actors){also}")
 
 
-def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float) -> None:
+def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float, runs_at_once: int = 1) -> None:
     """ConfigError when K-means would not fit in the cluster's memory: the feature table (GBC or
     RBC) held by the shard actors at FEATURE_MEMORY_FACTOR times its size, CENTROID_COPIES_BASE +
     CENTROID_COPIES_PER_SHARD x ray.kmeans_shards copies of the (M, D) centroids, and
     FEATURE_MEMORY_OVERHEAD for Ray itself; names the knobs that shrink the larger part. For
     ``craig``, which clusters nothing: its factors and similarity block in the driver
-    (:func:`craig_bytes`)."""
+    (:func:`craig_bytes`). ``runs_at_once`` runs (``compare.concurrency``) share the memory: one
+    run must fit in its share."""
     if cfg.selection.method == "craig":
-        _check_craig_memory(cfg, bundle, memory_bytes)
+        _check_craig_memory(cfg, bundle, memory_bytes, runs_at_once)
         return
     lay = _clustered_layout(cfg, bundle)  # builds the model once
     if lay is None:
@@ -310,7 +346,8 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
     copies = CENTROID_COPIES_BASE + CENTROID_COPIES_PER_SHARD * S
     held, cents = FEATURE_MEMORY_FACTOR * table, copies * cent
     need = held + cents + FEATURE_MEMORY_OVERHEAD
-    if need <= memory_bytes:
+    share, has, also = _memory_terms(memory_bytes, runs_at_once)
+    if need <= share:
         return
     gib = 2**30
     if kind == "gbc":
@@ -330,16 +367,18 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
         f"{what}; K-means needs about {need / gib:.1f} GiB: {FEATURE_MEMORY_FACTOR:g}x the table "
         f"({held / gib:.1f} GiB) while it reads and holds it, {copies} copies of its {_centroid_count(cfg)} x {D} float64 "
         f"centroids over {S} shards and the server ({cents / gib:.1f} GiB) and {FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB "
-        f"for Ray, but the Ray cluster has {memory_bytes / gib:.1f} GiB: {fix}")
+        f"for Ray, but {has}: {fix}{also}")
 
 
-def _check_cluster(cfg: ExperimentConfig, bundle: Any) -> None:
+def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) -> None:
+    """ConfigError where the cluster cannot hold one run (``runs_at_once`` runs share its memory);
+    nothing with ``ray.autoscaling``."""
     import ray
 
     if cfg.ray.autoscaling:  # the cluster grows on demand: what it has now says nothing
         return
     res = ray.cluster_resources()
-    check_feature_memory(cfg, bundle, float(res.get("memory", 0.0)))
+    check_feature_memory(cfg, bundle, float(res.get("memory", 0.0)), runs_at_once)
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     if need_cpu > res.get("CPU", 0):
         raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
@@ -388,6 +427,26 @@ def _check_per_node(cfg: ExperimentConfig, extracts: bool) -> None:
 RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+_LEFT_RAY = threading.Event()
+
+
+def leave_ray() -> None:
+    """End this driver's Ray session after a Ctrl-C, for good (its actors, training runs included,
+    end with it): :func:`connect` refuses from then on and Ray's automatic ``ray.init`` is off, so
+    a run still going in another thread (``compare.concurrency``) cannot start a new local Ray
+    while the process exits."""
+    import ray
+
+    _LEFT_RAY.set()
+    try:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    except (ImportError, AttributeError):  # pragma: no cover -- another Ray layout: connect() still refuses
+        pass
+    ray.shutdown()
+
+
 def connect(cfg: ExperimentConfig) -> None:
     """Join the Ray that ``ray.init()`` would (ray.address, else RAY_ADDRESS, else a live cluster
     that `ray start` left on this machine), or start a local Ray with ray.num_cpus and
@@ -395,6 +454,8 @@ def connect(cfg: ExperimentConfig) -> None:
     import ray
     from ray._private import services
 
+    if _LEFT_RAY.is_set():
+        raise RuntimeError("this process left Ray after an interrupt; run the command again to go on")
     if ray.is_initialized():
         return
     given = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -458,7 +519,7 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     if relabelled:  # the finished results were made with other labels: they go, the run goes on
         log.info("%s: labels in %s changed since this run finished: training again from the first run they "
                  "change", cfg.output_dir, cfg.labels_file)
-        artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra={"status": "relabelled"})
+        artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra=manifest_extra(cfg, status="relabelled"))
         for name in ("metrics.json", "selection.csv"):
             (out / name).unlink(missing_ok=True)
     observed = dict(zip(bundle.train.sample_id.tolist(), bundle.train.y_obs.tolist()))
@@ -489,7 +550,7 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = artifacts.config_fingerprint(without_defaults(run_identity(cfg)))[:12]  # names the round runs
     # claim the directory first: a crashed run can then be resumed in place (same fingerprint)
-    artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra={"status": "running"})
+    artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={}, extra=manifest_extra(cfg, status="running"))
     storage = cfg.ray.storage_path or str(out / "ray_train")
     timings: dict[str, Any] = {}
     env = TrainEnv(cfg=cfg, storage=storage)
@@ -560,7 +621,7 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     artifacts.write_csv(out / "selection.csv", selection)
     artifacts.write_json(out / "metrics.json", metrics)
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings=metrics["timings"],
-                             extra={"status": "complete"})
+                             extra=manifest_extra(cfg, status="complete"))
     return metrics
 
 
@@ -619,7 +680,7 @@ def _await_labels(cfg: ExperimentConfig, out: Path, bundle: Any, missing: np.nda
     path = out / TO_LABEL_NAME.format(round=rnd)
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings={},  # claims the directory first
-                             extra={"status": "awaiting_labels", "to_label": str(path), "round": rnd})
+                             extra=manifest_extra(cfg, status="awaiting_labels", to_label=str(path), round=rnd))
     artifacts.write_csv(path, df)
     log.info("round %d: %d sample(s) need a clean label: wrote %s; add sample_id,label rows to %s and run the "
              "same command again", rnd, len(df), path, cfg.labels_file)

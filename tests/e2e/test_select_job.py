@@ -270,3 +270,28 @@ def test_kmeans_memory_benchmark_synthetic_factor_table(ray_session, tmp_path):
     second = kmeans_memory.main(argv)["results"]
     assert (tmp_path / "t" / "snapshot_0.parquet").stat().st_mtime_ns == mtime  # reused, not rewritten
     assert first["picks"] == second["picks"] and len(set(first["picks"])) == 10
+
+
+def test_a_comparison_two_runs_at_a_time_repeats_the_runs(runs, tmp_path):
+    """jobs.compare with compare.concurrency=2 on a fresh Ray Train storage: rbc and random start
+    together in two driver threads, one trains their shared warm-up while the other waits for it,
+    then both train at once; each gives the picks and metrics of the runs made one at a time."""
+    from pivotal_ray.compare import run_compare
+    from pivotal_ray.config import CompareConfig
+
+    base = resolve(*TINY, "method=rbc", f"seed={SEED}", f"output_dir={tmp_path / 'unused'}")
+    cc = CompareConfig(methods=["rbc", "random"], seeds=[SEED], output_root=str(tmp_path / "cmp"), plots=False,
+                       concurrency=2)
+    lines: list[str] = []
+    df = run_compare(base=base, cc=cc, log=lines.append)
+    assert [line.split(" (")[0] for line in lines if line.startswith("started")] == [
+        f"started rbc seed {SEED}", f"started random seed {SEED}"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cmp" / "ray_train").iterdir()) == [
+        "random", "rbc", "warmup"]  # one warm-up for both
+    for method in ("rbc", "random"):
+        run_dir = tmp_path / "cmp" / "runs" / "default" / method / f"seed{SEED}"
+        pd.testing.assert_frame_equal(pd.read_csv(run_dir / "selection.csv"), _selection(runs, method))
+        got = json.loads((run_dir / "metrics.json").read_text())
+        for key in ("test_acc_at_best_val", "best_epoch", "final_test_acc", "weight_auc"):
+            assert got[key] == runs["metrics"][method][key], (method, key)
+    assert len(df) == 2

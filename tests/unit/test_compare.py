@@ -71,7 +71,8 @@ def test_expand_keeps_a_configured_storage_and_rejects_bad_input(tmp_path):
                                         ({"boundary_frac": 1.5}, r"compare.boundary_frac=1.5 must be in \(0, 1\]"),
                                         ({"boundary_frac": -0.1}, "compare.boundary_frac"),
                                         ({"methods": ["rbc", "random", "rbc"]}, "lists a method twice"),
-                                        ({"seeds": [0, 1, 0]}, "lists a seed twice")])
+                                        ({"seeds": [0, 1, 0]}, "lists a seed twice"),
+                                        ({"concurrency": 0}, r"compare.concurrency=0 must be >= 1")])
 def test_compare_config_names_the_fix(bad, match):
     with pytest.raises(ConfigError, match=match):
         CompareConfig(**{"output_root": "/x", **bad})
@@ -327,7 +328,8 @@ def test_cluster_checks_run_for_every_unfinished_spec_before_the_first_run(tmp_p
     (Path(finished.output_dir) / "metrics.json").write_text("{}")
     order, checked = [], []
 
-    def check(cfg, bundle):
+    def check(cfg, bundle, runs_at_once):
+        assert runs_at_once == 1
         order.append("check")
         checked.append((cfg.selection.method, cfg.seed, len(bundle.train)))
         if len(checked) == 3:  # the last one checked cannot run
@@ -421,10 +423,150 @@ def test_a_run_folder_claimed_while_the_comparison_ran_is_refused_in_compare_ter
 
     cc = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "cmp"), plots=False)
 
-    def claim(cfg, bundle):  # runs after the folders were read, before the run
+    def claim(cfg, bundle, **_):  # runs after the folders were read, before the run
         other = {**to_dict(cfg), "seed": 7}
         artifacts.write_manifest(cfg.output_dir, config=other, seed=7, timings={}, extra={"status": "running"})
 
     with pytest.raises(OutputDirError, match="choose another compare.output_root or delete") as err:
         run_compare(base=_base(tmp_path), cc=cc, check=claim, log=lambda line: None)
     assert "output_dir or" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- compare.concurrency
+
+
+def _counting(run, *, delay: float = 0.05, fail: set | None = None):
+    """``run`` wrapped to count the runs in flight (the most at once in ``state["peak"]``), sleep
+    ``delay`` inside each, and raise for the (method, seed) pairs in ``fail``."""
+    import threading
+    import time
+
+    lock, state = threading.Lock(), {"now": 0, "peak": 0, "started": []}
+
+    def counted(cfg):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            state["started"].append((cfg.selection.method, cfg.seed))
+        try:
+            time.sleep(delay)
+            if (cfg.selection.method, cfg.seed) in (fail or set()):
+                raise RuntimeError(f"{cfg.selection.method} seed {cfg.seed} broke")
+            return run(cfg)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    return counted, state
+
+
+def test_concurrent_runs_give_the_same_results_as_one_at_a_time(tmp_path):
+    """compare.concurrency=3: at most 3 runs in flight (and 3 reached), every run once, started in
+    spec order, and the same results table as one run at a time; the per-run lines keep spec order."""
+    base = _base(tmp_path)
+    one = CompareConfig(methods=["random", "rbc"], seeds=[0, 1, 2], output_root=str(tmp_path / "one"), plots=False)
+    seq = run_compare(base=base, cc=one, run=_fake_pipeline([]), log=lambda line: None)
+    calls, logs = [], []
+    run, state = _counting(_fake_pipeline(calls), delay=0.2)
+    three = CompareConfig(methods=["random", "rbc"], seeds=[0, 1, 2], output_root=str(tmp_path / "three"),
+                          plots=False, concurrency=3)
+    df = run_compare(base=base, cc=three, run=run, log=logs.append)
+    assert state["peak"] == 3 and len(calls) == 6
+    assert state["started"] == [(m, s) for m in ("random", "rbc") for s in (0, 1, 2)]
+    pd.testing.assert_frame_equal(seq, df)
+    assert [line.split("] ")[1].split(":")[0] for line in logs if line.startswith("[")] == [
+        f"ran {m} seed {s} default" for m in ("random", "rbc") for s in (0, 1, 2)]
+    assert sum(line.startswith("started ") for line in logs) == 6
+    assert sum(line.startswith("finished ") for line in logs) == 6
+    # read back afterwards: nothing runs
+    again = run_compare(base=base, cc=three, run=lambda cfg: pytest.fail("ran a finished run"), log=lambda line: None)
+    pd.testing.assert_frame_equal(seq, again)
+
+
+def test_a_failed_run_starts_no_other_and_waits_for_those_in_flight(tmp_path):
+    """With 2 at a time, random seed 1 fails while random seed 0 is still training: no other run
+    starts, seed 0 finishes (its folder complete, read back next time), then the failure is raised."""
+    calls, logs = [], []
+    run, state = _counting(_fake_pipeline(calls), delay=0.3, fail={("random", 1)})
+    slow_first = lambda cfg: run(cfg) if cfg.seed else (__import__("time").sleep(0.5), run(cfg))[1]  # noqa: E731
+    cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False,
+                       concurrency=2)
+    with pytest.raises(RuntimeError, match="random seed 1 broke"):
+        run_compare(base=_base(tmp_path), cc=cc, run=slow_first, log=logs.append)
+    assert state["started"] == [("random", 0), ("random", 1)] or state["started"] == [("random", 1), ("random", 0)]
+    assert [c.seed for c in calls] == [0]  # random seed 0 finished
+    assert any("random seed 1 failed: RuntimeError: random seed 1 broke; no other run starts" in line for line in logs)
+    assert (Path(calls[0].output_dir) / "metrics.json").exists()
+    # the next invocation reads seed 0 back and runs the rest
+    calls2 = []
+    df = run_compare(base=_base(tmp_path), cc=cc, run=_fake_pipeline(calls2), log=lambda line: None)
+    assert sorted((c.selection.method, c.seed) for c in calls2) == [("random", 1), ("rbc", 0), ("rbc", 1)]
+    assert len(df) == 4
+
+
+def test_every_failure_is_named_and_the_first_raised(tmp_path):
+    logs = []
+    run, _ = _counting(_fake_pipeline([]), delay=0.05, fail={("random", 0), ("random", 1)})
+    cc = CompareConfig(methods=["random"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False, concurrency=2)
+    with pytest.raises(RuntimeError, match="broke"):
+        run_compare(base=_base(tmp_path), cc=cc, run=run, log=logs.append)
+    assert any(line.startswith("2 runs failed (") and line.endswith("raising the first") for line in logs)
+
+
+def test_ctrl_c_leaves_ray_without_waiting_for_the_runs_in_flight(tmp_path, monkeypatch):
+    """A Ctrl-C while runs train: Ray is left at once (pipeline.leave_ray, which ends their actors)
+    and the interrupt propagates; the run threads are daemons, never joined."""
+    import threading
+
+    from pivotal_ray import pipeline
+
+    left, release = [], threading.Event()
+    monkeypatch.setattr(pipeline, "leave_ray", lambda: left.append(1))
+
+    def blocked(cfg):
+        release.wait(30)
+        return {}
+
+    def log(line):
+        if line.startswith("started random seed 1"):
+            raise KeyboardInterrupt
+
+    cc = CompareConfig(methods=["random"], seeds=[0, 1, 2], output_root=str(tmp_path / "cmp"), plots=False,
+                       concurrency=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_compare(base=_base(tmp_path), cc=cc, run=blocked, log=log)
+        assert left == [1]
+        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("compare-"))
+    finally:
+        release.set()
+
+
+def test_the_cluster_check_gets_the_runs_that_share_it(tmp_path):
+    """check(cfg, bundle, runs_at_once=n): n is compare.concurrency, or the unfinished runs if fewer."""
+    seen = []
+    for concurrency, expected in ((1, 1), (2, 2), (8, 4)):
+        cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(tmp_path / f"c{concurrency}"),
+                           plots=False, concurrency=concurrency)
+        seen.clear()
+        run_compare(base=_base(tmp_path), cc=cc, run=_fake_pipeline([]), log=lambda line: None,
+                    check=lambda cfg, bundle, runs_at_once: seen.append(runs_at_once))
+        assert seen == [expected] * 4
+
+
+def test_each_run_threads_log_lines_name_their_run(tmp_path, caplog):
+    """Lines that the pipeline logs from a run's thread start with [<method> seed <s>]; the
+    handlers lose the label filter afterwards."""
+    import logging
+
+    def run(cfg):
+        logging.getLogger("pivotal_ray.pipeline").info("round 1: picked %s", [cfg.seed])
+        return _fake_pipeline([])(cfg)
+
+    cc = CompareConfig(methods=["rbc"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False, concurrency=2)
+    with caplog.at_level(logging.INFO, logger="pivotal_ray.pipeline"):
+        run_compare(base=_base(tmp_path), cc=cc, run=run, log=lambda line: None)
+        logging.getLogger("pivotal_ray.pipeline").info("after")
+    lines = sorted(r.getMessage() for r in caplog.records)
+    assert lines == ["[rbc seed 0] round 1: picked [0]", "[rbc seed 1] round 1: picked [1]", "after"]
+    assert not any(f for h in logging.getLogger().handlers for f in h.filters if type(f).__name__ == "_RunLabel")

@@ -121,3 +121,21 @@ def test_the_limit_counts_the_table_1_25_times_plus_ray() -> None:
     with pytest.raises(ConfigError, match=r"5\.7 GiB.*about 11\.2 GiB: 1\.25x the table \(7\.2 GiB\).*12 copies of "
                                           r"its 4 x 25600 float64 centroids over 2 shards.*4 GiB for Ray.*has 10\.0 GiB"):
         check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=10 * GiB)
+
+
+def test_runs_at_once_share_the_memory_and_the_message_names_the_share() -> None:
+    """compare.concurrency=n: each run must fit in 1/n of the cluster's memory (100 GiB holds one
+    ImageNet-1k ResNet-50 RBC run of 98.6 GiB, not two); the refusal says so and names the knob."""
+    imagenet = SimpleNamespace(train=range(1_281_167), num_classes=1000, input_shape=(3, 224, 224))
+    cfg = ExperimentConfig(model=ModelConfig(name="resnet50"), selection=SelectionConfig(method="rbc"),
+                           features=FeatureConfig(num_snapshots=5))
+    check_feature_memory(cfg, imagenet, memory_bytes=100 * GiB, runs_at_once=1)
+    with pytest.raises(ConfigError, match=r"about 98\.6 GiB.*but each of compare\.concurrency=2 runs at once has 1/2 "
+                                          r"of the Ray cluster's 100\.0 GiB \(50\.0 GiB\): lower features\.num_snapshots, "
+                                          r"or add nodes, or lower compare\.concurrency$"):
+        check_feature_memory(cfg, imagenet, memory_bytes=100 * GiB, runs_at_once=2)
+    check_feature_memory(cfg, imagenet, memory_bytes=200 * GiB, runs_at_once=2)
+    craig = ExperimentConfig(model=ModelConfig(name="resnet50"), selection=SelectionConfig(method="craig"))
+    check_feature_memory(craig, imagenet, memory_bytes=28 * GiB)
+    with pytest.raises(ConfigError, match=r"craig holds.*each of compare\.concurrency=3 runs.*lower compare\.concurrency$"):
+        check_feature_memory(craig, imagenet, memory_bytes=28 * GiB, runs_at_once=3)

@@ -207,3 +207,49 @@ def test_cifar_n_is_checked_before_work_and_recorded_as_its_realised_rate(tmp_pa
         "kind": "cifar_n", "rate": 0.25, "label": "worse_label"}
     synthetic = from_dict({"output_dir": str(tmp_path / "out"), "noise": {"kind": "adversarial", "rate": 0.4}})
     assert pipeline.noise_record(synthetic, bundle.train) == {"kind": "adversarial", "rate": 0.4}
+
+
+def test_a_cifar_n_run_folder_is_recognised_with_its_file_moved(tmp_path):
+    """The manifest records the run's noise identity (label set and digest), so the folder is the
+    same run when the CIFAR-N file sits elsewhere now (noise.file, say on another machine), and
+    another run when the file there holds other labels; a manifest without it (written before)
+    needs the file where it was."""
+    import json
+    import shutil
+
+    from pivotal_ray.config import to_dict
+    from pivotal_ray.core import artifacts
+    from pivotal_ray.core.artifacts import OutputDirError
+    from tests.unit.test_data import _write_cifar_n
+
+    clean = np.arange(30) % 10
+    worse = (clean + (np.arange(30) % 2)) % 10
+    first = _write_cifar_n(tmp_path / "a" / "CIFAR-100_human.pt", clean, noisy_label=worse)
+    out = tmp_path / "out"
+
+    def cfg(file):
+        return from_dict({"output_dir": str(out), "data": {"name": "cifar100", "root": str(tmp_path)},
+                          "noise": {"kind": "cifar_n", "rate": 0.0, "file": str(file)}})
+
+    ran = cfg(first)
+    artifacts.write_manifest(out, config=to_dict(ran), seed=0, timings={},
+                             extra=pipeline.manifest_extra(ran, status="complete"))
+    recorded = json.loads((out / "manifest.json").read_text())["extra"]
+    assert recorded["status"] == "complete"
+    assert recorded["noise_identity"]["label"] == "noisy_label" and len(recorded["noise_identity"]["labels_sha256"]) == 16
+    moved = tmp_path / "elsewhere" / "x.pt"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    pipeline.check_run_dir(cfg(moved))  # the same run
+    _write_cifar_n(moved, clean, noisy_label=(worse + 1) % 10)
+    with pytest.raises(OutputDirError, match="holds a different run"):
+        pipeline.check_run_dir(cfg(moved))
+    _write_cifar_n(moved, clean, noisy_label=worse)
+    old = json.loads((out / "manifest.json").read_text())
+    del old["extra"]["noise_identity"]  # a manifest written before it was recorded
+    (out / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(OutputDirError, match="holds a different run"):
+        pipeline.check_run_dir(cfg(moved))
+    shutil.copy(moved, first)  # the file back where that run read it
+    pipeline.check_run_dir(cfg(moved))
+    assert pipeline.manifest_extra(from_dict({"output_dir": str(out)}), status="x") == {"status": "x"}
