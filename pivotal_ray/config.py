@@ -287,10 +287,16 @@ class RayConfig:
     # the training code: Ray Train's FailureConfig.max_failures; -1: no limit), each from its last
     # checkpoint; 0: the job ends and the same command resumes it
     max_failures: int = 0
+    # restarts of each feature-extraction actor whose process died (its batch retried); then the
+    # job ends with exit status 3 and the same command goes on; -1: no limit (Ray Data's default),
+    # with which an actor killed every time (say, for memory) never ends the job
+    extract_max_restarts: int = 3
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")
         _check(self.max_failures >= -1, f"ray.max_failures={self.max_failures} must be >= 0, or -1 (no limit)")
+        _check(self.extract_max_restarts >= -1,
+               f"ray.extract_max_restarts={self.extract_max_restarts} must be >= 0, or -1 (no limit)")
         _check(self.extract_actors >= 1, "ray.extract_actors must be >= 1")
         _check(self.kmeans_shards >= 1, "ray.kmeans_shards must be >= 1")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker must be > 0")

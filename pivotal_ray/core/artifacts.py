@@ -87,6 +87,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "ray.log_to_driver",
     "ray.autoscaling",
     "ray.max_failures",
+    "ray.extract_max_restarts",
 )
 
 # Versions recorded in every manifest: distribution name -> manifest key.

@@ -176,7 +176,7 @@ def table_settings(feature_spec: Mapping[str, Any]) -> dict[str, Any]:
 def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict], sample_ids: np.ndarray,
                      feature_spec: dict, output_path: str, num_actors: int = 1, num_cpus: float = 0.5,
                      num_gpus: float = 0.0, batch_size: int = 1024, seed: int | None = None,
-                     overwrite: bool = False) -> str:
+                     overwrite: bool = False, max_restarts: int = 3) -> str:
     """Extract per-sample features of the train-split candidates at K snapshots into parquet.
 
     Parameters
@@ -195,6 +195,10 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
         Directory of the parquet table; must not exist unless ``overwrite``.
     num_actors, num_cpus, num_gpus : actor pool size and per-actor resources (keep ``num_cpus``
         fractional on small nodes so Ray Data's own tasks still get a CPU).
+    max_restarts : times Ray restarts each extraction actor after its process died (its batch is
+        retried); then the extraction fails with the actor's ``ActorDiedError``. -1: no limit
+        (Ray Data's default), with which an actor killed every time (say, for memory) never ends
+        the job.
     batch_size : int
         Candidates per batch (rows per batch = K x batch_size).
     seed : int, optional
@@ -232,6 +236,10 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            # Ray Data 2.60 takes an actor's restart limit only as an extra remote arg (its default,
+            # -1, restarts an actor killed every time forever); such args are deprecated for 2.64,
+            # which pyproject's ray pin (<2.61) keeps away
+            max_restarts=int(max_restarts),
         )
         ds.write_parquet(str(tmp))
         try:

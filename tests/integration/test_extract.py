@@ -7,7 +7,9 @@ them (model.pt = state_dict, metrics.json with the epoch).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +231,66 @@ def test_extraction_workers_hold_their_snapshots_in_eval_mode(ray_session, bundl
             assert all(not ext.model.training for _, _, ext in worker.extractors)
     finally:
         torch.set_num_threads(threads)
+
+
+def _descendants_titled(fragment: str) -> list[int]:
+    """pids of this process's descendants (the local Ray this test session started, its workers)
+    whose command line holds ``fragment``: another Ray on the machine is never touched."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    me, found = os.getpid(), []
+    for pid in parent:
+        p, seen = pid, 0
+        while p in parent and p != me and seen < 64:
+            p, seen = parent[p], seen + 1
+        if p == me and pid != me:
+            try:
+                if fragment in (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(pid)
+            except OSError:
+                pass
+    return found
+
+
+def test_an_extraction_actor_killed_every_time_ends_the_extraction(ray_session, tmp_path, bundle, snapshots) -> None:
+    """ray.extract_max_restarts: an actor whose process dies every time (killed here as soon as it
+    appears, as the OOM killer would) is restarted that many times, then the extraction fails with
+    a lost-worker error (jobs: exit status 3) and leaves no table, instead of retrying forever
+    (Ray Data's default, -1)."""
+    import signal
+    import threading
+
+    from pivotal_ray.distributed.failures import worker_lost
+
+    stop, kills = threading.Event(), []
+
+    def killer() -> None:
+        while not stop.is_set():
+            for pid in _descendants_titled("_ExtractWorker"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Exception) as err:
+            extract_features(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, feature_spec={"kind": "rbc"},
+                             snapshots=snapshots, sample_ids=bundle.train.sample_id, output_path=str(tmp_path / "feats"),
+                             batch_size=8, max_restarts=1)
+    finally:
+        stop.set()
+        thread.join()
+    assert worker_lost(err.value) is not None, repr(err.value)
+    assert len(set(kills)) >= 2  # the actor and its one restart
+    assert time.monotonic() - t0 < 120
+    assert _leftovers(tmp_path) == []

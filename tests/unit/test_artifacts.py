@@ -230,7 +230,7 @@ DOCUMENTED_IGNORED = {
     "output_dir": "/elsewhere", "name": "renamed", "data.root": "/mnt/data", "data.download": True,
     "data.loader_workers": 8, "noise.file": "/mnt/data/CIFAR-N/CIFAR-10_human.pt", "ray.address": "ray://head:10001", "ray.num_cpus": 64,
     "ray.object_store_memory": 2_000_000_000, "ray.storage_path": "s3://b/runs", "ray.extract_actors": 4,
-    "ray.log_to_driver": True, "ray.autoscaling": True, "ray.max_failures": 3,
+    "ray.log_to_driver": True, "ray.autoscaling": True, "ray.max_failures": 3, "ray.extract_max_restarts": -1,
 }
 
 

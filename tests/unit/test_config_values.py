@@ -91,3 +91,5 @@ def test_output_dir_must_be_set_and_a_home_path_is_expanded(monkeypatch, tmp_pat
 def test_ray_max_failures_below_minus_one_is_refused():
     with pytest.raises(ConfigError, match=r"ray.max_failures=-2 must be >= 0, or -1 \(no limit\)"):
         from_dict({"output_dir": "/tmp/x", "ray": {"max_failures": -2}})
+    with pytest.raises(ConfigError, match=r"ray.extract_max_restarts=-2 must be >= 0, or -1 \(no limit\)"):
+        from_dict({"output_dir": "/tmp/x", "ray": {"extract_max_restarts": -2}})
