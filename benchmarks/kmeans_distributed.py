@@ -49,7 +49,7 @@ def rounds(log: list[dict[str, Any]]) -> list[dict[str, float]]:
 def run(args) -> dict[str, Any]:
     import ray
 
-    from pivotal_ray.distributed.kmeans import ParameterServer, start_shard_actors
+    from pivotal_ray.distributed.kmeans import ParameterServer, start_shard_actors, stop_shard_actors
 
     device = _common.setup(args)
     started = _common.ray_init()
@@ -64,7 +64,7 @@ def run(args) -> dict[str, Any]:
             t0 = time.perf_counter()
             actors = start_shard_actors(F, num_shards=S, shard_cpus=cpus / S)
             try:
-                server = ParameterServer.options(num_cpus=0).remote(actors, record_timings=True)
+                server = ParameterServer.options(num_cpus=0).remote(list(actors), record_timings=True)
                 ray.get(server.timings.remote())  # actors and server up before the clock starts
                 t_start = time.perf_counter() - t0
                 t1 = time.perf_counter()
@@ -73,8 +73,7 @@ def run(args) -> dict[str, Any]:
                 log = ray.get(server.timings.remote())
                 ray.kill(server)
             finally:
-                for a in actors:
-                    ray.kill(a)
+                stop_shard_actors(actors)
             rs = rounds(log)
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             results[f"shards_{S}"] = {"shards": S, "shard_cpus": cpus / S, "n_iter": sel.n_iter, "rounds": len(rs),

@@ -200,9 +200,9 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
 
     Every spec is validated first (``pipeline.validate``: its settings, its data, its run
     directory), so a bad one is refused before any run trains; then ``before_runs`` is called
-    (``jobs.compare`` connects to Ray there), then ``check(cfg, bundle, runs_at_once=n)`` for every
-    spec that has not finished (``jobs.compare``: the checks against the cluster's CPUs, GPUs and
-    memory, which ``n`` runs share), and the specs run in order: one at a time, or
+    (``jobs.compare`` connects to Ray there), then ``check(cfg, bundle)`` for every spec that has
+    not finished (``jobs.compare``: the checks against the cluster's CPUs, GPUs and memory), with
+    ``runs_at_once=n`` where n > 1 runs share the cluster, and the specs run in order: one at a time, or
     ``compare.concurrency`` at a time (:func:`run_concurrently`), the tables and figures following
     once every run has ended.
     """
@@ -237,8 +237,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
         for key in dict.fromkeys(data_key(c) for c in todo):
             group = [c for c in todo if data_key(c) == key]
             bundle = build_data(group[0].data, group[0].noise, group[0].seed)
-            for c in group:
-                check(c, bundle, runs_at_once=at_once)
+            for c in group:  # runs_at_once only where several runs share the cluster
+                check(c, bundle, **({"runs_at_once": at_once} if at_once > 1 else {}))
             del bundle
     ran: set[int] = set()
     if cc.concurrency > 1:  # every unfinished run first, several at a time; then the analysis in order

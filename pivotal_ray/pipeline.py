@@ -302,13 +302,17 @@ def craig_bytes(cfg: ExperimentConfig, bundle: Any) -> tuple[int, int]:
 
 
 def _memory_terms(memory_bytes: float, runs_at_once: int) -> tuple[float, str, str]:
-    """(one run's share of the memory, how a message says what it has, the extra fix)."""
+    """(what one run may need, Ray's FEATURE_MEMORY_OVERHEAD included; how a message says what it
+    has; the extra fix). Runs at once share one Ray: each gets an equal part of the memory beyond
+    Ray's own, which counts once."""
     gib = 2**30
     if runs_at_once <= 1:
         return memory_bytes, f"the Ray cluster has {memory_bytes / gib:.1f} GiB", ""
-    share = memory_bytes / runs_at_once
-    return (share, f"each of compare.concurrency={runs_at_once} runs at once has 1/{runs_at_once} of the Ray "
-                   f"cluster's {memory_bytes / gib:.1f} GiB ({share / gib:.1f} GiB)", ", or lower compare.concurrency")
+    part = max(0.0, memory_bytes - FEATURE_MEMORY_OVERHEAD) / runs_at_once
+    return (part + FEATURE_MEMORY_OVERHEAD,
+            f"the Ray cluster's {memory_bytes / gib:.1f} GiB, less Ray's {FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB, "
+            f"is shared by the {runs_at_once} runs at once (compare.concurrency): {part / gib:.1f} GiB each",
+            ", or lower compare.concurrency")
 
 
 def _check_craig_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float, runs_at_once: int = 1) -> None:
@@ -333,7 +337,7 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
     FEATURE_MEMORY_OVERHEAD for Ray itself; names the knobs that shrink the larger part. For
     ``craig``, which clusters nothing: its factors and similarity block in the driver
     (:func:`craig_bytes`). ``runs_at_once`` runs (``compare.concurrency``) share the memory: one
-    run must fit in its share."""
+    run's part beyond Ray's own must fit in an equal share of the memory beyond it."""
     if cfg.selection.method == "craig":
         _check_craig_memory(cfg, bundle, memory_bytes, runs_at_once)
         return
@@ -428,6 +432,7 @@ RAY_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_P
 
 
 _LEFT_RAY = threading.Event()
+_CONNECT_LOCK = threading.Lock()  # runs in several threads (compare.concurrency) start one Ray, not one each
 
 
 def leave_ray() -> None:
@@ -451,6 +456,11 @@ def connect(cfg: ExperimentConfig) -> None:
     """Join the Ray that ``ray.init()`` would (ray.address, else RAY_ADDRESS, else a live cluster
     that `ray start` left on this machine), or start a local Ray with ray.num_cpus and
     ray.object_store_memory where there is none (developing on one machine)."""
+    with _CONNECT_LOCK:
+        _connect(cfg)
+
+
+def _connect(cfg: ExperimentConfig) -> None:
     import ray
     from ray._private import services
 

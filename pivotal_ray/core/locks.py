@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,9 +43,14 @@ def lock_path(key: str) -> Path:
 
 
 def holder(path: str | os.PathLike[str]) -> str:
-    """Who holds the lock at ``path``, as its holder wrote it ("" when unknown)."""
+    """Who holds the lock at ``path``, as its holder wrote it ("" when unknown); another run of
+    this very comparison (``compare.concurrency``: a thread named ``compare[...]`` of this
+    process) by that run."""
     try:
         info = json.loads(Path(path).read_text(encoding="utf-8"))
+        thread = str(info.get("thread", ""))
+        if info["pid"] == os.getpid() and info["host"] == socket.gethostname() and thread.startswith("compare["):
+            return f"the comparison's run {thread.removeprefix('compare')}, since {info['since']}"
         return f"pid {info['pid']} on {info['host']}, since {info['since']}: {info['command']}"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
@@ -80,9 +86,10 @@ def hold(key: str, what: str, *, wait: bool, on_wait: Callable[[str], None] | No
             if not wait:
                 raise BusyError(f"{what} is in use by another invocation ({who}; lock {path}): {fix}") from None
             if on_wait is not None:
-                on_wait(f"waiting for {what}, in use by another invocation ({who})")
+                on_wait(f"waiting for {what}, in use by " + (who if who.startswith("the comparison's run") else
+                                                              f"another invocation ({who})"))
             fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait (KeyboardInterrupt)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "thread": threading.current_thread().name,
                 "since": _dt.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:500], "key": key}
         os.ftruncate(fd, 0)

@@ -132,10 +132,34 @@ def _parquet_sources(path: str | Path, num_shards: int) -> list[dict[str, Any]]:
     return out
 
 
+class ShardActors(list):
+    """The shard actors (a list, in shard order) and the placement group that reserved their
+    resources; :func:`stop_shard_actors` ends both."""
+
+    placement_group: Any = None
+
+
+def stop_shard_actors(actors: Sequence[Any]) -> None:
+    """Kill the shard actors and release their placement group (of :func:`start_shard_actors`)."""
+    from ray.util.placement_group import remove_placement_group
+
+    for a in actors:
+        ray.kill(a)
+    pg = getattr(actors, "placement_group", None)
+    if pg is not None:
+        remove_placement_group(pg)
+
+
 def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, num_shards: int,
                        shard_cpus: float = 0.25, device: str = "cpu",
-                       chunk_bytes: int = 64 * 2**20, autoscaling: bool = False) -> list[Any]:
+                       chunk_bytes: int = 64 * 2**20, autoscaling: bool = False) -> ShardActors:
     """Start ``num_shards`` ShardActors over contiguous sample_id ranges of ``source``.
+
+    Their resources are reserved together, in one placement group (bundles spread over the nodes
+    where they fit, as the table's memory is), before any actor starts: K-means needs every shard,
+    so runs side by side (``compare.concurrency``) must never each hold part of their sets and
+    wait for the rest for ever. Waits until the cluster can hold the whole set (an autoscaling one
+    adds nodes for it). End them with :func:`stop_shard_actors`.
 
     Parameters
     ----------
@@ -159,11 +183,25 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
         sources: list[Any] = [ray.put(part) for part in source.split(num_shards)]
     else:
         sources = _parquet_sources(source, num_shards)
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     threads = max(1, int(shard_cpus))
     # a shard on a GPU reserves one: Ray shows every GPU to an actor that asks for none
     gpus = 1 if torch.device(device).type == "cuda" else 0
-    return [ShardActor.options(num_cpus=shard_cpus, num_gpus=gpus).remote(
-        src, device=device, chunk_bytes=chunk_bytes, num_threads=threads) for src in sources]
+    bundle = {"CPU": float(shard_cpus), **({"GPU": float(gpus)} if gpus else {})}
+    pg = placement_group([dict(bundle) for _ in sources], strategy="SPREAD")
+    try:
+        ray.get(pg.ready())  # all of the set's resources at once, or none held while waiting
+    except BaseException:
+        remove_placement_group(pg)
+        raise
+    out = ShardActors(ShardActor.options(
+        num_cpus=shard_cpus, num_gpus=gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote(
+        src, device=device, chunk_bytes=chunk_bytes, num_threads=threads) for i, src in enumerate(sources))
+    out.placement_group = pg
+    return out
 
 
 def select_on_actors(actors: Sequence[Any], *, server_cpus: float = 0.0, **kwargs: Any) -> Selection:
@@ -197,5 +235,4 @@ def select_pivotal_distributed(features_or_parquet_path: FactorFeatures | DenseF
                                 exclude_frac=exclude_frac, weighted=weighted, init=init, max_iter=max_iter,
                                 tol=tol, seed=seed, sign_align=sign_align, signed=signed)
     finally:
-        for a in actors:
-            ray.kill(a)
+        stop_shard_actors(actors)

@@ -10,7 +10,8 @@ import pytest
 from pivotal_ray.core.featuretable import FactorFeatures, factor_schema, read_factor_table
 from pivotal_ray.core.kmeans import assign, select_pivotal, weighted_kmeans
 from pivotal_ray.distributed.kmeans import (ParameterServer, RayShardSet, select_on_actors,
-                                            select_pivotal_distributed, start_shard_actors)
+                                            select_pivotal_distributed, start_shard_actors,
+                                            stop_shard_actors)
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +51,7 @@ def test_two_shard_actors_match_in_memory(ray_session):
     try:
         check_shard_set(RayShardSet(actors), F, F.sample_id[::40])
     finally:
-        for a in actors:
-            ray_session.kill(a)
+        stop_shard_actors(actors)
 
 
 def same_selection(got, ref) -> None:
@@ -91,8 +91,7 @@ def test_three_shard_actors_from_parquet_directory(ray_session, tmp_path):
         kw = dict(budget=5, meta_ids=F.sample_id[:3], exclude_frac=0.3, seed=11, max_iter=40)
         same_selection(select_on_actors(actors, **kw), select_pivotal(F, **kw))
     finally:
-        for a in actors:
-            ray_session.kill(a)
+        stop_shard_actors(actors)
 
 
 def test_timing_log_leaves_the_selection_unchanged(ray_session):
@@ -106,8 +105,7 @@ def test_timing_log_leaves_the_selection_unchanged(ray_session):
         log = ray_session.get(server.timings.remote())
         ray_session.kill(server)
     finally:
-        for a in actors:
-            ray_session.kill(a)
+        stop_shard_actors(actors)
     same_selection(got, select_pivotal(F, **kw))
     lloyd = [e for e in log if e["method"] == "assign_sums"]
     assert len(lloyd) == got.n_iter
@@ -146,3 +144,40 @@ def test_shard_counts_and_cpus_are_checked_before_any_actor_starts(ray_session, 
         start_shard_actors(F, num_shards=3, shard_cpus=1.0)
     with pytest.raises(ValueError, match="at least one shard actor"):
         RayShardSet([])
+
+
+def _live_placement_groups() -> int:
+    from ray.util import placement_group_table
+
+    return sum(1 for g in placement_group_table().values() if g["state"] != "REMOVED")
+
+
+def test_two_selections_at_once_each_get_their_whole_shard_set(ray_session):
+    """Two runs' K-means at once (compare.concurrency threads), each asking for 2 shards x 1 CPU
+    of the session's 2: the shards of a set are reserved together (one placement group), so one
+    waits for the other instead of each holding one shard and waiting for ever; afterwards no
+    placement group is left holding CPUs."""
+    import threading
+
+    F = features(n=200, seed=11)
+    kw = dict(budget=4, meta_ids=F.sample_id[:2], exclude_frac=0.25, max_iter=20)
+    before = _live_placement_groups()
+    for trial in range(3):
+        barrier, got, errors = threading.Barrier(2), {}, []
+
+        def run(seed: int) -> None:
+            try:
+                barrier.wait()
+                got[seed] = select_pivotal_distributed(F, num_shards=2, shard_cpus=1.0, seed=seed, **kw)
+            except BaseException as err:  # noqa: BLE001
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in (trial, trial + 10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors and sorted(got) == [trial, trial + 10], f"trial {trial}: {sorted(got)} finished, {errors}"
+        for seed, sel in got.items():
+            same_selection(sel, select_pivotal(F, seed=seed, **kw))
+    assert _live_placement_groups() == before

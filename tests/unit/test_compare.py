@@ -328,8 +328,7 @@ def test_cluster_checks_run_for_every_unfinished_spec_before_the_first_run(tmp_p
     (Path(finished.output_dir) / "metrics.json").write_text("{}")
     order, checked = [], []
 
-    def check(cfg, bundle, runs_at_once):
-        assert runs_at_once == 1
+    def check(cfg, bundle):
         order.append("check")
         checked.append((cfg.selection.method, cfg.seed, len(bundle.train)))
         if len(checked) == 3:  # the last one checked cannot run
@@ -505,12 +504,16 @@ def test_a_failed_run_starts_no_other_and_waits_for_those_in_flight(tmp_path):
 
 
 def test_every_failure_is_named_and_the_first_raised(tmp_path):
+    """Both runs fail, seed 1 first (seed 0 takes longer): seed 1's error is raised, both are named."""
+    import time
+
     logs = []
     run, _ = _counting(_fake_pipeline([]), delay=0.05, fail={("random", 0), ("random", 1)})
+    slow_seed0 = lambda cfg: run(cfg) if cfg.seed else (time.sleep(0.4), run(cfg))[1]  # noqa: E731
     cc = CompareConfig(methods=["random"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False, concurrency=2)
-    with pytest.raises(RuntimeError, match="broke"):
-        run_compare(base=_base(tmp_path), cc=cc, run=run, log=logs.append)
-    assert any(line.startswith("2 runs failed (") and line.endswith("raising the first") for line in logs)
+    with pytest.raises(RuntimeError, match="^random seed 1 broke$"):
+        run_compare(base=_base(tmp_path), cc=cc, run=slow_seed0, log=logs.append)
+    assert "2 runs failed (random seed 1, random seed 0); raising the first" in logs
 
 
 def test_ctrl_c_leaves_ray_without_waiting_for_the_runs_in_flight(tmp_path, monkeypatch):
@@ -537,20 +540,22 @@ def test_ctrl_c_leaves_ray_without_waiting_for_the_runs_in_flight(tmp_path, monk
         with pytest.raises(KeyboardInterrupt):
             run_compare(base=_base(tmp_path), cc=cc, run=blocked, log=log)
         assert left == [1]
-        assert all(t.daemon for t in threading.enumerate() if t.name.startswith("compare-"))
+        runs = [t for t in threading.enumerate() if t.name.startswith("compare[")]
+        assert len(runs) == 2 and all(t.daemon for t in runs)  # seeds 0 and 1, never joined
     finally:
         release.set()
 
 
 def test_the_cluster_check_gets_the_runs_that_share_it(tmp_path):
-    """check(cfg, bundle, runs_at_once=n): n is compare.concurrency, or the unfinished runs if fewer."""
+    """check(cfg, bundle, runs_at_once=n) where n > 1 runs share the cluster: compare.concurrency,
+    or the unfinished runs if fewer; check(cfg, bundle) as before where one run has it to itself."""
     seen = []
-    for concurrency, expected in ((1, 1), (2, 2), (8, 4)):
+    for concurrency, expected in ((1, None), (2, 2), (8, 4)):
         cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(tmp_path / f"c{concurrency}"),
                            plots=False, concurrency=concurrency)
         seen.clear()
         run_compare(base=_base(tmp_path), cc=cc, run=_fake_pipeline([]), log=lambda line: None,
-                    check=lambda cfg, bundle, runs_at_once: seen.append(runs_at_once))
+                    check=lambda cfg, bundle, runs_at_once=None: seen.append(runs_at_once))
         assert seen == [expected] * 4
 
 

@@ -85,3 +85,55 @@ def test_a_given_cluster_address_is_joined_as_is(inits, monkeypatch, where):
     (kw,) = inits
     assert kw["address"] == ("ray://head:10001" if where == "config" else "http://head:8265")
     assert not {"num_cpus", "object_store_memory", "runtime_env"} & set(kw)  # the job's runtime env holds
+
+
+def test_runs_in_several_threads_start_one_ray(monkeypatch):
+    """compare.concurrency: run threads that reach connect() together start one local Ray (the
+    second waits for the first and finds it running), not one each."""
+    import threading
+    import time
+
+    state, calls = {"up": False}, []
+
+    def init(**kw):
+        calls.append(kw)
+        time.sleep(0.2)  # ray.init takes a while: the other thread arrives meanwhile
+        state["up"] = True
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _machine(monkeypatch)
+    barrier = threading.Barrier(3)
+
+    def connect():
+        barrier.wait()
+        pipeline.connect(_cfg())
+
+    threads = [threading.Thread(target=connect) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1
+
+
+def test_after_leaving_ray_nothing_starts_another(monkeypatch):
+    """pipeline.leave_ray (Ctrl-C in jobs.compare with runs in flight): Ray is shut down, and a run
+    thread that reaches connect() afterwards, or a Ray call that would start Ray by itself, starts
+    no new local Ray while the process exits."""
+    from ray._private import auto_init_hook
+
+    shut, inits = [], []
+    monkeypatch.setattr(ray, "shutdown", lambda: shut.append(1))
+    monkeypatch.setattr(ray, "init", lambda **kw: inits.append(kw))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(pipeline, "_LEFT_RAY", type(pipeline._LEFT_RAY)())  # this test's own flag
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", True)
+    _machine(monkeypatch)
+    pipeline.leave_ray()
+    assert shut == [1] and auto_init_hook.enable_auto_connect is False
+    with pytest.raises(RuntimeError, match="left Ray after an interrupt"):
+        pipeline.connect(_cfg())
+    auto_init_hook.auto_init_ray()  # what ray.get/.remote call first: now a no-op
+    assert inits == []

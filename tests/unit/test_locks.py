@@ -166,3 +166,33 @@ def test_a_training_run_waits_for_another_trainer_of_the_same_run(tmp_path, monk
         order.append("released")
     t.join(30)
     assert order == ["released", "trained warmup-abc"] and result == ["run"]
+
+
+def test_a_run_waiting_for_another_run_of_its_comparison_is_told_which():
+    """compare.concurrency: rbc waits for the warm-up that random, in a thread of the same
+    process, is training: the line names that run, not "another invocation" with our own pid."""
+    told: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def random_run():
+        with locks.hold("train:/w", "training run warmup-1", wait=True):
+            holding.set()
+            release.wait(10)
+
+    def rbc_run():
+        with locks.hold("train:/w", "training run warmup-1", wait=True, on_wait=told.append):
+            pass
+
+    first = threading.Thread(target=random_run, name="compare[random seed 0]")
+    first.start()
+    assert holding.wait(10)
+    second = threading.Thread(target=rbc_run, name="compare[rbc seed 0]")
+    second.start()
+    deadline = time.monotonic() + 10
+    while not told and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert len(told) == 1 and told[0].startswith(
+        "waiting for training run warmup-1, in use by the comparison's run [random seed 0], since ")
