@@ -397,16 +397,16 @@ def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) ->
     if cfg.ray.extract_gpus > 0 and not res.get("GPU", 0):
         raise ConfigError(f"ray.extract_gpus={cfg.ray.extract_gpus} but the cluster has no GPU: set "
                           "ray.extract_gpus=0 (CPU actors) or run on a cluster with GPU nodes")
-    _check_per_node(cfg, clusters or cfg.selection.method == "craig")
+    _check_per_node(cfg, clusters or cfg.selection.method == "craig", clusters)
     need_gpu = cfg.ray.num_workers if cfg.ray.use_gpu else 0
     if need_gpu > res.get("GPU", 0):
         raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "
                           f"cluster has {res.get('GPU', 0)}: set ray.use_gpu=false or lower ray.num_workers")
 
 
-def _check_per_node(cfg: ExperimentConfig, extracts: bool) -> None:
-    """One Train worker and one extraction actor must each fit on some node (Ray never splits
-    a worker's CPUs or GPUs across nodes; otherwise it waits forever)."""
+def _check_per_node(cfg: ExperimentConfig, extracts: bool, clusters: bool = False) -> None:
+    """One Train worker, one extraction actor and one K-means shard must each fit on some node
+    (Ray never splits a worker's CPUs or GPUs across nodes; otherwise it waits forever)."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -421,6 +421,10 @@ def _check_per_node(cfg: ExperimentConfig, extracts: bool) -> None:
     if extracts and r.extract_gpus > most["GPU"]:
         raise ConfigError(f"ray.extract_gpus={r.extract_gpus} but the largest node has {most['GPU']} GPUs: "
                           "lower ray.extract_gpus (e.g. 1, or 0.5 to share a GPU between two actors)")
+    if clusters and r.kmeans_shard_cpus > most["CPU"]:
+        raise ConfigError(f"ray.kmeans_shard_cpus={r.kmeans_shard_cpus} but the largest node has {most['CPU']} CPUs: "
+                          "lower ray.kmeans_shard_cpus (a K-means shard runs on one node; more shards: "
+                          "ray.kmeans_shards)")
 
 
 # Ray Train v2's controller takes one reported result per health-check poll (default 2 s), so a

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -45,6 +46,12 @@ from ..core.densetable import read_feature_table
 from ..core.features import EXTRACTORS
 from ..core.featuretable import DenseFeatures, FactorFeatures, parquet_files
 from ..core.seeding import derive_seed
+
+# map_batches(max_restarts=...) below: Ray Data 2.60 takes it only as an extra remote arg, which
+# it calls deprecated for 2.64 (the ray pin, <2.61, keeps that away); the one warning it gives per
+# extraction is for this call alone, so it is silenced for this module alone
+warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated", category=DeprecationWarning,
+                        module=r"pivotal_ray\.distributed\.extract")
 
 
 def _to_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
@@ -236,9 +243,8 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
-            # Ray Data 2.60 takes an actor's restart limit only as an extra remote arg (its default,
-            # -1, restarts an actor killed every time forever); such args are deprecated for 2.64,
-            # which pyproject's ray pin (<2.61) keeps away
+            # an actor's restart limit (Ray Data's default, -1, restarts an actor killed every time
+            # for ever); an extra remote arg, the only way Ray Data 2.60 takes it (see the filter above)
             max_restarts=int(max_restarts),
         )
         ds.write_parquet(str(tmp))

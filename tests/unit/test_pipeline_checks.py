@@ -253,3 +253,20 @@ def test_a_cifar_n_run_folder_is_recognised_with_its_file_moved(tmp_path):
     shutil.copy(moved, first)  # the file back where that run read it
     pipeline.check_run_dir(cfg(moved))
     assert pipeline.manifest_extra(from_dict({"output_dir": str(out)}), status="x") == {"status": "x"}
+
+
+def test_a_kmeans_shard_larger_than_any_node_is_refused(monkeypatch):
+    """Two 2-CPU nodes (4 CPUs in all): one shard of 3 CPUs passes the cluster-wide check but fits
+    no node, where its placement group would wait for ever; a method that clusters nothing is not
+    concerned."""
+    import ray
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}] * 2)
+    cfg = from_dict({"output_dir": "/tmp/x", "ray": {"kmeans_shards": 1, "kmeans_shard_cpus": 3.0,
+                                                        "cpus_per_worker": 1.0}})
+    with pytest.raises(ConfigError, match=r"ray.kmeans_shard_cpus=3.0 but the largest node has 2.0 CPUs: lower "
+                                          r"ray.kmeans_shard_cpus \(a K-means shard runs on one node"):
+        pipeline._check_per_node(cfg, True, True)
+    pipeline._check_per_node(cfg, False, False)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
+    pipeline._check_per_node(cfg, True, True)
