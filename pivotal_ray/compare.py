@@ -23,6 +23,7 @@ import pandas as pd
 
 from .config import CompareConfig, ConfigError, ExperimentConfig, from_dict, to_dict
 from .core import artifacts
+from .core.locks import RUN_THREAD  # run threads are named "compare[<method> seed <s>]"
 
 STAGE_TIMES = ("warmup_train_s", "base_train_s", "features_s", "kmeans_s", "select_s", "train_s", "total_s")
 
@@ -276,9 +277,6 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
 def describe(spec: RunSpec) -> str:
     tag = variant_tag(spec.variant)
     return f"{spec.method} seed {spec.seed}" + ("" if tag == "default" else f" {tag}")
-
-
-RUN_THREAD = "compare"  # run threads are named "compare[<method> seed <s>]"
 
 
 def run_concurrently(specs: list[RunSpec], *, run: Callable[[ExperimentConfig], dict[str, Any]], limit: int,

@@ -301,33 +301,38 @@ def craig_bytes(cfg: ExperimentConfig, bundle: Any) -> tuple[int, int]:
     return n * (bundle.num_classes + d) * 4, n * min(CRAIG_COVERAGE, n) * 4
 
 
-def _memory_terms(memory_bytes: float, runs_at_once: int) -> tuple[float, str, str]:
-    """(what one run may need, Ray's FEATURE_MEMORY_OVERHEAD included; how a message says what it
-    has; the extra fix). Runs at once share one Ray: each gets an equal part of the memory beyond
-    Ray's own, which counts once."""
+def _memory_refusal(need: float, memory_bytes: float, runs_at_once: int, fix: str) -> str | None:
+    """None when ``need`` (one run, FEATURE_MEMORY_OVERHEAD included) fits its share of the
+    memory, else the refusal's end: what the cluster has and the fix. ``runs_at_once`` runs
+    (``compare.concurrency``) share it equally, each with its own overhead: that overhead was
+    measured as one run's rise of the node's memory above the table, and each run starts its own
+    shard actors and server (docs/performance.md rows 9-10)."""
     gib = 2**30
+    share = memory_bytes / max(1, runs_at_once)
+    if need <= share:
+        return None
     if runs_at_once <= 1:
-        return memory_bytes, f"the Ray cluster has {memory_bytes / gib:.1f} GiB", ""
-    part = max(0.0, memory_bytes - FEATURE_MEMORY_OVERHEAD) / runs_at_once
-    return (part + FEATURE_MEMORY_OVERHEAD,
-            f"the Ray cluster's {memory_bytes / gib:.1f} GiB, less Ray's {FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB, "
-            f"is shared by the {runs_at_once} runs at once (compare.concurrency): {part / gib:.1f} GiB each",
-            ", or lower compare.concurrency")
+        return f"but the Ray cluster has {memory_bytes / gib:.1f} GiB: {fix}"
+    has = (f"but the {runs_at_once} runs at once (compare.concurrency) share the Ray cluster's "
+           f"{memory_bytes / gib:.1f} GiB, {share / gib:.1f} GiB each")
+    if need <= memory_bytes:
+        return f"{has}: lower compare.concurrency (one such run fits the cluster), or add nodes"
+    return f"{has}: {fix}, or lower compare.concurrency"
 
 
 def _check_craig_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float, runs_at_once: int = 1) -> None:
     table, sim = craig_bytes(cfg, bundle)
     need = FEATURE_MEMORY_FACTOR * table + sim + FEATURE_MEMORY_OVERHEAD
-    share, has, also = _memory_terms(memory_bytes, runs_at_once)
-    if need <= share:
+    tail = _memory_refusal(need, memory_bytes, runs_at_once, "run the driver on a node with more memory, or choose "
+                           "a clustering method (method=rbc shards its table over ray.kmeans_shards actors)")
+    if tail is None:
         return
     gib = 2**30
     raise ConfigError(
         f"craig holds one snapshot's RBC factors ({table / gib:.1f} GiB: {len(bundle.train)} samples x "
         f"{table // (4 * len(bundle.train))} floats) and a {len(bundle.train)} x {sim // (4 * len(bundle.train))} "
         f"similarity block ({sim / gib:.1f} GiB) in the driver, about {need / gib:.1f} GiB with Ray's "
-        f"{FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB, but {has}: run the driver on a node with more memory, or choose "
-        f"a clustering method (method=rbc shards its table over ray.kmeans_shards actors){also}")
+        f"{FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB, {tail}")
 
 
 def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float, runs_at_once: int = 1) -> None:
@@ -336,8 +341,8 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
     CENTROID_COPIES_PER_SHARD x ray.kmeans_shards copies of the (M, D) centroids, and
     FEATURE_MEMORY_OVERHEAD for Ray itself; names the knobs that shrink the larger part. For
     ``craig``, which clusters nothing: its factors and similarity block in the driver
-    (:func:`craig_bytes`). ``runs_at_once`` runs (``compare.concurrency``) share the memory: one
-    run's part beyond Ray's own must fit in an equal share of the memory beyond it."""
+    (:func:`craig_bytes`). ``runs_at_once`` runs (``compare.concurrency``) share the memory
+    equally (:func:`_memory_refusal`)."""
     if cfg.selection.method == "craig":
         _check_craig_memory(cfg, bundle, memory_bytes, runs_at_once)
         return
@@ -350,8 +355,7 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
     copies = CENTROID_COPIES_BASE + CENTROID_COPIES_PER_SHARD * S
     held, cents = FEATURE_MEMORY_FACTOR * table, copies * cent
     need = held + cents + FEATURE_MEMORY_OVERHEAD
-    share, has, also = _memory_terms(memory_bytes, runs_at_once)
-    if need <= share:
+    if need <= memory_bytes / max(1, runs_at_once):
         return
     gib = 2**30
     if kind == "gbc":
@@ -371,7 +375,7 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
         f"{what}; K-means needs about {need / gib:.1f} GiB: {FEATURE_MEMORY_FACTOR:g}x the table "
         f"({held / gib:.1f} GiB) while it reads and holds it, {copies} copies of its {_centroid_count(cfg)} x {D} float64 "
         f"centroids over {S} shards and the server ({cents / gib:.1f} GiB) and {FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB "
-        f"for Ray, but {has}: {fix}{also}")
+        f"for Ray, {_memory_refusal(need, memory_bytes, runs_at_once, fix)}")
 
 
 def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) -> None:

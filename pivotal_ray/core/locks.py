@@ -29,6 +29,10 @@ from typing import Callable, Iterator
 from ..config import ConfigError
 
 
+# jobs.compare's run threads (compare.concurrency) are named "compare[<method> seed <s>]"
+RUN_THREAD = "compare"
+
+
 class BusyError(ConfigError):
     """What the invocation would work on is in use by another invocation on this machine."""
 
@@ -49,8 +53,8 @@ def holder(path: str | os.PathLike[str]) -> str:
     try:
         info = json.loads(Path(path).read_text(encoding="utf-8"))
         thread = str(info.get("thread", ""))
-        if info["pid"] == os.getpid() and info["host"] == socket.gethostname() and thread.startswith("compare["):
-            return f"the comparison's run {thread.removeprefix('compare')}, since {info['since']}"
+        if info["pid"] == os.getpid() and info["host"] == socket.gethostname() and thread.startswith(RUN_THREAD + "["):
+            return f"the comparison's run {thread.removeprefix(RUN_THREAD)}, since {info['since']}"
         return f"pid {info['pid']} on {info['host']}, since {info['since']}: {info['command']}"
     except (OSError, ValueError, KeyError, TypeError):
         return ""

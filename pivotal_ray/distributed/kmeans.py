@@ -159,7 +159,8 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     where they fit, as the table's memory is), before any actor starts: K-means needs every shard,
     so runs side by side (``compare.concurrency``) must never each hold part of their sets and
     wait for the rest for ever. Waits until the cluster can hold the whole set (an autoscaling one
-    adds nodes for it). End them with :func:`stop_shard_actors`.
+    adds nodes for it; on one that does not, a shard larger than any node is refused here). End
+    them with :func:`stop_shard_actors`.
 
     Parameters
     ----------
@@ -177,6 +178,10 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     if num_shards * shard_cpus > cpus and not autoscaling:
         raise ValueError(f"{num_shards} shards x {shard_cpus} CPUs exceed the cluster's {cpus} CPUs: "
                          "lower ray.kmeans_shards or ray.kmeans_shard_cpus")
+    largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if shard_cpus > largest and not autoscaling:
+        raise ValueError(f"a shard of {shard_cpus} CPUs fits no node (the largest has {largest}): lower "
+                         "ray.kmeans_shard_cpus (and raise ray.kmeans_shards)")
     if isinstance(source, (FactorFeatures, DenseFeatures)):
         if num_shards > len(source):
             raise ValueError(f"num_shards={num_shards} exceeds the {len(source)} samples: use fewer shards")
@@ -191,16 +196,18 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     gpus = 1 if torch.device(device).type == "cuda" else 0
     bundle = {"CPU": float(shard_cpus), **({"GPU": float(gpus)} if gpus else {})}
     pg = placement_group([dict(bundle) for _ in sources], strategy="SPREAD")
+    out = ShardActors()
+    out.placement_group = pg
     try:
         ray.get(pg.ready())  # all of the set's resources at once, or none held while waiting
+        for i, src in enumerate(sources):
+            out.append(ShardActor.options(
+                num_cpus=shard_cpus, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote(
+                src, device=device, chunk_bytes=chunk_bytes, num_threads=threads))
     except BaseException:
-        remove_placement_group(pg)
+        stop_shard_actors(out)  # those started, and the group
         raise
-    out = ShardActors(ShardActor.options(
-        num_cpus=shard_cpus, num_gpus=gpus,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote(
-        src, device=device, chunk_bytes=chunk_bytes, num_threads=threads) for i, src in enumerate(sources))
-    out.placement_group = pg
     return out
 
 

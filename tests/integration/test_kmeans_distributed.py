@@ -181,3 +181,33 @@ def test_two_selections_at_once_each_get_their_whole_shard_set(ray_session):
         for seed, sel in got.items():
             same_selection(sel, select_pivotal(F, seed=seed, **kw))
     assert _live_placement_groups() == before
+
+
+def test_a_failed_start_leaves_no_placement_group_and_a_shard_too_large_for_any_node_is_refused(
+        ray_session, monkeypatch):
+    """Starting the second shard fails: the first one and the group are released, not left
+    holding CPUs for the rest of the driver's life. A shard larger than every node (its group
+    would wait for ever on a cluster that does not grow) is refused before anything starts."""
+    from pivotal_ray.distributed import kmeans
+
+    F = features(n=60, seed=2)
+    before = _live_placement_groups()
+    real, calls = kmeans.ShardActor, []
+
+    class Failing:
+        @staticmethod
+        def options(**kw):
+            calls.append(kw)
+            if len(calls) == 2:
+                raise RuntimeError("no second shard")
+            return real.options(**kw)
+
+    monkeypatch.setattr(kmeans, "ShardActor", Failing)
+    with pytest.raises(RuntimeError, match="no second shard"):
+        start_shard_actors(F, num_shards=2)
+    assert _live_placement_groups() == before
+    monkeypatch.setattr(kmeans, "ShardActor", real)
+    monkeypatch.setattr(kmeans.ray, "cluster_resources", lambda: {"CPU": 4.0})  # as if 2 nodes of 2
+    with pytest.raises(ValueError, match=r"a shard of 3.0 CPUs fits no node \(the largest has 2.0\)"):
+        start_shard_actors(F, num_shards=1, shard_cpus=3.0)
+    assert _live_placement_groups() == before

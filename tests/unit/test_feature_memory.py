@@ -123,33 +123,27 @@ def test_the_limit_counts_the_table_1_25_times_plus_ray() -> None:
         check_feature_memory(_cfg(proj_dim=1024), MNIST, memory_bytes=10 * GiB)
 
 
-def test_runs_at_once_share_the_memory_beyond_rays_own() -> None:
-    """compare.concurrency=n: n runs share one Ray, so Ray's 4 GiB counts once and each run's
-    part beyond it (ImageNet-1k ResNet-50 RBC: 98.6 - 4 = 94.6 GiB) must fit in 1/n of the memory
-    beyond it: 100 GiB holds one such run, 194 GiB two, 193 GiB not; the refusal names the knob."""
+def test_runs_at_once_share_the_memory_equally() -> None:
+    """compare.concurrency=n: each run, its 4 GiB for Ray's processes included (each run starts its
+    own shard actors and server), must fit in 1/n of the memory: 100 GiB holds one ImageNet-1k
+    ResNet-50 RBC run of 98.6 GiB, not two; 198 GiB two. Where one run would fit, the refusal
+    names compare.concurrency first; where not even one fits, the run's own fix first."""
     imagenet = SimpleNamespace(train=range(1_281_167), num_classes=1000, input_shape=(3, 224, 224))
     cfg = ExperimentConfig(model=ModelConfig(name="resnet50"), selection=SelectionConfig(method="rbc"),
                            features=FeatureConfig(num_snapshots=5))
     check_feature_memory(cfg, imagenet, memory_bytes=100 * GiB, runs_at_once=1)
-    with pytest.raises(ConfigError, match=r"about 98\.6 GiB.*but the Ray cluster's 100\.0 GiB, less Ray's 4 GiB, is "
-                                          r"shared by the 2 runs at once \(compare\.concurrency\): 48\.0 GiB each: "
-                                          r"lower features\.num_snapshots, or add nodes, or lower compare\.concurrency$"):
+    with pytest.raises(ConfigError, match=r"about 98\.6 GiB.*for Ray, but the 2 runs at once \(compare\.concurrency\) "
+                                          r"share the Ray cluster's 100\.0 GiB, 50\.0 GiB each: lower "
+                                          r"compare\.concurrency \(one such run fits the cluster\), or add nodes$"):
         check_feature_memory(cfg, imagenet, memory_bytes=100 * GiB, runs_at_once=2)
-    check_feature_memory(cfg, imagenet, memory_bytes=194 * GiB, runs_at_once=2)
-    with pytest.raises(ConfigError, match="shared by the 2 runs"):
-        check_feature_memory(cfg, imagenet, memory_bytes=193 * GiB, runs_at_once=2)
+    check_feature_memory(cfg, imagenet, memory_bytes=198 * GiB, runs_at_once=2)
+    with pytest.raises(ConfigError, match=r"share the Ray cluster's 90\.0 GiB, 45\.0 GiB each: lower "
+                                          r"features\.num_snapshots, or add nodes, or lower compare\.concurrency$"):
+        check_feature_memory(cfg, imagenet, memory_bytes=90 * GiB, runs_at_once=2)
     craig = ExperimentConfig(model=ModelConfig(name="resnet50"), selection=SelectionConfig(method="craig"))
     check_feature_memory(craig, imagenet, memory_bytes=28 * GiB)
-    with pytest.raises(ConfigError, match=r"craig holds.*shared by the 3 runs at once.*lower compare\.concurrency$"):
+    with pytest.raises(ConfigError, match=r"craig holds.*with Ray's 4 GiB, but the 3 runs at once.*9\.3 GiB each: "
+                                          r"lower compare\.concurrency \(one such run fits the cluster\), or add nodes$"):
         check_feature_memory(craig, imagenet, memory_bytes=28 * GiB, runs_at_once=3)
-
-
-def test_small_runs_at_once_are_not_refused_for_rays_own_memory() -> None:
-    """The toy set's rbc run needs well under a GiB beyond Ray's 4: eight at once fit 12 GiB
-    (with Ray's 4 GiB counted once per run they would need 32)."""
-    toy = SimpleNamespace(train=range(600), num_classes=2, input_shape=(2,))
-    cfg = ExperimentConfig(model=ModelConfig(name="mlp"), selection=SelectionConfig(method="rbc"))
-    for n in (1, 3, 8):
-        check_feature_memory(cfg, toy, memory_bytes=12 * GiB, runs_at_once=n)
-    with pytest.raises(ConfigError, match="shared by the 8 runs"):
-        check_feature_memory(cfg, toy, memory_bytes=4 * GiB + 1000, runs_at_once=8)
+    with pytest.raises(ConfigError, match=r"has 16\.0 GiB: run the driver"):  # one run: as before
+        check_feature_memory(craig, imagenet, memory_bytes=16 * GiB, runs_at_once=1)
