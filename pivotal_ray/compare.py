@@ -287,7 +287,7 @@ def run_concurrently(specs: list[RunSpec], *, run: Callable[[ExperimentConfig], 
     Started in order: consecutive specs are one method's seeds, whose warm-ups differ, so the
     first runs train different warm-ups side by side; a run that needs a warm-up another is
     training waits for it (its lock) and reads it back. Ray queues what the cluster cannot hold
-    yet. Each run's log lines start with ``[<method> seed <s>]``. After a run fails no other
+    yet. The lines the pipeline logs for a run start with ``[<method> seed <s>]``. After a run fails no other
     starts; those in flight finish (a finished run is read back by the next invocation), then the
     first failure is raised and every failure named. Ctrl-C leaves Ray at once
     (``pipeline.leave_ray``), which ends every run's actors; the threads are daemons, so the
