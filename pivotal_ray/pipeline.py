@@ -68,15 +68,18 @@ def run_identity(cfg: ExperimentConfig, *, noise: dict[str, Any] | None = None) 
     return plain
 
 
-def _normalised(recorded: dict[str, Any], noise: dict[str, Any] | None = None) -> dict[str, Any]:
+def _normalised(recorded: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     """A recorded config through the dataclasses: settings added since it was written get their
     defaults, so an older run still matches when it computed the same thing. The exception: a run
     recorded before ``selection.similarity`` existed clustered with ``|<G_j, C_i>|`` ("abs").
-    ``noise``: the noise identity its manifest recorded (``cifar_n``), else read from its file."""
+    A ``cifar_n`` run's noise identity is the one its manifest recorded (:func:`manifest_extra`),
+    else read from its file."""
     sel = recorded.get("selection")
     if isinstance(sel, dict) and "similarity" not in sel:
         recorded = {**recorded, "selection": {**sel, "similarity": "abs"}}
-    return run_identity(from_dict(recorded), noise=noise)
+    extra = manifest.get("extra")
+    noise = extra.get("noise_identity") if isinstance(extra, dict) else None
+    return run_identity(from_dict(recorded), noise=noise if isinstance(noise, dict) else None)
 
 
 def manifest_extra(cfg: ExperimentConfig, **fields: Any) -> dict[str, Any]:
@@ -85,15 +88,6 @@ def manifest_extra(cfg: ExperimentConfig, **fields: Any) -> dict[str, Any]:
     if cfg.noise.kind == "cifar_n":
         fields["noise_identity"] = noise_identity(cfg.data, cfg.noise)
     return fields
-
-
-def _recorded_noise_identity(output_dir: str | Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((Path(output_dir) / artifacts.MANIFEST_NAME).read_text(encoding="utf-8"))
-        noise = manifest["extra"]["noise_identity"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return noise if isinstance(noise, dict) else None
 
 
 def noise_record(cfg: ExperimentConfig, train: Any) -> dict[str, Any]:
@@ -109,9 +103,7 @@ def check_run_dir(cfg: ExperimentConfig) -> None:
     """OutputDirError (naming the fix and the differing keys) when ``cfg.output_dir`` holds another run."""
     labels_file = Path(cfg.labels_file)
     inputs = [labels_file.name] if cfg.labels.source == "file" and labels_file.parent == Path(cfg.output_dir) else []
-    recorded_noise = _recorded_noise_identity(cfg.output_dir) if cfg.noise.kind == "cifar_n" else None
-    artifacts.check_output_dir(Path(cfg.output_dir), config=run_identity(cfg), inputs=inputs,
-                               normalise=lambda recorded: _normalised(recorded, recorded_noise))
+    artifacts.check_output_dir(Path(cfg.output_dir), config=run_identity(cfg), normalise=_normalised, inputs=inputs)
 
 
 def completed_metrics(output_dir: str | Path) -> dict[str, Any] | None:
@@ -355,7 +347,15 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
     copies = CENTROID_COPIES_BASE + CENTROID_COPIES_PER_SHARD * S
     held, cents = FEATURE_MEMORY_FACTOR * table, copies * cent
     need = held + cents + FEATURE_MEMORY_OVERHEAD
-    if need <= memory_bytes / max(1, runs_at_once):
+    if cents > held:
+        fix = ("lower selection.per_round (fewer picks, hence centroids, per round), features.num_snapshots or "
+               "ray.kmeans_shards" + (", or features.proj_dim" if kind == "gbc" else "") + ", or add nodes")
+    elif kind == "gbc":
+        fix = "lower features.proj_dim (e.g. 256), features.num_layers or features.num_snapshots, or add nodes"
+    else:
+        fix = "lower features.num_snapshots, or add nodes"
+    tail = _memory_refusal(need, memory_bytes, runs_at_once, fix)
+    if tail is None:
         return
     gib = 2**30
     if kind == "gbc":
@@ -364,18 +364,11 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
     else:
         what = (f"RBC features would take {table / gib:.1f} GiB ({len(bundle.train)} samples x K={f.num_snapshots} "
                 f"snapshots x {row} floats of factors)")
-    if cents > held:
-        fix = ("lower selection.per_round (fewer picks, hence centroids, per round), features.num_snapshots or "
-               "ray.kmeans_shards" + (", or features.proj_dim" if kind == "gbc" else "") + ", or add nodes")
-    elif kind == "gbc":
-        fix = "lower features.proj_dim (e.g. 256), features.num_layers or features.num_snapshots, or add nodes"
-    else:
-        fix = "lower features.num_snapshots, or add nodes"
     raise ConfigError(
         f"{what}; K-means needs about {need / gib:.1f} GiB: {FEATURE_MEMORY_FACTOR:g}x the table "
         f"({held / gib:.1f} GiB) while it reads and holds it, {copies} copies of its {_centroid_count(cfg)} x {D} float64 "
         f"centroids over {S} shards and the server ({cents / gib:.1f} GiB) and {FEATURE_MEMORY_OVERHEAD / gib:.0f} GiB "
-        f"for Ray, {_memory_refusal(need, memory_bytes, runs_at_once, fix)}")
+        f"for Ray, {tail}")
 
 
 def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) -> None:

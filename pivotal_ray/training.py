@@ -88,9 +88,9 @@ def warmup_name(cfg: ExperimentConfig) -> str:
     config.without_defaults). The resources count: workers split each batch (BatchNorm
     statistics) and each runs floor(cpus_per_worker) threads."""
     c = to_dict(cfg)
-    key = {k: c[k] for k in ("data", "noise", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
     from .core.data import noise_identity
 
+    key = {k: c[k] for k in ("data", "model", "reweight", "seed")} | {"warmup": cfg.selection.warmup}
     key["noise"] = noise_identity(cfg.data, cfg.noise)  # cifar_n: its label set's digest, not its path
     key["ray"] = {k: c["ray"][k] for k in TRAINING_RESOURCES}
     if cfg.selection.balanced_warmup:  # only when set, so the names of uniform warm-ups never change

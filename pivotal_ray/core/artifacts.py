@@ -410,6 +410,12 @@ def _find_checkout(start: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def _checkout_of(path: str | os.PathLike[str] | None) -> tuple[Path, Path] | None:
+    """:func:`_find_checkout` of ``path``, by default of the checkout holding this package."""
+    start = Path(path) if path is not None else Path(__file__).parent
+    return _find_checkout(start.resolve())
+
+
 def _resolve_ref(git_dir: Path, ref: str) -> str | None:
     # A linked worktree keeps its own HEAD but shares refs with the main repository.
     dirs = [git_dir]
@@ -450,9 +456,8 @@ def git_revision(path: str | os.PathLike[str] | None = None) -> str | None:
         The commit hash, or None outside a git checkout, on a branch with no commits yet, or when
         ``.git`` cannot be read. Uncommitted changes are :func:`git_changes`'s.
     """
-    start = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
-        found = _find_checkout(start.resolve())
+        found = _checkout_of(path)
         git_dir = None if found is None else found[1]
         if git_dir is None or not (git_dir / "HEAD").is_file():
             return None
@@ -488,10 +493,9 @@ def git_changes(path: str | os.PathLike[str] | None = None) -> list[str] | None:
         where it cannot be told: no ``git`` program (Ray's container images often lack it), not
         a checkout (a Ray job's working-dir copy ships HEAD and refs only), or git failing.
     """
-    start = (Path(path) if path is not None else Path(__file__).parent).resolve()
     git = shutil.which("git")
     try:
-        found = _find_checkout(start)
+        found = _checkout_of(path)
         if git is None or found is None:
             return None
         checkout, git_dir = found
@@ -694,7 +698,7 @@ def _describe_diff(old: Any, new: dict[str, Any], limit: int = 5) -> str:
 
 
 def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str, Any] | Any,
-                     normalise: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+                     normalise: Callable[[dict[str, Any], dict[str, Any]], Mapping[str, Any]] | None = None,
                      inputs: Sequence[str] = ()) -> None:
     """Refuse an ``output_dir`` that holds another run; allow a new, empty or same-run one.
 
@@ -709,9 +713,10 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
     config : mapping or dataclass
         The resolved config of the run about to start.
     normalise : callable, optional
-        Applied to the recorded config before comparing, e.g. a round trip through the config
-        dataclasses, so a run recorded before a setting existed matches when that setting is at
-        its default. A recorded config it cannot take (it raises) is compared as recorded.
+        ``normalise(recorded config, whole manifest)``, applied before comparing, e.g. a round trip
+        through the config dataclasses, so a run recorded before a setting existed matches when
+        that setting is at its default (the manifest: what the run recorded beside its config). A
+        recorded config it cannot take (it raises) is compared as recorded.
     inputs : names of entries the run reads, put there before it starts (a person's labels
         file): they do not count as content.
 
@@ -755,7 +760,7 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, config: Mapping[str,
     if isinstance(theirs_config, dict):
         if normalise is not None:
             try:
-                theirs_config = normalise(dict(theirs_config))
+                theirs_config = normalise(dict(theirs_config), recorded)
             except (ValueError, TypeError, KeyError):
                 pass  # e.g. a setting that no longer exists: compare as recorded (and differ)
         theirs = config_fingerprint(theirs_config)
