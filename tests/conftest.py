@@ -19,6 +19,10 @@ def ray_session():
     from pivotal_ray.pipeline import RAY_ENV_VARS
 
     if not ray.is_initialized():
+        # Ray starts its workers at nice 15: with other work on the machine at nice 0 (another
+        # job's tests, a build) they got a few percent of a core and ran deadlines out (measured: an
+        # extraction test 199 s instead of ~10 s). The tests check results, not Ray's priorities.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             # our own Ray, even where `ray start` left a cluster on this machine (stop that one before
             # the tests: Ray Train's placement-group cleaner looks the cluster up by that cluster's

@@ -87,6 +87,7 @@ def ray_head():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS etc. leaking in
     env.update(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop at once, no 30 s drain
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
+               RAY_worker_niceness="0",  # as the other tests' Ray (tests/conftest.py: ray_session)
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # the job's `python` is this venv's
     env.pop("PYTHONPATH", None)  # the job must import the package from its uploaded working dir
     log = open(root / "head.log", "wb")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -162,6 +164,7 @@ def test_two_selections_at_once_each_get_their_whole_shard_set(ray_session):
     F = features(n=200, seed=11)
     kw = dict(budget=4, meta_ids=F.sample_id[:2], exclude_frac=0.25, max_iter=20)
     before = _live_placement_groups()
+    deadline = time.monotonic() + 450  # ~11 s a trial on an idle machine; one budget for all three
     for trial in range(3):
         barrier, got, errors = threading.Barrier(2), {}, []
 
@@ -176,7 +179,7 @@ def test_two_selections_at_once_each_get_their_whole_shard_set(ray_session):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(120)
+            t.join(max(0.0, deadline - time.monotonic()))
         assert not errors and sorted(got) == [trial, trial + 10], f"trial {trial}: {sorted(got)} finished, {errors}"
         for seed, sel in got.items():
             same_selection(sel, select_pivotal(F, seed=seed, **kw))

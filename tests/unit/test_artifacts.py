@@ -415,8 +415,9 @@ def test_a_setting_only_one_run_has_is_shown_as_not_set(tmp_path: Path) -> None:
 
 
 def _git(repo: Path, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # run from a git hook: not the outer repo
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args], cwd=repo,
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs the git program")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -548,10 +549,11 @@ def test_cifar_n_runs_are_named_by_the_labels_they_read_not_the_files_path(tmp_p
     assert ids(file=str(other), label="second")[1] not in (base[1], ids(file=str(other))[1])
 
 
-SHARED_CIFAR_N = Path(__file__).resolve().parents[3] / "shared" / "data" / "CIFAR-N"
+SHARED_CIFAR_N = Path(os.environ.get("PIVOTAL_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
+                      ) / "CIFAR-N"  # as tests/conftest.py finds MNIST
 
 
-@pytest.mark.skipif(not SHARED_CIFAR_N.is_dir(), reason="the CIFAR-N release files are not beside the repository")
+@pytest.mark.skipif(not SHARED_CIFAR_N.is_dir(), reason="the CIFAR-N release files are not beside the repository (or under PIVOTAL_SHARED_DATA)")
 @pytest.mark.parametrize("name, label, rate", [("CIFAR-10_human.pt", "aggre_label", 9.01),
                                                ("CIFAR-10_human.pt", "worse_label", 40.21),
                                                ("CIFAR-10_human.pt", "random_label1", 17.23),
