@@ -22,6 +22,7 @@ def ray_session():
         # Ray starts its workers at nice 15: with other work on the machine at nice 0 (another
         # job's tests, a build) they got a few percent of a core and ran deadlines out (measured: an
         # extraction test 199 s instead of ~10 s). The tests check results, not Ray's priorities.
+        # Left set for the session: the Rays that end-to-end tests start in subprocesses inherit it.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(
             # our own Ray, even where `ray start` left a cluster on this machine (stop that one before

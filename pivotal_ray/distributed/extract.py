@@ -189,8 +189,9 @@ _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GE
 def _release_failed_pool(err: BaseException) -> None:
     """Let the actors of a failed extraction go now instead of when ``err`` does.
 
-    Ray Data releases a finished actor pool by dropping its handles (never ``ray.kill``), and a
-    failed execution leaves handles in the locals of the frames its exceptions' tracebacks hold
+    Ray Data releases a pool by dropping its handles (after a failure too: its executor shuts down
+    with ``force=False``, which never calls ``ray.kill``), and a failed execution leaves handles in
+    the locals of the frames its exceptions' tracebacks hold
     (measured: the actor, with the CPUs/GPUs it reserved, lived as long as the exception, and a
     garbage collection longer once it was dropped). Where the failure is kept while other work goes
     on, a comparison's runs side by side, that would hold back their resources. Clearing the
@@ -212,6 +213,10 @@ def _release_failed_pool(err: BaseException) -> None:
                 if not frame.f_code.co_flags & _SUSPENDABLE:  # clearing a generator's frame would close it
                     with contextlib.suppress(RuntimeError):  # a frame still running (ours, a caller's) is kept
                         frame.clear()
+                        if frame.f_code.co_flags & inspect.CO_NEWLOCALS:
+                            # a tracer (pdb, coverage) read its locals into a dict clear() leaves as it
+                            # was: reading it again empties it (Python 3.11)
+                            frame.f_locals  # noqa: B018
                 frame = frame.f_back
             tb = tb.tb_next
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
@@ -306,7 +311,8 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
     except BaseException as err:
-        _release_failed_pool(err)
+        with contextlib.suppress(Exception):  # never in place of the extraction's own error
+            _release_failed_pool(err)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
