@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -434,9 +435,10 @@ def test_a_run_folder_claimed_while_the_comparison_ran_is_refused_in_compare_ter
 # --------------------------------------------------------------------------- compare.concurrency
 
 
-def _counting(run, *, delay: float = 0.05, fail: set | None = None):
-    """``run`` wrapped to count the runs in flight (the most at once in ``state["peak"]``), sleep
-    ``delay`` inside each, and raise for the (method, seed) pairs in ``fail``."""
+def _counting(run, *, delay: float = 0.05, fail: set | None = None, gate=None):
+    """``run`` wrapped to count the runs in flight (the most at once in ``state["peak"]``), call
+    ``gate(cfg)`` (where given: the test's ordering) and sleep ``delay`` inside each, and raise for
+    the (method, seed) pairs in ``fail``."""
     import threading
     import time
 
@@ -448,6 +450,8 @@ def _counting(run, *, delay: float = 0.05, fail: set | None = None):
             state["peak"] = max(state["peak"], state["now"])
             state["started"].append((cfg.selection.method, cfg.seed))
         try:
+            if gate is not None:
+                gate(cfg)
             time.sleep(delay)
             if (cfg.selection.method, cfg.seed) in (fail or set()):
                 raise RuntimeError(f"{cfg.selection.method} seed {cfg.seed} broke")
@@ -466,7 +470,13 @@ def test_concurrent_runs_give_the_same_results_as_one_at_a_time(tmp_path):
     one = CompareConfig(methods=["random", "rbc"], seeds=[0, 1, 2], output_root=str(tmp_path / "one"), plots=False)
     seq = run_compare(base=base, cc=one, run=_fake_pipeline([]), log=lambda line: None)
     calls, logs = [], []
-    run, state = _counting(_fake_pipeline(calls), delay=0.2)
+    first_three = threading.Barrier(3)  # random seeds 0-2, started together: all in flight at once
+
+    def gate(cfg):
+        if cfg.selection.method == "random":
+            first_three.wait(timeout=60)
+
+    run, state = _counting(_fake_pipeline(calls), gate=gate)
     three = CompareConfig(methods=["random", "rbc"], seeds=[0, 1, 2], output_root=str(tmp_path / "three"),
                           plots=False, concurrency=3)
     df = run_compare(base=base, cc=three, run=run, log=logs.append)
@@ -485,13 +495,22 @@ def test_concurrent_runs_give_the_same_results_as_one_at_a_time(tmp_path):
 def test_a_failed_run_starts_no_other_and_waits_for_those_in_flight(tmp_path):
     """With 2 at a time, random seed 1 fails while random seed 0 is still training: no other run
     starts, seed 0 finishes (its folder complete, read back next time), then the failure is raised."""
-    calls, logs = [], []
-    run, state = _counting(_fake_pipeline(calls), delay=0.3, fail={("random", 1)})
-    slow_first = lambda cfg: run(cfg) if cfg.seed else (__import__("time").sleep(0.5), run(cfg))[1]  # noqa: E731
+    calls, logs, failed = [], [], threading.Event()
+
+    def log(line):
+        logs.append(line)
+        if " failed: " in line:
+            failed.set()
+
+    def gate(cfg):  # seed 0 goes on only once the driver has taken seed 1's failure
+        if cfg.seed == 0:
+            assert failed.wait(timeout=60)
+
+    run, state = _counting(_fake_pipeline(calls), fail={("random", 1)}, gate=gate)
     cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False,
                        concurrency=2)
     with pytest.raises(RuntimeError, match="random seed 1 broke"):
-        run_compare(base=_base(tmp_path), cc=cc, run=slow_first, log=logs.append)
+        run_compare(base=_base(tmp_path), cc=cc, run=run, log=log)
     assert state["started"] == [("random", 0), ("random", 1)] or state["started"] == [("random", 1), ("random", 0)]
     assert [c.seed for c in calls] == [0]  # random seed 0 finished
     assert any("random seed 1 failed: RuntimeError: random seed 1 broke; no other run starts" in line for line in logs)
@@ -504,15 +523,22 @@ def test_a_failed_run_starts_no_other_and_waits_for_those_in_flight(tmp_path):
 
 
 def test_every_failure_is_named_and_the_first_raised(tmp_path):
-    """Both runs fail, seed 1 first (seed 0 takes longer): seed 1's error is raised, both are named."""
-    import time
+    """Both runs fail, seed 1 first (seed 0 waits for it): seed 1's error is raised, both are named."""
+    logs, failed = [], threading.Event()
 
-    logs = []
-    run, _ = _counting(_fake_pipeline([]), delay=0.05, fail={("random", 0), ("random", 1)})
-    slow_seed0 = lambda cfg: run(cfg) if cfg.seed else (time.sleep(0.4), run(cfg))[1]  # noqa: E731
+    def log(line):
+        logs.append(line)
+        if "random seed 1 failed: " in line:
+            failed.set()
+
+    def gate(cfg):
+        if cfg.seed == 0:
+            assert failed.wait(timeout=60)
+
+    run, _ = _counting(_fake_pipeline([]), fail={("random", 0), ("random", 1)}, gate=gate)
     cc = CompareConfig(methods=["random"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False, concurrency=2)
     with pytest.raises(RuntimeError, match="^random seed 1 broke$"):
-        run_compare(base=_base(tmp_path), cc=cc, run=slow_seed0, log=logs.append)
+        run_compare(base=_base(tmp_path), cc=cc, run=run, log=log)
     assert "2 runs failed (random seed 1, random seed 0); raising the first" in logs
 
 
