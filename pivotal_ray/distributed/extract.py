@@ -198,6 +198,21 @@ def _release_failed_pool(err: BaseException) -> None:
     finished frames' locals and collecting drops those handles. The tracebacks still print in full
     (file, line, source); only a post-mortem debugger finds those frames' locals gone.
     """
+    for frame in _traceback_frames(err):
+        if frame.f_code.co_flags & _SUSPENDABLE:  # clearing a generator's frame would close it
+            continue
+        with contextlib.suppress(RuntimeError):  # a frame still running (ours, a caller's) is kept
+            frame.clear()
+            if frame.f_code.co_flags & inspect.CO_NEWLOCALS:
+                # a tracer (pdb, coverage) read its locals into a dict clear() leaves as it was:
+                # reading it again empties it (Python 3.11)
+                frame.f_locals  # noqa: B018
+    gc.collect()
+
+
+def _traceback_frames(err: BaseException) -> Iterator[Any]:
+    """Each frame, once, of the tracebacks of ``err`` and the exceptions it leads to (causes,
+    contexts, a Ray task's ``cause``), with each frame's callers: their locals hold the pool too."""
     seen: set[int] = set()
     todo: list[Any] = [err]
     while todo:
@@ -206,21 +221,14 @@ def _release_failed_pool(err: BaseException) -> None:
             continue
         seen.add(id(e))
         tb = e.__traceback__
-        while tb is not None:  # each frame and its callers: a caller's locals hold the pool as well
+        while tb is not None:
             frame = tb.tb_frame
             while frame is not None and id(frame) not in seen:
                 seen.add(id(frame))
-                if not frame.f_code.co_flags & _SUSPENDABLE:  # clearing a generator's frame would close it
-                    with contextlib.suppress(RuntimeError):  # a frame still running (ours, a caller's) is kept
-                        frame.clear()
-                        if frame.f_code.co_flags & inspect.CO_NEWLOCALS:
-                            # a tracer (pdb, coverage) read its locals into a dict clear() leaves as it
-                            # was: reading it again empties it (Python 3.11)
-                            frame.f_locals  # noqa: B018
+                yield frame
                 frame = frame.f_back
             tb = tb.tb_next
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    gc.collect()
 
 
 def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict], sample_ids: np.ndarray,

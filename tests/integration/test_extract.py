@@ -257,6 +257,20 @@ def _descendants_titled(fragment: str) -> list[int]:
     return found
 
 
+def _earlier_extraction_actors() -> set[int]:
+    """pids of extraction actors of earlier tests still on their way out (given up to 10 s): Ray
+    Data releases a pool by dropping its handles, so its actors end when those are collected, which
+    on a loaded machine took over a minute (a CI run, before a failed extraction released its own).
+    They are never one of a new extraction's (each starts its own pool): left alone, not counted."""
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _descendants_titled("_ExtractWorker") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return set(_descendants_titled("_ExtractWorker"))
+
+
 def test_an_extraction_actor_killed_every_time_ends_the_extraction(ray_session, tmp_path, bundle, snapshots) -> None:
     """ray.extract_max_restarts: an actor whose process dies every time (killed here as soon as it
     appears, as the OOM killer would) is restarted that many times (2 here: 3 processes killed),
@@ -267,18 +281,7 @@ def test_an_extraction_actor_killed_every_time_ends_the_extraction(ray_session, 
 
     from pivotal_ray.distributed.failures import worker_lost
 
-    import gc
-
-    # An earlier test's actor may still be on its way out: Ray Data releases a finished pool by
-    # dropping its handles, and one a failed extraction's exception still refers to lives until
-    # that exception is collected (on a loaded machine it outlived a minute: a CI run). Such an
-    # actor is never one of this extraction's (each extraction starts its own pool): it is left
-    # alone and not counted.
-    gc.collect()
-    deadline = time.monotonic() + 10
-    while _descendants_titled("_ExtractWorker") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    earlier = set(_descendants_titled("_ExtractWorker"))
+    earlier = _earlier_extraction_actors()
     stop, kills = threading.Event(), []
 
     def killer() -> None:
@@ -313,11 +316,9 @@ def test_a_failed_extraction_lets_its_actors_go_while_its_error_is_kept(ray_sess
     some: the actor (and the CPUs/GPUs it reserved) lived as long as the exception, which a
     comparison running runs side by side keeps until the others end. Now it goes at once, and the
     traceback still names the cause."""
-    import gc
     import traceback
 
-    gc.collect()
-    earlier = set(_descendants_titled("_ExtractWorker"))  # see the test above
+    earlier = _earlier_extraction_actors()
     with pytest.raises(Exception, match="999999") as err:
         extract_features(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, feature_spec={"kind": "rbc"},
                          snapshots=snapshots, sample_ids=np.r_[bundle.train.sample_id[:50], 999_999],
