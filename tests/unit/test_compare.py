@@ -492,20 +492,28 @@ def test_concurrent_runs_give_the_same_results_as_one_at_a_time(tmp_path):
     pd.testing.assert_frame_equal(seq, again)
 
 
-def test_a_failed_run_starts_no_other_and_waits_for_those_in_flight(tmp_path):
-    """With 2 at a time, random seed 1 fails while random seed 0 is still training: no other run
-    starts, seed 0 finishes (its folder complete, read back next time), then the failure is raised."""
-    calls, logs, failed = [], [], threading.Event()
+def _seed0_after_seed1_failed(logs: list):
+    """(log, gate) for :func:`run_compare` and :func:`_counting`: the log keeps the lines in ``logs``,
+    and random seed 0 goes on only once the driver has logged random seed 1's failure."""
+    failed = threading.Event()
 
     def log(line):
         logs.append(line)
-        if " failed: " in line:
+        if "random seed 1 failed: " in line:
             failed.set()
 
-    def gate(cfg):  # seed 0 goes on only once the driver has taken seed 1's failure
+    def gate(cfg):
         if cfg.seed == 0:
             assert failed.wait(timeout=60)
 
+    return log, gate
+
+
+def test_a_failed_run_starts_no_other_and_waits_for_those_in_flight(tmp_path):
+    """With 2 at a time, random seed 1 fails while random seed 0 is still training: no other run
+    starts, seed 0 finishes (its folder complete, read back next time), then the failure is raised."""
+    calls, logs = [], []
+    log, gate = _seed0_after_seed1_failed(logs)
     run, state = _counting(_fake_pipeline(calls), fail={("random", 1)}, gate=gate)
     cc = CompareConfig(methods=["random", "rbc"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False,
                        concurrency=2)
@@ -524,17 +532,8 @@ def test_a_failed_run_starts_no_other_and_waits_for_those_in_flight(tmp_path):
 
 def test_every_failure_is_named_and_the_first_raised(tmp_path):
     """Both runs fail, seed 1 first (seed 0 waits for it): seed 1's error is raised, both are named."""
-    logs, failed = [], threading.Event()
-
-    def log(line):
-        logs.append(line)
-        if "random seed 1 failed: " in line:
-            failed.set()
-
-    def gate(cfg):
-        if cfg.seed == 0:
-            assert failed.wait(timeout=60)
-
+    logs = []
+    log, gate = _seed0_after_seed1_failed(logs)
     run, _ = _counting(_fake_pipeline([]), fail={("random", 0), ("random", 1)}, gate=gate)
     cc = CompareConfig(methods=["random"], seeds=[0, 1], output_root=str(tmp_path / "cmp"), plots=False, concurrency=2)
     with pytest.raises(RuntimeError, match="^random seed 1 broke$"):
