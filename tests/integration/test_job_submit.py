@@ -83,7 +83,6 @@ def ray_head():
     token = secrets.token_hex(32)
     token_file.write_text(token)
     token_file.chmod(0o600)
-    gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS etc. leaking in
     env.update(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop at once, no 30 s drain
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
@@ -91,6 +90,39 @@ def ray_head():
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # the job's `python` is this venv's
     env.pop("PYTHONPATH", None)  # the job must import the package from its uploaded working dir
     log = open(root / "head.log", "wb")
+    proc = None
+    try:
+        # _free_ports closes its sockets before Ray binds the ports, so another process may take one
+        # meanwhile: a head that exits before its job server answers is started again on new ports
+        for attempt in range(1, 4):
+            proc, address = _start_head(root, env, log)
+            deadline = time.monotonic() + 120
+            while _get(f"{address}/api/jobs/", token) != 200:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"job server at {address} did not answer in 120 s:\n"
+                                f"{(root / 'head.log').read_text()[-3000:]}")
+                if proc.poll() is not None:
+                    break
+                time.sleep(1.0)
+            else:
+                break
+            _terminate(proc, root)  # what the exited head left behind
+            if attempt == 3:
+                pytest.fail(f"ray start exited with {proc.returncode} (3 starts, on new ports each time):\n"
+                            f"{(root / 'head.log').read_text()[-3000:]}")
+        # without the token the job server refuses: this cluster really uses token auth
+        assert _get(f"{address}/api/jobs/", "wrong-token") in (401, 403)
+        yield {"address": address, "env": env, "root": root, "token": token}
+    finally:
+        if proc is not None:
+            _terminate(proc, root)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_head(root: Path, env: dict[str, str], log) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` on free ports in its own process group; (process, job server URL)."""
+    gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
     cmd = [RAY, "start", "--head", "--block", "--num-cpus", "2", "--object-store-memory", "300000000",
            "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--include-dashboard", "true",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
@@ -99,23 +131,7 @@ def ray_head():
            "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
            "--temp-dir", str(root / "ray"), "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 120
-        while _get(f"{address}/api/jobs/", token) != 200:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{(root / 'head.log').read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"job server at {address} did not answer in 120 s:\n"
-                            f"{(root / 'head.log').read_text()[-3000:]}")
-            time.sleep(1.0)
-        # without the token the job server refuses: this cluster really uses token auth
-        assert _get(f"{address}/api/jobs/", "wrong-token") in (401, 403)
-        yield {"address": address, "env": env, "root": root, "token": token}
-    finally:
-        _terminate(proc, root)
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
+    return proc, f"http://127.0.0.1:{dash}"
 
 
 def _terminate(proc: subprocess.Popen, root: Path) -> None:

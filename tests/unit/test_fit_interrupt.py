@@ -22,8 +22,10 @@ class FakeTrainer:
 
     def __init__(self, seconds: float, result=None, error: BaseException | None = None):
         self.seconds, self.result, self.error = seconds, result, error
+        self.started = threading.Event()  # set once fit() runs
 
     def fit(self):
+        self.started.set()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, lambda *a: None)  # swallow, as Ray's handler does after the run
         time.sleep(self.seconds)
@@ -54,11 +56,17 @@ def test_ctrl_c_during_fit_is_a_keyboard_interrupt_and_leaves_ray(monkeypatch, p
 
     shutdowns = []
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))  # ends the run's actors
-    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    trainer = FakeTrainer(30.0)
+
+    def ctrl_c_once_fit_runs():  # not on a timer: under load _fit may not have started by then
+        if trainer.started.wait(60):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_fit_runs, daemon=True).start()
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        _fit(FakeTrainer(30.0))
-    assert time.perf_counter() - t0 < 5  # at once, not when the run ends
+        _fit(trainer)
+    assert time.perf_counter() - t0 < 20  # at once, not when the run ends (30 s)
     assert shutdowns == [1]
 
 
