@@ -11,6 +11,15 @@ floats): ``l2rw_one_pass``, the real forward and the JVP as one dual-tensor pass
 ``l2rw_two_pass``, a forward and then the JVP. ``l2rw`` is the form the mode picks for the model
 (one pass unless it has normalisation layers).
 
+Two other ways to the direct mode's per-sample inner products ``<v, grad f_j>``, timed here as
+whole direct steps (not used by the package): ``direct_double_backward`` takes the first backward
+with ``create_graph=True`` and the weights as leaves, then the gradient of ``<v, g(w)>`` with
+respect to them (the route of the published implementations); ``direct_finite_difference``
+takes ``(f_j(theta + e v) - f_j(theta - e v)) / 2e`` from two no-grad forwards (``e`` =
+``FD_STEP`` / ``||v||``). ``dots_error`` reports each route's largest deviation from the JVP's
+inner products, relative to their largest magnitude, on the benchmark's batch and the freshly
+initialised model, for a random ``v``.
+
     python -m benchmarks.reweight_step --size full --out benchmarks/results/reweight_step.jsonl
 
 Target (issue 4): time ratio <= 2.0 (published implementations take about 3x).
@@ -24,7 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from pivotal_ray.core.models import build_model
-from pivotal_ray.core.reweight import LocalReducer, _unflat, build_reweighter, per_sample_grad_dot
+from torch.func import functional_call
+
+from pivotal_ray.core.reweight import (LocalReducer, _apply_step, _buffer_copies, _unflat, build_reweighter,
+                                       meta_gradient, per_sample_grad_dot)
 
 from . import _common
 
@@ -34,6 +46,70 @@ MODELS = {  # name -> (model spec, classes, {size: (input shape, batch)})
     "resnet18_cifar": ({"name": "resnet18_cifar"}, 100, {"full": ((3, 32, 32), 128), "tiny": ((3, 8, 8), 2)}),
 }
 META_BATCH = {"full": 100, "tiny": 4}
+FD_STEP = 1e-3  # the finite difference's step along v / ||v||, in parameter space
+
+
+def _g_with_graph(model, params, x, y, w, global_batch):
+    """(losses, the weights as leaves, g(w)) with the graph of g kept for a second differentiation."""
+    wl = w.detach().clone().requires_grad_(True)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return losses, wl, torch.autograd.grad((wl * losses).sum() / global_batch, params, create_graph=True)
+
+
+def _dots_double_backward(g, wl, v, global_batch):
+    """<v, grad f_j> as global_batch x d<v, g(w)>/dw_j (g, wl from :func:`_g_with_graph`)."""
+    inner = sum((gi * vi).sum() for gi, vi in zip(g, v))
+    return torch.autograd.grad(inner, wl, retain_graph=True)[0] * global_batch
+
+
+@torch.no_grad()
+def _dots_finite_difference(model, named, x, y, v):
+    """<v, grad f_j> as the central difference of the losses along v (two forwards, no grad)."""
+    eps = FD_STEP / float(torch.sqrt(sum((t.double() ** 2).sum() for t in v)))
+    buffers = _buffer_copies(model)  # running statistics untouched, as in the JVP
+    out = []
+    for sign in (1.0, -1.0):
+        shifted = {k: p + sign * eps * t for (k, p), t in zip(named.items(), v)}
+        out.append(F.cross_entropy(functional_call(model, (shifted, buffers), (x,)), y, reduction="none"))
+    return (out[0] - out[1]) / (2 * eps)
+
+
+def _direct_step(s: dict[str, Any], route: str) -> None:
+    """One direct step (core.reweight.DirectReweighter's, single process) with the dots by ``route``."""
+    model, x, y, w, b, lr = s["model"], s["x"], s["y"], s["w"], s["batch"], 0.1
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    if route == "double_backward":
+        losses, wl, g = _g_with_graph(model, params, x, y, w, b)
+    else:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        g = torch.autograd.grad((w * losses).sum() / b, params, retain_graph=True)
+    with torch.no_grad():
+        theta_hat = {k: p - lr * gk.detach() for (k, p), gk in zip(named.items(), g)}
+    v, _ = meta_gradient(model, theta_hat, s["xm"], s["ym"], reducer=LocalReducer())
+    v = _unflat(v, params)
+    if route == "double_backward":
+        dots = _dots_double_backward(g, wl, v, b)
+    else:
+        dots = _dots_finite_difference(model, named, x, y, v)
+    new_w = (w - 100.0 * (-(lr / b) * dots)).clamp(0.0, 1.0)
+    _apply_step((new_w.detach() * losses).sum() / b, params, s["opt"], LocalReducer())
+
+
+def dots_error(s: dict[str, Any]) -> dict[str, float]:
+    """Largest |route - JVP| of the inner products, over the largest |JVP|, for a random v."""
+    model, x, y, w, b = s["model"], s["x"], s["y"], s["w"], s["batch"]
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    v = _unflat(torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(1))
+                .to(x.device), params)
+    ref = per_sample_grad_dot(model, named, x, y, v).double()
+    _, wl, g = _g_with_graph(model, params, x, y, w, b)
+    dbl = _dots_double_backward(g, wl, v, b).detach().double()
+    fd = _dots_finite_difference(model, named, x, y, v).double()
+    scale = float(ref.abs().max()) or float("nan")  # 0: every sample's gradient vanished
+    return {"double_backward": float((dbl - ref).abs().max()) / scale,
+            "finite_difference": float((fd - ref).abs().max()) / scale}
 
 
 def _setup(name: str, size: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
@@ -82,7 +158,9 @@ def _steps(s: dict[str, Any]) -> dict[str, Any]:
         per_sample_grad_dot(model, named, s["x"], s["y"], v)
 
     return {"sgd": plain, "direct": meta("direct"), "l2rw": meta("l2rw"), "l2rw_one_pass": meta("l2rw_one_pass"),
-            "l2rw_two_pass": meta("l2rw_two_pass"), "eval_forward": forward, "jvp": jvp}
+            "l2rw_two_pass": meta("l2rw_two_pass"), "eval_forward": forward, "jvp": jvp,
+            "direct_double_backward": lambda: _direct_step(s, "double_backward"),
+            "direct_finite_difference": lambda: _direct_step(s, "finite_difference")}
 
 
 def run(args) -> dict[str, Any]:
@@ -94,7 +172,8 @@ def run(args) -> dict[str, Any]:
         fns = _steps(s)
         t = _common.interleaved(fns, repeats=repeats, device=device, warmup=1 if args.size == "full" else 0)
         mem = {}
-        for k in ("sgd", "direct", "l2rw", "l2rw_one_pass", "l2rw_two_pass"):  # one step each, after the warm-up
+        for k in ("sgd", "direct", "l2rw", "l2rw_one_pass", "l2rw_two_pass", "direct_double_backward",
+                  "direct_finite_difference"):  # one step each, after the warm-up
             with _common.peak_memory(device) as pm:
                 fns[k]()
                 _common.sync(device)
@@ -106,6 +185,10 @@ def run(args) -> dict[str, Any]:
              "l2rw_one_pass_over_two_pass": {"time": t["l2rw_one_pass"] / t["l2rw_two_pass"],
                                              "peak_memory": mem["l2rw_one_pass"] / max(mem["l2rw_two_pass"], 1)},
              "jvp_over_eval_forward": t["jvp"] / t["eval_forward"],
+             "direct_routes_over_sgd": {k: t[f"direct_{k}"] / t["sgd"] for k in ("double_backward", "finite_difference")},
+             "direct_routes_peak_over_sgd": {k: mem[f"direct_{k}"] / max(mem["sgd"], 1)
+                                             for k in ("double_backward", "finite_difference")},
+             "dots_error": dots_error(_setup(name, args.size, device)),  # a fresh model: the steps fit the tiny batch
              "sgd_over_eval_forward": t["sgd"] / t["eval_forward"]}
         results[name] = r
         print(f"{name} batch {s['batch']}: sgd {t['sgd']*1e3:.1f} ms, direct {t['direct']*1e3:.1f} ms, "
@@ -118,6 +201,10 @@ def run(args) -> dict[str, Any]:
               f"{mem['l2rw_two_pass']/2**20:.1f}); ratio direct {r['mem_ratio_direct']:.2f}, l2rw {r['mem_ratio_l2rw']:.2f}")
         q = r["l2rw_one_pass_over_two_pass"]
         print(f"  l2rw one pass / two passes: time {q['time']:.2f}, peak memory {q['peak_memory']:.2f}")
+        a, pk, e = r["direct_routes_over_sgd"], r["direct_routes_peak_over_sgd"], r["dots_error"]
+        print(f"  direct with the dots by double backward: time/sgd {a['double_backward']:.2f}, peak/sgd "
+              f"{pk['double_backward']:.2f}, error {e['double_backward']:.1e}; by finite difference: time/sgd "
+              f"{a['finite_difference']:.2f}, peak/sgd {pk['finite_difference']:.2f}, error {e['finite_difference']:.1e}")
         del s, fns
     return _common.write_result(args, "reweight_step", device, results, repeats=repeats)
 

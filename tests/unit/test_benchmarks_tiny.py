@@ -27,9 +27,14 @@ def test_reweight_step(tmp_path, capsys):
     for model in ("lenet5", "resnet18_cifar"):
         r = res[model]
         assert {"time_ratio_direct", "time_ratio_l2rw", "mem_ratio_direct", "mem_ratio_l2rw",
-                "jvp_over_eval_forward", "l2rw_one_pass_over_two_pass"} <= set(r)
-        assert set(r["seconds"]) == {"sgd", "direct", "l2rw", "l2rw_one_pass", "l2rw_two_pass", "eval_forward", "jvp"}
+                "jvp_over_eval_forward", "l2rw_one_pass_over_two_pass", "direct_routes_over_sgd",
+                "direct_routes_peak_over_sgd", "dots_error"} <= set(r)
+        assert set(r["seconds"]) == {"sgd", "direct", "l2rw", "l2rw_one_pass", "l2rw_two_pass", "eval_forward", "jvp",
+                                     "direct_double_backward", "direct_finite_difference"}
         assert all(v > 0 for v in r["seconds"].values())
+    # the double backward computes the JVP's inner products (float32 rounding apart)
+    assert res["lenet5"]["dots_error"]["double_backward"] < 1e-4
+    assert res["lenet5"]["dots_error"]["finite_difference"] < 0.5
     assert "time direct/sgd" in capsys.readouterr().out
 
 
