@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 
 from pivotal_ray.config import DataConfig, ModelConfig, NoiseConfig, ReweightConfig, to_dict
@@ -17,14 +22,15 @@ pytestmark = pytest.mark.integration
 DATA, NOISE, MODEL = to_dict(DataConfig()), to_dict(NoiseConfig()), to_dict(ModelConfig(hidden=16))
 
 
-def _run(tmp: Path, name: str, *, workers: int, epochs: int, snapshot_every: int = 1):
+def _run(tmp: Path, name: str, *, workers: int, epochs: int, snapshot_every: int = 1, batch_size: int = 120,
+         max_failures: int = 0):
     bundle = build_data(DATA, NOISE, 0)
     meta = bundle.train.sample_id[:4]
-    rw = to_dict(ReweightConfig(epochs=epochs, batch_size=120, lr=0.1, momentum=0.9, meta_lr=500.0,
+    rw = to_dict(ReweightConfig(epochs=epochs, batch_size=batch_size, lr=0.1, momentum=0.9, meta_lr=500.0,
                                 snapshot_every=snapshot_every))
     return run_training(name=name, storage_path=str(tmp), data=DATA, noise=NOISE, model=MODEL, reweight=rw, seed=0,
                         meta_ids=meta, meta_labels=bundle.train.y_true[:4], num_workers=workers,
-                        cpus_per_worker=0.5)
+                        cpus_per_worker=0.5, max_failures=max_failures)
 
 
 def _state(run):
@@ -131,3 +137,54 @@ def test_two_workers_with_batchnorm_average_running_stats_and_report_the_saved_m
         net.train()(bundle.train.inputs(np.arange(n)))  # one process, the union batch
     name = next(k for k, m in net.named_modules() if m is bn)
     torch.testing.assert_close(saved[f"{name}.running_mean"], bn.running_mean, rtol=1e-4, atol=1e-6)
+
+
+class KillWorkerAfterFirstReport(ray.train.UserCallback):
+    """Runs in Ray Train's controller: after epoch 0's report (its snapshot written), SIGKILLs the
+    run's training workers once, as a preempted node would lose them. Logs one line per report:
+    the epoch, the pids of the run's live training workers, and those it killed."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        raylet = os.getppid()  # this session's raylet started the controller and the workers
+        workers = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker") \
+                        and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == raylet:
+                    workers.append(int(d.name))
+            except OSError:
+                continue
+        epoch, first = metrics[0]["epoch"], not self.log.exists()
+        killed = workers if epoch == 0 and first else []
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        with self.log.open("a") as f:
+            f.write(f"{epoch};{' '.join(map(str, workers))};{' '.join(map(str, killed))}\n")
+
+
+def test_a_worker_lost_mid_run_restarts_from_its_last_snapshot_within_max_failures(ray_session, tmp_path,
+                                                                                   monkeypatch):
+    """ray.max_failures > 0: Ray Train starts a new worker group, which resumes from the last
+    snapshot, within the same call, to the same result as a run that lost nothing."""
+    import ray.train.torch as rtt
+
+    straight = _run(tmp_path, "straight", workers=1, epochs=6, batch_size=5)
+    log = tmp_path / "killed.txt"
+    trainer = rtt.TorchTrainer  # the callback goes in through the trainer run_training builds
+    monkeypatch.setattr(rtt, "TorchTrainer", lambda *a, run_config, **kw: trainer(
+        *a, run_config=dataclasses.replace(run_config, callbacks=[KillWorkerAfterFirstReport(log)]), **kw))
+    lost = _run(tmp_path, "lost", workers=1, epochs=6, batch_size=5, max_failures=1)
+    reports = [ln.split(";") for ln in log.read_text().splitlines()]
+    victims = set(reports[0][2].split())
+    assert reports[0][0] == "0" and victims  # the worker was killed after epoch 0...
+    after = {pid for _, pids, _ in reports[1:] for pid in pids.split()}
+    assert after and not after & victims  # ...and a new one reported the later epochs
+    assert [s["epoch"] for s in lost.snapshots] == list(range(6))
+    assert [h["epoch"] for h in lost.extra["history"]] == list(range(6))
+    (ms, ws), (ml, wl) = _state(straight), _state(lost)
+    torch.testing.assert_close(wl, ws, rtol=0, atol=0)
+    for k in ms:
+        torch.testing.assert_close(ml[k], ms[k], rtol=0, atol=0)
