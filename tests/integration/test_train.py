@@ -142,7 +142,9 @@ def test_two_workers_with_batchnorm_average_running_stats_and_report_the_saved_m
 class KillWorkerAfterFirstReport(ray.train.UserCallback):
     """Runs in Ray Train's controller: after epoch 0's report (its snapshot written), SIGKILLs one
     of the run's training workers, once, as a lost node would take it. Logs one line per report:
-    the epoch, the pids of the run's live training workers, and the one it killed."""
+    the epoch, the pids of the run's live training workers, and the one it killed. A worker holds
+    at most one report the controller has not read (Ray Train's result queue of size 1), so when
+    epoch 0's is handled the workers are at most at epoch 1's: the kill lands mid-run."""
 
     def __init__(self, log: Path):
         self.log = log
