@@ -47,6 +47,7 @@ MODELS = {  # name -> (model spec, classes, {size: (input shape, batch)})
 }
 META_BATCH = {"full": 100, "tiny": 4}
 FD_STEP = 1e-3  # the finite difference's step along v / ||v||, in parameter space
+LR, META_LR = 0.1, 100.0  # every step's learning rate; the direct mode's meta learning rate
 
 
 def _g_with_graph(model, params, x, y, w, global_batch):
@@ -76,7 +77,7 @@ def _dots_finite_difference(model, named, x, y, v):
 
 def _direct_step(s: dict[str, Any], route: str) -> None:
     """One direct step (core.reweight.DirectReweighter's, single process) with the dots by ``route``."""
-    model, x, y, w, b, lr = s["model"], s["x"], s["y"], s["w"], s["batch"], 0.1
+    model, x, y, w, b, lr = s["model"], s["x"], s["y"], s["w"], s["batch"], LR
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     if route == "double_backward":
@@ -92,7 +93,7 @@ def _direct_step(s: dict[str, Any], route: str) -> None:
         dots = _dots_double_backward(g, wl, v, b)
     else:
         dots = _dots_finite_difference(model, named, x, y, v)
-    new_w = (w - 100.0 * (-(lr / b) * dots)).clamp(0.0, 1.0)
+    new_w = (w - META_LR * (-(lr / b) * dots)).clamp(0.0, 1.0)
     _apply_step((new_w.detach() * losses).sum() / b, params, s["opt"], LocalReducer())
 
 
@@ -120,7 +121,7 @@ def _setup(name: str, size: str, device: torch.device, seed: int = 0) -> dict[st
     model = build_model(spec, C, shape, seed=seed).to(device).train()
     return {
         "model": model, "batch": b, "meta_batch": m,
-        "opt": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.8 if name.startswith("resnet") else 0.0),
+        "opt": torch.optim.SGD(model.parameters(), lr=LR, momentum=0.8 if name.startswith("resnet") else 0.0),
         "x": torch.randn((b, *shape), generator=g).to(device),
         "y": torch.randint(0, C, (b,), generator=g).to(device),
         "w": torch.ones(b, device=device),
@@ -131,7 +132,7 @@ def _setup(name: str, size: str, device: torch.device, seed: int = 0) -> dict[st
 
 def _steps(s: dict[str, Any]) -> dict[str, Any]:
     model, opt = s["model"], s["opt"]
-    rw = {mode: build_reweighter(mode, meta_lr=100.0) for mode in ("direct", "l2rw")}
+    rw = {mode: build_reweighter(mode, meta_lr=META_LR) for mode in ("direct", "l2rw")}
     rw |= {f"l2rw_{form}_pass": build_reweighter("l2rw", one_pass=form == "one") for form in ("one", "two")}
 
     def plain() -> None:
@@ -143,7 +144,7 @@ def _steps(s: dict[str, Any]) -> dict[str, Any]:
     def meta(mode: str):
         def step() -> None:
             rw[mode].step(model=model, optimizer=opt, x=s["x"], y=s["y"], w=s["w"], x_meta=s["xm"], y_meta=s["ym"],
-                          lr=0.1, global_batch=s["batch"], reducer=LocalReducer())
+                          lr=LR, global_batch=s["batch"], reducer=LocalReducer())
         return step
 
     params = [p for p in model.parameters() if p.requires_grad]

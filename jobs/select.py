@@ -6,10 +6,10 @@ Local (starts a local Ray when no cluster address is given)::
     python -m jobs.select method=random seed=1     # the random baseline, same warm-up
     python -m jobs.select experiment=mnist_adv60   # Table 1 MNIST column, method=rbc
 
-On a running cluster (``output_dir`` and ``data.root`` must be absolute paths on the head node or
-a mounted shared volume: the job runs from a temporary copy of the working dir, where the
-default ``data.root`` does not exist; checkpoints may go to a storage URI through
-``ray.storage_path``)::
+On a running cluster (``output_dir`` must be an absolute path on the head node or a mounted
+shared volume, ``data.root`` one present on every node, the training workers read the data
+too: the job runs from a temporary copy of the working dir, where the default ``data.root``
+does not exist; checkpoints may go to a storage URI through ``ray.storage_path``)::
 
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python -m jobs.select experiment=mnist_adv60 data.root=/abs/path/to/data output_dir=/abs/path/out

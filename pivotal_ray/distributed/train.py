@@ -292,8 +292,8 @@ def _fit(trainer: Any) -> Any:
             box["error"] = err
 
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
-    thread.start()
     try:
+        thread.start()  # inside: start() waits for the thread to run, and a Ctrl-C can land meanwhile
         while thread.is_alive():
             thread.join(0.5)  # short waits: the main thread takes the KeyboardInterrupt between them
     except KeyboardInterrupt:

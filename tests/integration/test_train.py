@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +183,8 @@ def test_a_worker_lost_mid_run_restarts_from_its_last_snapshot_within_max_failur
     group, victims = set(reports[0][1].split()), set(reports[0][2].split())
     assert reports[0][0] == "0" and len(group) == 2 and len(victims) == 1  # one of two killed after epoch 0...
     last = set(reports[-1][1].split())
-    assert reports[-1][0] == "5" and len(last) == 2 and not last & group  # ...and a new group finished the run
+    assert reports[-1][0] == "5" and len(last) == 2 and not last & group  # ...and a new group finished the run,
+    assert [int(r[0]) for r in reports] == list(range(6))  # from the snapshot: no epoch was reported twice
     assert [s["epoch"] for s in lost.snapshots] == list(range(6))
     assert [h["epoch"] for h in lost.extra["history"]] == list(range(6))
     (ms, ws), (ml, wl) = _state(straight), _state(lost)

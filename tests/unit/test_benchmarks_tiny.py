@@ -38,6 +38,31 @@ def test_reweight_step(tmp_path, capsys):
     assert "time direct/sgd" in capsys.readouterr().out
 
 
+def test_reweight_step_routes_take_the_package_direct_step():
+    """The benchmark's direct step with the dots by double backward is DirectReweighter.step (the
+    timed variants measure the same step, not another one); by finite difference, close to it."""
+    import torch
+
+    from pivotal_ray.core.reweight import LocalReducer, build_reweighter
+
+    def after_one_step(route):
+        s = reweight_step._setup("lenet5", "tiny", torch.device("cpu"))
+        s["w"] = torch.rand(s["batch"], generator=torch.Generator().manual_seed(3))  # weights off the clip
+        if route is None:
+            build_reweighter("direct", meta_lr=reweight_step.META_LR).step(
+                model=s["model"], optimizer=s["opt"], x=s["x"], y=s["y"], w=s["w"], x_meta=s["xm"],
+                y_meta=s["ym"], lr=reweight_step.LR, global_batch=s["batch"], reducer=LocalReducer())
+        else:
+            reweight_step._direct_step(s, route)
+        return torch.cat([p.detach().flatten() for p in s["model"].parameters()])
+
+    # the weight update moves the parameters by up to 1.5e-3 here (meta_lr 0 against META_LR); the
+    # routes differ from the package's step by 4e-9 (double backward) and 1e-5 (finite difference)
+    package = after_one_step(None)
+    torch.testing.assert_close(after_one_step("double_backward"), package, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after_one_step("finite_difference"), package, rtol=0, atol=1e-4)
+
+
 def test_kmeans_throughput(tmp_path, capsys):
     res = run(kmeans_throughput, tmp_path)
     for shape in ("mnist", "cifar100"):
