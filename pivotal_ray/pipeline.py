@@ -600,13 +600,20 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
                  picks.sample_id.tolist(), made, ctx.timings["select_s"], len(meta) + k)
         rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
+        missing = missing_classes(cleaned(meta), bundle.num_classes)
+        if missing:
+            log.warning("round %d: the %d meta samples hold no sample of class %s (by their cleaned labels): meta "
+                        "re-weighting has no clean example of %s; a larger selection.budget (or labelling such "
+                        "samples) covers it", r, len(meta), ", ".join(map(str, missing)),
+                        "it" if len(missing) == 1 else "them")
         t0 = time.perf_counter()
         name = f"{cfg.selection.method}-round{r}-{fingerprint}{labels_suffix(labels.source, meta, cleaned(meta))}"
         run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
         ctx.timings["train_s"] = time.perf_counter() - t0
         ctx.timings["epochs_s"] = run.epochs_s
         _log_run(run, ctx.timings["train_s"])
-        rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, **picks.info, **ctx.timings})
+        rounds_info.append({"round": r, "picked": k, "best_epoch": run.best_epoch, "meta_classes_missing": missing,
+                            **picks.info, **ctx.timings})
 
     weights = run.final_weights().numpy()
     split = bundle.train
@@ -622,6 +629,8 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
         "meta_size": int(len(meta)),
         "meta_clean_frac_observed": (float(np.mean(cleaned(meta) == np.array([observed[int(i)] for i in meta])))
                                      if len(meta) else None),
+        # classes the final meta set has no sample of (cleaned labels); None without a meta set
+        "meta_classes_missing": missing_classes(cleaned(meta), bundle.num_classes) if len(meta) else None,
         "labels_source": labels.source,
         "rounds": rounds_info,
         "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),
@@ -634,6 +643,11 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     artifacts.write_manifest(out, config=cfg_dict, seed=cfg.seed, timings=metrics["timings"],
                              extra=manifest_extra(cfg, status="complete"))
     return metrics
+
+
+def missing_classes(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Classes in ``range(num_classes)`` that no entry of ``labels`` names, ascending."""
+    return sorted(set(range(num_classes)) - {int(y) for y in labels})
 
 
 def _labels_changed(output_dir: str | Path, labels: Labeler) -> bool:

@@ -128,6 +128,7 @@ def test_artefacts_exist_and_are_well_formed(runs, method):
     assert math.isfinite(metrics["weight_auc"]) and 0.0 <= metrics["weight_auc"] <= 1.0
     assert metrics["meta_clean_frac_observed"] == pytest.approx(
         float(np.mean(sel["observed_label"] == sel["cleaned_label"])))
+    assert metrics["meta_classes_missing"] == sorted({0, 1} - set(sel["cleaned_label"]))  # the toy's 2 classes
     assert {"warmup_train_s", "warmup_epochs_s", "total_s"} <= set(metrics["timings"])
     # the shared warm-up is trained once (by the first method) and read back by the others: its
     # epoch times (from the run's history) are reported either way

@@ -69,6 +69,20 @@ def _cfg(tmp_path: Path, method: str, **finetune):
                       "finetune": finetune, "ray": {"storage_path": str(tmp_path / "store")}})
 
 
+def test_a_meta_set_without_some_class_is_recorded_and_said(tmp_path, calls, monkeypatch, caplog):
+    """Two classes, every meta sample cleaned to 0: each round and metrics.json name class 1 as
+    missing, and the log says so (a run where the picks cover every class records [])."""
+    from pivotal_ray.core.labels import OracleLabels
+
+    monkeypatch.setattr(pipeline, "labeler", lambda cfg, bundle: OracleLabels(
+        bundle.train.sample_id, np.zeros_like(bundle.train.y_true)))
+    with caplog.at_level("WARNING", logger=pipeline.log.name):
+        m = pipeline.run_experiment(_cfg(tmp_path, "random"))
+    assert m["meta_classes_missing"] == [1] and [r["meta_classes_missing"] for r in m["rounds"]] == [[1]]
+    assert any("hold no sample of class 1" in rec.getMessage() for rec in caplog.records)
+    assert pipeline.missing_classes(np.array([0, 2, 2]), 4) == [1, 3]
+
+
 def test_methods_name_their_plans():
     assert plan_of(SELECTORS.get("base")) == "plain"
     assert plan_of(SELECTORS.get("finetune")) == "finetune"
@@ -85,6 +99,7 @@ def test_base_trains_once_on_the_noisy_set_without_meta_samples(tmp_path, calls)
     assert call["reweight"]["mode"] == "none" and call["reweight"]["init_weight"] == 1.0
     assert call["reweight"]["epochs"] == cfg.reweight.epochs and "train_ids" not in call
     assert m["meta_size"] == 0 and m["rounds"] == [] and m["meta_clean_frac_observed"] is None
+    assert m["meta_classes_missing"] is None
     assert "base_train_s" in m["timings"] and m["timings"]["base_epochs_s"] == 2.5
     sel = pd.read_csv(Path(cfg.output_dir) / "selection.csv")
     assert sel.empty and list(sel.columns) == pipeline.SELECTION_COLUMNS
