@@ -601,11 +601,14 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
         rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
         missing = missing_classes(cleaned(meta), bundle.num_classes)
-        if missing:
-            log.warning("round %d: the %d meta samples hold no sample of class %s (by their cleaned labels): meta "
-                        "re-weighting has no clean example of %s; a larger selection.budget (or labelling such "
-                        "samples) covers it", r, len(meta), ", ".join(map(str, missing)),
-                        "it" if len(missing) == 1 else "them")
+        if missing:  # a warning for the meta set the final run trains with; earlier rounds may still add them
+            last = r == len(plan.round_sizes(cfg))
+            log.log(logging.WARNING if last else logging.INFO,
+                    "round %d: the %d meta samples hold no sample of class%s %s (by their cleaned labels): %s",
+                    r, len(meta), "" if len(missing) == 1 else "es", ", ".join(map(str, missing)),
+                    "the final training has no clean example of " + ("it" if len(missing) == 1 else "them")
+                    + " (expected where classes outnumber the meta samples or some are very rare; otherwise a "
+                      "larger selection.budget may cover it)" if last else "later rounds may add it")
         t0 = time.perf_counter()
         name = f"{cfg.selection.method}-round{r}-{fingerprint}{labels_suffix(labels.source, meta, cleaned(meta))}"
         run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))

@@ -71,7 +71,8 @@ def _cfg(tmp_path: Path, method: str, **finetune):
 
 def test_a_meta_set_without_some_class_is_recorded_and_said(tmp_path, calls, monkeypatch, caplog):
     """Two classes, every meta sample cleaned to 0: each round and metrics.json name class 1 as
-    missing, and the log says so (a run where the picks cover every class records [])."""
+    missing, and the last round's warning says so (tests/e2e/test_select_job.py checks the key
+    against each run's selection.csv)."""
     from pivotal_ray.core.labels import OracleLabels
 
     monkeypatch.setattr(pipeline, "labeler", lambda cfg, bundle: OracleLabels(
@@ -79,7 +80,8 @@ def test_a_meta_set_without_some_class_is_recorded_and_said(tmp_path, calls, mon
     with caplog.at_level("WARNING", logger=pipeline.log.name):
         m = pipeline.run_experiment(_cfg(tmp_path, "random"))
     assert m["meta_classes_missing"] == [1] and [r["meta_classes_missing"] for r in m["rounds"]] == [[1]]
-    assert any("hold no sample of class 1" in rec.getMessage() for rec in caplog.records)
+    assert any(rec.levelname == "WARNING" and "hold no sample of class 1 " in rec.getMessage()
+               and "the final training has no clean example of it" in rec.getMessage() for rec in caplog.records)
     assert pipeline.missing_classes(np.array([0, 2, 2]), 4) == [1, 3]
 
 
