@@ -574,7 +574,8 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     timings[f"{plan.first_stage}_epochs_s"] = run.epochs_s  # also when trained by an earlier invocation
     _log_run(run, timings[f"{plan.first_stage}_train_s"])
     rounds_info = []
-    for r, k in enumerate(plan.round_sizes(cfg), start=1):
+    sizes = plan.round_sizes(cfg)
+    for r, k in enumerate(sizes, start=1):
         ctx = RoundContext(cfg=cfg_dict, bundle=bundle, meta_ids=meta, run=run, round=r,
                            work_dir=out / "rounds" / f"round_{r}")
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
@@ -600,9 +601,10 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
                  picks.sample_id.tolist(), made, ctx.timings["select_s"], len(meta) + k)
         rows += selection_rows(picks.sample_id, r, picks.cluster, picks.score)
         meta = np.sort(np.concatenate([meta, picks.sample_id]))
-        missing = missing_classes(cleaned(meta), bundle.num_classes)
+        meta_labels = cleaned(meta)
+        missing = missing_classes(meta_labels, bundle.num_classes)
         if missing:  # a warning for the meta set the final run trains with; earlier rounds may still add them
-            last = r == len(plan.round_sizes(cfg))
+            last = r == len(sizes)
             log.log(logging.WARNING if last else logging.INFO,
                     "round %d: the %d meta samples hold no sample of class%s %s (by their cleaned labels): %s",
                     r, len(meta), "" if len(missing) == 1 else "es", ", ".join(map(str, missing)),
@@ -610,8 +612,8 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
                     + " (expected where classes outnumber the meta samples or some are very rare; otherwise a "
                       "larger selection.budget may cover it)" if last else "later rounds may add it")
         t0 = time.perf_counter()
-        name = f"{cfg.selection.method}-round{r}-{fingerprint}{labels_suffix(labels.source, meta, cleaned(meta))}"
-        run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=cleaned(meta))
+        name = f"{cfg.selection.method}-round{r}-{fingerprint}{labels_suffix(labels.source, meta, meta_labels)}"
+        run = plan.after_round(env, name=name, meta_ids=meta, meta_labels=meta_labels)
         ctx.timings["train_s"] = time.perf_counter() - t0
         ctx.timings["epochs_s"] = run.epochs_s
         _log_run(run, ctx.timings["train_s"])
