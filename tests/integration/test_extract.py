@@ -26,6 +26,7 @@ from pivotal_ray.core.models import build_model
 from pivotal_ray.core.seeding import numpy_rng
 from pivotal_ray.distributed.extract import extract_features, load_features
 
+from .procs import descendants
 from .snapshot_dirs import write_snapshots
 
 pytestmark = pytest.mark.integration
@@ -236,25 +237,7 @@ def test_extraction_workers_hold_their_snapshots_in_eval_mode(ray_session, bundl
 def _descendants_titled(fragment: str) -> list[int]:
     """pids of this process's descendants (the local Ray this test session started, its workers)
     whose command line holds ``fragment``: another Ray on the machine is never touched."""
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    me, found = os.getpid(), []
-    for pid in parent:
-        p, seen = pid, 0
-        while p in parent and p != me and seen < 64:
-            p, seen = parent[p], seen + 1
-        if p == me and pid != me:
-            try:
-                if fragment in (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(pid)
-            except OSError:
-                pass
-    return found
+    return [pid for pid, cmdline in descendants().items() if fragment in cmdline]
 
 
 def _earlier_extraction_actors() -> set[int]:

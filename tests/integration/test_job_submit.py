@@ -26,6 +26,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from .procs import processes
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,15 +65,7 @@ def _get(url: str, token: str, timeout: float = 5.0) -> int:
 
 def _pids_mentioning(text: str) -> list[int]:
     """Processes whose command line mentions ``text`` (our private temp dir): stragglers of our head."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
+    return [pid for pid, (_, cmdline) in processes().items() if pid != os.getpid() and text in cmdline]
 
 
 @pytest.fixture(scope="module")

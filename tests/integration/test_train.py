@@ -16,6 +16,8 @@ from pivotal_ray.config import DataConfig, ModelConfig, NoiseConfig, ReweightCon
 from pivotal_ray.core.data import build_data
 from pivotal_ray.distributed.train import checkpoint_stage, run_training, stage_key
 
+from .procs import processes
+
 pytestmark = pytest.mark.integration
 
 DATA, NOISE, MODEL = to_dict(DataConfig()), to_dict(NoiseConfig()), to_dict(ModelConfig(hidden=16))
@@ -150,14 +152,8 @@ class KillWorkerAfterFirstReport(ray.train.UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         raylet = os.getppid()  # this session's raylet started the controller and the workers
-        workers = []
-        for d in Path("/proc").iterdir():
-            try:
-                if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker") \
-                        and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == raylet:
-                    workers.append(int(d.name))
-            except OSError:
-                continue
+        workers = [pid for pid, (parent, cmdline) in processes().items()
+                   if parent == raylet and cmdline.startswith("ray::RayTrainWorker")]
         epoch, first = metrics[0]["epoch"], not self.log.exists()
         killed = sorted(workers)[-1:] if epoch == 0 and first else []
         for pid in killed:
