@@ -254,25 +254,38 @@ _SKETCH_CHUNK = 1 << 16  # columns per generated piece; fixed, so S depends on (
 
 
 @PROJECTIONS.register("countsketch")
-def countsketch(g: torch.Tensor, *, dim: int, seed: int) -> torch.Tensor:
-    """Sparse JL ``S a``: coordinate i is added to bucket h(i) with sign s(i) (both seeded).
+def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, overwrite: bool = False) -> torch.Tensor:
+    """Sparse JL ``S (scale a)``: coordinate i is added to bucket h(i) with sign s(i) (both seeded).
 
     ``E[<S a, S b>] = <a, b>`` since ``E[s_i s_j 1{h_i = h_j}] = 1{i = j}``. g (n, P) -> (n, dim).
+    ``scale`` goes into the signs (``+-scale``), so the block is read once, not scaled in a pass of
+    its own first: the same floats as ``countsketch(g * scale)``, since ``g (+-c)`` is ``+-(g c)``.
+    ``overwrite=True``: g is the caller's scratch (left holding the signed, scaled values), which
+    spares a copy of the block as large as g; ignored where g is not contiguous (e.g. broadcast).
     """
     n, P = g.shape
+    in_place = overwrite and g.is_contiguous()
     out = torch.zeros(n, dim, dtype=g.dtype, device=g.device)
     for c, c0 in enumerate(range(0, P, _SKETCH_CHUNK)):
         w = min(_SKETCH_CHUNK, P - c0)
         gen = _cpu_generator(seed, "countsketch", c)
         h = torch.randint(0, dim, (w,), generator=gen).to(g.device)  # (w,) buckets
         s = (torch.randint(0, 2, (w,), generator=gen) * 2 - 1).to(g.device, g.dtype)  # (w,) signs
-        out.index_add_(1, h, g[:, c0:c0 + w] * s)
+        s = s if scale == 1.0 else s * scale
+        piece = g[:, c0:c0 + w]
+        out.index_add_(1, h, piece.mul_(s) if in_place else piece * s)
     return out
 
 
 @PROJECTIONS.register("gaussian")
-def gaussian_projection(g: torch.Tensor, *, dim: int, seed: int) -> torch.Tensor:
-    """Dense JL ``S a`` with ``S_ij ~ N(0, 1/dim)``, generated in column pieces. g (n, P) -> (n, dim)."""
+def gaussian_projection(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0,
+                        overwrite: bool = False) -> torch.Tensor:
+    """Dense JL ``S (scale a)`` with ``S_ij ~ N(0, 1/dim)``, generated in column pieces. g (n, P) -> (n, dim).
+
+    ``overwrite=True``: g may be scaled in place (see :func:`countsketch`).
+    """
+    if scale != 1.0:
+        g = g.mul_(scale) if overwrite and g.is_contiguous() else g * scale
     n, P = g.shape
     cols = max(1, (1 << 24) // dim)  # 64 MiB of float32 per piece; depends on dim only
     out = torch.zeros(n, dim, dtype=g.dtype, device=g.device)
@@ -347,6 +360,7 @@ class GBCExtractor:
         n = int(x.shape[0])
         out = np.zeros((n, self.width), dtype=np.float32)  # (n, R B)
         uniq = list(dict.fromkeys(d.names))
+        last_draw = {name: r for r, name in enumerate(d.names)}  # a tensor drawn twice: its last r
         per_sample = int(sum(self._numel[self.names.index(u)] for u in uniq)) + self.width
         step = max(1, self.chunk_bytes // (8 * per_sample))  # gradients + their float copies
         for s in range(0, n, step):
@@ -354,9 +368,13 @@ class GBCExtractor:
             ys = None if not self.label_aware else torch.as_tensor(y[s:s + step], device=xs.device).long()
             grads = per_sample_grads(self.model, xs, ys, names=uniq, loss=self.loss)  # name -> (m, *shape)
             for r, name in enumerate(d.names):
-                blk = grads[name].reshape(xs.shape[0], -1).float() * float(d.scale[r])  # (m, P_r)
-                if blk.shape[1] > self.proj_dim:  # JL keeps inner products in expectation
-                    blk = self._project(blk, dim=self.proj_dim, seed=derive_seed(self.seed, "gbc", "proj", r))
+                blk = grads[name].reshape(xs.shape[0], -1).float()  # (m, P_r)
+                if blk.shape[1] > self.proj_dim:  # JL keeps inner products in expectation; scaled inside,
+                    # on the gradients themselves at their tensor's last draw (no copy of the block)
+                    blk = self._project(blk, dim=self.proj_dim, seed=derive_seed(self.seed, "gbc", "proj", r),
+                                        scale=float(d.scale[r]), overwrite=r == last_draw[name])
+                else:
+                    blk = blk * float(d.scale[r])
                 out[s:s + xs.shape[0], r * self.block:r * self.block + blk.shape[1]] = blk.detach().cpu().numpy()
         return {"g": out}
 

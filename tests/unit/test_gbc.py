@@ -23,7 +23,7 @@ from pivotal_ray.core.features import EXTRACTORS, rbc_factors
 from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures, factor_columns, factor_schema
 from pivotal_ray.core.gbc import (PROJECTIONS, GBCExtractor, draw_tensors, label_aware_loss, label_free_loss,
                                   per_sample_grads, tensor_importance)
-from pivotal_ray.core.seeding import numpy_rng, torch_generator
+from pivotal_ray.core.seeding import derive_seed, numpy_rng, torch_generator
 
 
 class TinyNet(nn.Module):
@@ -445,6 +445,49 @@ def test_blocks_no_longer_than_proj_dim_are_kept_exactly() -> None:
     name = max(set(ext.draws.names), key=ext.draws.names.count)
     r0, r1 = [r for r, n in enumerate(ext.draws.names) if n == name][:2]
     assert flat[name].shape[1] > 3 and not np.allclose(g[:, r0 * 3:(r0 + 1) * 3], g[:, r1 * 3:(r1 + 1) * 3])
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian"])
+def test_projection_scale_is_the_projection_of_the_scaled_block(kind: str) -> None:
+    """``proj(g, scale=c)`` is ``proj(g * c)`` to the bit, with g as the caller's scratch
+    (``overwrite=True``) or not, over two column pieces; a broadcast g is read, never written."""
+    proj = PROJECTIONS.get(kind)
+    P = 70_000 if kind == "countsketch" else 40_000  # pieces of 65536 / 32768 columns (k = 512)
+    g = torch.randn(3, P, generator=torch_generator(30, "block"))
+    c = 0.7310585786300049
+    want = proj(g * c, dim=512, seed=5)
+    assert torch.equal(proj(g, dim=512, seed=5, scale=c), want)
+    assert torch.equal(proj(g.clone(), dim=512, seed=5, scale=c, overwrite=True), want)
+    row = g[:1].expand(3, P)  # stride 0 along the samples: one row in memory
+    assert torch.equal(proj(row, dim=512, seed=5, scale=c, overwrite=True), proj(row * c, dim=512, seed=5))
+    assert torch.equal(row[0], g[0])
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian"])
+def test_a_tensor_drawn_several_times_is_projected_unchanged_at_every_draw(kind: str) -> None:
+    """The extractor projects a tensor's gradients in place at its last draw only: every block is
+    the projection of the scaled per-sample gradients, to the bit, however often its tensor is drawn."""
+    model = TinyNet(seed=22)
+    x, _ = _batch(n=6, seed=23)
+    R = 40
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=R, proj_dim=3, projection=kind), seed=4,
+                       chunk_bytes=1)  # one sample per chunk, as well as whole batches (below)
+    ext.fit([(x, None)])
+    names = ext.draws.names
+    assert max(names.count(n) for n in names if math.prod(dict(model.named_parameters())[n].shape) > 3) >= 3
+    proj = PROJECTIONS.get(kind)
+    uniq = list(dict.fromkeys(names))
+    for chunk_bytes, step in ((1, 1), (1 << 20, 6)):  # samples per chunk: the reference takes the same
+        ext.chunk_bytes = chunk_bytes
+        g = torch.from_numpy(ext.extract(x, None)["g"])
+        for s in range(0, 6, step):
+            grads = per_sample_grads(model, x[s:s + step], None, names=uniq, loss=label_free_loss)
+            for r, name in enumerate(names):
+                blk = grads[name].reshape(step, -1) * float(ext.draws.scale[r])
+                if blk.shape[1] > 3:
+                    blk = proj(blk, dim=3, seed=derive_seed(4, "gbc", "proj", r))
+                want = torch.cat([blk, blk.new_zeros(step, 3 - blk.shape[1])], 1)
+                assert torch.equal(g[s:s + step, r * 3:(r + 1) * 3], want), (chunk_bytes, s, r, name)
 
 
 def test_more_configuration_errors() -> None:
