@@ -169,8 +169,10 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     num_shards : int, >= 1.
     shard_cpus : float
         Ray CPUs per actor (fractional so shards can share a core with other stages).
+    device : str
+        Where each shard computes: "cpu", or "cuda" (each shard then reserves a GPU of its own).
     autoscaling : bool
-        The cluster adds nodes on demand: do not refuse more CPUs than it has now.
+        The cluster adds nodes on demand: do not refuse more CPUs (or GPUs) than it has now.
     """
     if num_shards < 1 or shard_cpus <= 0:
         raise ValueError(f"num_shards={num_shards} must be >= 1 and shard_cpus={shard_cpus} > 0")
@@ -182,6 +184,16 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     if shard_cpus > largest and not autoscaling:
         raise ValueError(f"a shard of {shard_cpus} CPUs fits no node (the largest has {largest}): lower "
                          "ray.kmeans_shard_cpus (and raise ray.kmeans_shards)")
+    # a shard on a GPU reserves one: Ray shows every GPU to an actor that asks for none. The actor
+    # sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES), so it is given the type, "cuda", and
+    # never an index such as "cuda:1", which names no device there.
+    kind = torch.device(device).type
+    gpus = 1 if kind == "cuda" else 0
+    gpus_here = ray.cluster_resources().get("GPU", 0.0)
+    if num_shards * gpus > gpus_here and not autoscaling:
+        raise ValueError(f"{num_shards} shards on {device} take a GPU each, and the cluster has {gpus_here:g}: "
+                         "lower the number of shards, or cluster on the CPU (device='cpu')")
+    actor_device = kind if gpus else device
     if isinstance(source, (FactorFeatures, DenseFeatures)):
         if num_shards > len(source):
             raise ValueError(f"num_shards={num_shards} exceeds the {len(source)} samples: use fewer shards")
@@ -192,8 +204,6 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     threads = max(1, int(shard_cpus))
-    # a shard on a GPU reserves one: Ray shows every GPU to an actor that asks for none
-    gpus = 1 if torch.device(device).type == "cuda" else 0
     bundle = {"CPU": float(shard_cpus), **({"GPU": float(gpus)} if gpus else {})}
     pg = placement_group([dict(bundle) for _ in sources], strategy="SPREAD")
     out = ShardActors()
@@ -204,7 +214,7 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
             out.append(ShardActor.options(
                 num_cpus=shard_cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)).remote(
-                src, device=device, chunk_bytes=chunk_bytes, num_threads=threads))
+                src, device=actor_device, chunk_bytes=chunk_bytes, num_threads=threads))
     except BaseException:
         stop_shard_actors(out)  # those started, and the group
         raise

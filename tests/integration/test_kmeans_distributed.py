@@ -144,6 +144,9 @@ def test_shard_counts_and_cpus_are_checked_before_any_actor_starts(ray_session, 
             start_shard_actors(F, **bad)
     with pytest.raises(ValueError, match="exceed the cluster's 2.0 CPUs"):
         start_shard_actors(F, num_shards=3, shard_cpus=1.0)
+    for device in ("cuda", "cuda:1"):  # each shard would reserve a GPU: the group would wait for ever
+        with pytest.raises(ValueError, match=f"2 shards on {device} take a GPU each, and the cluster has 0"):
+            start_shard_actors(F, num_shards=2, device=device)
     with pytest.raises(ValueError, match="at least one shard actor"):
         RayShardSet([])
 
