@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--coverage", type=int, default=None, help="coverage points m (default: selectors.CRAIG_COVERAGE)")
     p.add_argument("--budget", type=int, default=10)
     args = p.parse_args(argv)
+    if args.device != "cpu":
+        p.error("craig's selection runs in numpy on the host: --device cuda would measure the same thing; leave it out")
     device = _common.setup(args)
 
     from pivotal_ray.core.baselines import select_craig

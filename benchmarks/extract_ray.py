@@ -67,7 +67,7 @@ def run(args) -> dict[str, Any]:
             d.mkdir()
             torch.save(model.state_dict(), d / "model.pt")
             snapshots.append({"path": str(d), "epoch": 2 * k})
-            models.append(model)
+            models.append(model.to(device))  # the bare forward on the device the actor uses
 
         def bare() -> None:
             prev = torch.get_num_threads()
@@ -75,8 +75,10 @@ def run(args) -> dict[str, Any]:
             try:
                 for s in range(0, len(ids), cfg["batch"]):
                     x = bundle.train.inputs(bundle.train.positions_of(ids[s:s + cfg["batch"]]), augment=False)
+                    x = x.to(device)
                     for m in models:
-                        rbc_factors(m, x, label_aware=False)
+                        A, xt = rbc_factors(m, x, label_aware=False)
+                        A.cpu(), xt.cpu()  # the actor hands its rows back on the host, as numpy
             finally:
                 torch.set_num_threads(prev)
 
@@ -84,7 +86,8 @@ def run(args) -> dict[str, Any]:
             out = work / f"features_{time.perf_counter_ns()}"
             extract_features(data_spec=data_spec, model_spec=cfg["model"], snapshots=snapshots, sample_ids=sample_ids,
                              feature_spec={"kind": "rbc"}, output_path=str(out), num_actors=1,
-                             num_cpus=args.extract_cpus, batch_size=cfg["batch"])
+                             num_cpus=args.extract_cpus, num_gpus=1.0 if device.type == "cuda" else 0.0,
+                             batch_size=cfg["batch"])
             shutil.rmtree(out, ignore_errors=True)
 
         repeats = args.repeats or (2 if args.size == "full" else 1)

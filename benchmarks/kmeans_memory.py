@@ -186,7 +186,7 @@ def run(args) -> dict[str, Any]:
             str(table), num_shards=r["kmeans_shards"], shard_cpus=r["kmeans_shard_cpus"], budget=args.budget if want is None else len(want),
             meta_ids=meta, exclude_frac=s["exclude_frac"], weighted=s["method"] != "rbc_k", init=s["kmeans_init"],
             max_iter=s["kmeans_max_iter"], tol=s["kmeans_tol"], seed=derive_seed(seed, "kmeans", 1),
-            sign_align=s["kmeans_sign_align"], signed=signed)
+            sign_align=s["kmeans_sign_align"], signed=signed, device=device.type)
         wall = time.perf_counter() - t0
     finally:
         peak = sampler.stop()

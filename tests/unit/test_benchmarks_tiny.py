@@ -172,3 +172,7 @@ def test_craig_memory(tmp_path, capsys):
     again = run(craig_memory, tmp_path / "again", "--synthetic", "400,1,3,5", "--table-dir", str(tmp_path / "t"),
                 "--coverage", "64")
     assert again["picks"] == res["picks"]  # the same table and seed: the same picks
+    # numpy on the host whatever --device says: a "cuda" result would be a CPU figure labelled cuda
+    with pytest.raises(SystemExit):
+        craig_memory.main(["--device", "cuda", "--synthetic", "400,1,3,5", "--table-dir", str(tmp_path / "t")])
+    assert "runs in numpy on the host" in capsys.readouterr().err
