@@ -6,7 +6,8 @@ method out to every :class:`ShardActor` in parallel and returns the partial resu
 order, so the server reduces them in a fixed order. Each iteration the shards return their
 partial sums (numerator blocks, sum ||G_j||, counts, objective part) for the current centroids;
 a final pass returns each shard's best candidates per centroid. Same seed, same data => the same
-centroids (to float64 summation order) and picks as the single-process run.
+centroids (to float64 summation order) and picks as the single-process run (shards on CUDA
+add with atomics, in no fixed order: near ties may then go either way).
 
 Example (inside a Ray session; the parquet layout is :mod:`pivotal_ray.core.featuretable`'s)::
 

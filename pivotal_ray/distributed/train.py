@@ -313,7 +313,8 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
 
     ``name`` + ``storage_path`` identify the run: calling again with the same pair resumes from the
     last checkpoint, and returns at once when the run had finished. The batch order depends only
-    on ``seed`` and ``run_tag`` (not on the name), so identical configs give identical runs.
+    on ``seed`` and ``run_tag`` (not on the name), so identical configs give identical runs (on CPUs;
+    on GPUs cuDNN's and atomics' float order may differ: docs/architecture.md).
     ``train_ids`` (sample ids) restricts training to those samples; ``init_from`` (a snapshot
     path) starts from that snapshot's model instead of the seeded initialisation. ``max_failures``
     (``ray.max_failures``): how often Ray Train restarts the run within this call after a worker
