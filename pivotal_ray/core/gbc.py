@@ -254,7 +254,8 @@ _SKETCH_CHUNK = 1 << 16  # columns per generated piece; fixed, so S depends on (
 
 
 @PROJECTIONS.register("countsketch")
-def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, overwrite: bool = False) -> torch.Tensor:
+def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, overwrite: bool = False,
+                cache: dict | None = None) -> torch.Tensor:
     """Sparse JL ``S (scale a)``: coordinate i is added to bucket h(i) with sign s(i) (both seeded).
 
     ``E[<S a, S b>] = <a, b>`` since ``E[s_i s_j 1{h_i = h_j}] = 1{i = j}``. g (n, P) -> (n, dim).
@@ -262,15 +263,25 @@ def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, ove
     its own first: the same floats as ``countsketch(g * scale)``, since ``g (+-c)`` is ``+-(g c)``.
     ``overwrite=True``: g is the caller's scratch (left holding the signed, scaled values), which
     spares a copy of the block as large as g; ignored where g is not contiguous (e.g. broadcast).
+    ``cache``: a dict the caller keeps between calls (one per extractor), where the buckets and
+    signs are kept once made, on g's device: each is drawn on the CPU (the same S on every device),
+    which for a large tensor and a few samples per call (a ResNet on a GPU) would cost more than
+    the projection itself.
     """
     n, P = g.shape
     in_place = overwrite and g.is_contiguous()
     out = torch.zeros(n, dim, dtype=g.dtype, device=g.device)
     for c, c0 in enumerate(range(0, P, _SKETCH_CHUNK)):
         w = min(_SKETCH_CHUNK, P - c0)
-        gen = _cpu_generator(seed, "countsketch", c)
-        h = torch.randint(0, dim, (w,), generator=gen).to(g.device)  # (w,) buckets
-        s = (torch.randint(0, 2, (w,), generator=gen) * 2 - 1).to(g.device, g.dtype)  # (w,) signs
+        key = ("countsketch", seed, c, w, dim, g.device, g.dtype)
+        if cache is not None and key in cache:
+            h, s = cache[key]
+        else:
+            gen = _cpu_generator(seed, "countsketch", c)
+            h = torch.randint(0, dim, (w,), generator=gen).to(g.device)  # (w,) buckets
+            s = (torch.randint(0, 2, (w,), generator=gen) * 2 - 1).to(g.device, g.dtype)  # (w,) signs
+            if cache is not None:
+                cache[key] = h, s
         s = s if scale == 1.0 else s * scale
         piece = g[:, c0:c0 + w]
         out.index_add_(1, h, piece.mul_(s) if in_place else piece * s)
@@ -279,10 +290,11 @@ def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, ove
 
 @PROJECTIONS.register("gaussian")
 def gaussian_projection(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0,
-                        overwrite: bool = False) -> torch.Tensor:
+                        overwrite: bool = False, cache: dict | None = None) -> torch.Tensor:
     """Dense JL ``S (scale a)`` with ``S_ij ~ N(0, 1/dim)``, generated in column pieces. g (n, P) -> (n, dim).
 
-    ``overwrite=True``: g may be scaled in place (see :func:`countsketch`).
+    ``overwrite=True``: g may be scaled in place (see :func:`countsketch`). ``cache`` is not used:
+    S has dim x P entries (0.8 GB for LeNet's fc1 at dim 4096), regenerated on every call.
     """
     if scale != 1.0:
         g = g.mul_(scale) if overwrite and g.is_contiguous() else g * scale
@@ -340,12 +352,14 @@ class GBCExtractor:
         self.block = int(min(self._numel.max(), self.proj_dim))  # B: every block padded to it
         self.width = self.num_draws * self.block  # W = R B per snapshot row
         self.draws: TensorDraws | None = None
+        self._projection_cache: dict = {}  # the projections' buckets and signs, made once per draw
 
     def fit(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``A^(l)`` over every candidate batch (eq. 14), then the R draws from the seed."""
         imp, _ = tensor_importance(self.model, ((x, y if self.label_aware else None) for x, y in batches),
                                    loss=self.loss, names=self.names)
         idx, p = draw_tensors(imp, num_draws=self.num_draws, seed=self.seed)
+        self._projection_cache.clear()  # keyed by draw, and the draws may change
         self.draws = TensorDraws(tuple(self.names[i] for i in idx), idx, p[idx], self._numel[idx], imp)
 
     def extract(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
@@ -372,7 +386,8 @@ class GBCExtractor:
                 if blk.shape[1] > self.proj_dim:  # JL keeps inner products in expectation; scaled inside,
                     # on the gradients themselves at their tensor's last draw (no copy of the block)
                     blk = self._project(blk, dim=self.proj_dim, seed=derive_seed(self.seed, "gbc", "proj", r),
-                                        scale=float(d.scale[r]), overwrite=r == last_draw[name])
+                                        scale=float(d.scale[r]), overwrite=r == last_draw[name],
+                                        cache=self._projection_cache)
                 else:
                     blk = blk * float(d.scale[r])
                 out[s:s + xs.shape[0], r * self.block:r * self.block + blk.shape[1]] = blk.detach().cpu().numpy()

@@ -463,6 +463,31 @@ def test_projection_scale_is_the_projection_of_the_scaled_block(kind: str) -> No
     assert torch.equal(row[0], g[0])
 
 
+def test_countsketch_cache_keeps_the_buckets_and_signs_and_changes_no_float(monkeypatch) -> None:
+    """Buckets and signs made once per (seed, piece, width, dim, device, dtype) and reused: the same
+    output as without a cache; a refit extractor starts a new one (its draws may differ)."""
+    from pivotal_ray.core import gbc
+
+    g = torch.randn(4, 70_000, generator=torch_generator(31, "block"))
+    cache: dict = {}
+    want = gbc.countsketch(g, dim=64, seed=2)
+    assert torch.equal(gbc.countsketch(g, dim=64, seed=2, cache=cache), want) and len(cache) == 2  # two pieces
+    made = []
+    monkeypatch.setattr(gbc, "_cpu_generator", lambda *a: made.append(a) or torch.Generator())
+    assert torch.equal(gbc.countsketch(g, dim=64, seed=2, cache=cache, scale=0.5), gbc.countsketch(g * 0.5, dim=64,
+                                                                                                  seed=2, cache=cache))
+    assert not made  # nothing drawn again
+    monkeypatch.undo()
+    model = TinyNet(seed=24)
+    x, _ = _batch(n=5, seed=25)
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=6, proj_dim=3), seed=5)
+    ext.fit([(x, None)])
+    first = ext.extract(x, None)["g"]
+    assert ext._projection_cache and np.array_equal(ext.extract(x, None)["g"], first)
+    ext.fit([(x, None)])
+    assert not ext._projection_cache
+
+
 @pytest.mark.parametrize("kind", ["countsketch", "gaussian"])
 def test_a_tensor_drawn_several_times_is_projected_unchanged_at_every_draw(kind: str) -> None:
     """The extractor projects a tensor's gradients in place at its last draw only: every block is
