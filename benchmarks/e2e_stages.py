@@ -88,6 +88,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args) -> dict[str, Any]:
+    if args.device != "cpu":
+        raise SystemExit("e2e_stages reads finished runs' metrics.json and computes nothing: --device cuda "
+                         "would label the same figures cuda; leave it out (the runs' manifests name their devices)")
     device = _common.setup(args)
     rows = collect(args.root)
     if not rows:

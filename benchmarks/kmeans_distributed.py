@@ -59,12 +59,12 @@ def run(args) -> dict[str, Any]:
     kw = dict(budget=cfg["M"], meta_ids=np.zeros(0, dtype=np.int64), exclude_frac=0.0, init="random",
               max_iter=cfg["iters"], tol=0.0, seed=0)
     results: dict[str, Any] = {}
-    # on CUDA every shard reserves a GPU of its own: only the shard counts the GPUs allow
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    shards = [S for S in cfg["shards"] if device.type != "cuda" or S <= gpus]
-    if not shards:
-        raise SystemExit(f"--device cuda: the Ray session has {gpus:g} GPUs, too few for a shard each")
     try:
+        # on CUDA every shard reserves a GPU of its own: only the shard counts the GPUs allow
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        shards = [S for S in cfg["shards"] if device.type != "cuda" or S <= gpus]
+        if not shards:
+            raise SystemExit(f"--device cuda: the Ray session has {gpus:g} GPUs, too few for a shard each")
         for S in shards:
             t0 = time.perf_counter()
             actors = start_shard_actors(F, num_shards=S, shard_cpus=cpus / S, device=device.type)

@@ -65,7 +65,7 @@ from .seeding import derive_seed, numpy_rng
 
 __all__ = [
     "GBCExtractor", "TensorDraws", "PROJECTIONS", "label_free_loss", "label_aware_loss", "trainable_tensors",
-    "tensor_importance", "draw_tensors", "per_sample_grads", "countsketch", "gaussian_projection",
+    "tensor_importance", "draw_tensors", "per_sample_grads", "countsketch", "gaussian_projection", "SketchCache",
 ]
 
 
@@ -263,10 +263,10 @@ def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, ove
     its own first: the same floats as ``countsketch(g * scale)``, since ``g (+-c)`` is ``+-(g c)``.
     ``overwrite=True``: g is the caller's scratch (left holding the signed, scaled values), which
     spares a copy of the block as large as g; ignored where g is not contiguous (e.g. broadcast).
-    ``cache``: a dict the caller keeps between calls (one per extractor), where the buckets and
-    signs are kept once made, on g's device: each is drawn on the CPU (the same S on every device),
-    which for a large tensor and a few samples per call (a ResNet on a GPU) would cost more than
-    the projection itself.
+    ``cache``: a dict the caller keeps between calls (a :class:`SketchCache` per extractor), where
+    the buckets and signs are kept once made, on g's device (12 bytes per column: int64 bucket,
+    float32 sign): each is drawn on the CPU (the same S on every device), which for a large tensor
+    and a few samples per call (a ResNet on a GPU) costs more than the projection itself.
     """
     n, P = g.shape
     in_place = overwrite and g.is_contiguous()
@@ -278,10 +278,10 @@ def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, ove
             h, s = cache[key]
         else:
             gen = _cpu_generator(seed, "countsketch", c)
-            h = torch.randint(0, dim, (w,), generator=gen).to(g.device)  # (w,) buckets
+            h = torch.randint(0, dim, (w,), generator=gen).to(g.device)  # (w,) buckets (int64: int32 was 4x slower)
             s = (torch.randint(0, 2, (w,), generator=gen) * 2 - 1).to(g.device, g.dtype)  # (w,) signs
             if cache is not None:
-                cache[key] = h, s
+                cache[key] = h, s  # a SketchCache keeps it only within its byte budget
         s = s if scale == 1.0 else s * scale
         piece = g[:, c0:c0 + w]
         out.index_add_(1, h, piece.mul_(s) if in_place else piece * s)
@@ -308,6 +308,26 @@ def gaussian_projection(g: torch.Tensor, *, dim: int, seed: int, scale: float = 
     return out
 
 
+class SketchCache(dict):
+    """A projection cache (see :func:`countsketch`) that keeps entries up to ``limit`` bytes in all;
+    beyond it an entry is not kept (made again on each call, as without a cache)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = int(limit)
+        self.bytes = 0
+
+    def __setitem__(self, key: object, value: tuple[torch.Tensor, ...]) -> None:
+        size = sum(t.numel() * t.element_size() for t in value)
+        if key not in self and self.bytes + size <= self.limit:
+            super().__setitem__(key, value)
+            self.bytes += size
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes = 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The extractor
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +346,8 @@ class GBCExtractor:
     seed : the draws and projections are functions of it (``derive_seed`` inside)
     projection : a :data:`PROJECTIONS` name; default ``cfg.projection`` if the config has that
         field, else ``"countsketch"``
-    chunk_bytes : bound on the per-sample gradients held at once (samples are chunked)
+    chunk_bytes : bound on the per-sample gradients held at once (samples are chunked); the
+        count-sketch's buckets and signs, kept between calls, take at most a quarter of it more
     """
 
     needs_fit = True
@@ -352,7 +373,8 @@ class GBCExtractor:
         self.block = int(min(self._numel.max(), self.proj_dim))  # B: every block padded to it
         self.width = self.num_draws * self.block  # W = R B per snapshot row
         self.draws: TensorDraws | None = None
-        self._projection_cache: dict = {}  # the projections' buckets and signs, made once per draw
+        # the projections' buckets and signs, made once per draw, within a quarter of chunk_bytes
+        self._projection_cache = SketchCache(self.chunk_bytes // 4)
 
     def fit(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """``A^(l)`` over every candidate batch (eq. 14), then the R draws from the seed."""
@@ -381,12 +403,16 @@ class GBCExtractor:
             xs = x[s:s + step]
             ys = None if not self.label_aware else torch.as_tensor(y[s:s + step], device=xs.device).long()
             grads = per_sample_grads(self.model, xs, ys, names=uniq, loss=self.loss)  # name -> (m, *shape)
+            # autograd may hand two tensors views of one gradient (a slice or cat backward, e.g. a
+            # ViT's cls_token and pos_embed): those are never written in place
+            storages = [g.untyped_storage().data_ptr() for g in grads.values()]
+            scratch = {n for n, g in grads.items() if storages.count(g.untyped_storage().data_ptr()) == 1}
             for r, name in enumerate(d.names):
                 blk = grads[name].reshape(xs.shape[0], -1).float()  # (m, P_r)
                 if blk.shape[1] > self.proj_dim:  # JL keeps inner products in expectation; scaled inside,
                     # on the gradients themselves at their tensor's last draw (no copy of the block)
                     blk = self._project(blk, dim=self.proj_dim, seed=derive_seed(self.seed, "gbc", "proj", r),
-                                        scale=float(d.scale[r]), overwrite=r == last_draw[name],
+                                        scale=float(d.scale[r]), overwrite=r == last_draw[name] and name in scratch,
                                         cache=self._projection_cache)
                 else:
                     blk = blk * float(d.scale[r])

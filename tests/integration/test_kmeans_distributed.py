@@ -151,6 +151,38 @@ def test_shard_counts_and_cpus_are_checked_before_any_actor_starts(ray_session, 
         RayShardSet([])
 
 
+def test_shards_on_a_gpu_reserve_one_each_and_are_told_the_device_type(ray_session, monkeypatch):
+    """With GPUs (faked: this session has none) each shard's bundle and actor ask for one GPU, and
+    the actor is given "cuda": Ray shows it its own GPU alone, where "cuda:1" names no device."""
+    import importlib
+
+    import ray
+
+    from pivotal_ray.distributed import kmeans
+
+    pgs = importlib.import_module("ray.util.placement_group")  # the module (ray.util's attribute is the function)
+    strategies = importlib.import_module("ray.util.scheduling_strategies")
+
+    class Group:  # placed at once
+        def ready(self):
+            return ray.put(None)
+
+    bundles, started = [], []
+
+    class Recorder:
+        @staticmethod
+        def options(**kw):
+            return type("Opts", (), {"remote": staticmethod(lambda *a, **k: started.append((kw, k)) or len(started))})
+
+    monkeypatch.setattr(kmeans.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
+    monkeypatch.setattr(pgs, "placement_group", lambda b, strategy: bundles.append(b) or Group())
+    monkeypatch.setattr(kmeans, "ShardActor", Recorder)
+    monkeypatch.setattr(strategies, "PlacementGroupSchedulingStrategy", lambda *a, **k: None)
+    actors = start_shard_actors(features(n=60, seed=4), num_shards=2, device="cuda:1")
+    assert list(actors) == [1, 2] and bundles == [[{"CPU": 0.25, "GPU": 1.0}] * 2]
+    assert [(kw["num_gpus"], k["device"]) for kw, k in started] == [(1, "cuda"), (1, "cuda")]
+
+
 def _live_placement_groups() -> int:
     from ray.util import placement_group_table
 

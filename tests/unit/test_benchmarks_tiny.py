@@ -118,6 +118,8 @@ def test_e2e_stages(tmp_path, capsys):
         (tmp_path / "runs" / method / "seed0" / "metrics.json").write_text(json.dumps({
             "method": method, "seed": 0, "dataset": "mnist", "budget": 20, "rounds": [], "timings": timings}))
     res = run(e2e_stages, tmp_path, "--root", str(tmp_path / "runs"))
+    with pytest.raises(SystemExit, match="computes nothing"):  # a cuda label on the same figures
+        e2e_stages.main(["--device", "cuda", "--root", str(tmp_path / "runs")])
     by = {r["method"]: r for r in res["rows"]}
     assert (by["random"]["shared_warmup_s"], by["random"]["alone_s"]) == (200.0, 310.0)
     assert (by["base"]["first_train_s"], by["base"]["shared_warmup_s"], by["base"]["alone_s"]) == (90.0, 0.0, 95.0)

@@ -478,6 +478,13 @@ def test_countsketch_cache_keeps_the_buckets_and_signs_and_changes_no_float(monk
                                                                                                   seed=2, cache=cache))
     assert not made  # nothing drawn again
     monkeypatch.undo()
+    for dim, P in ((32, 70_000), (64, 70_001)):  # another dim, another last piece: other entries
+        assert torch.equal(gbc.countsketch(g[:, :P] if P <= g.shape[1] else torch.cat([g, g[:, :1]], 1), dim=dim,
+                                           seed=2, cache=cache),
+                           gbc.countsketch(g[:, :P] if P <= g.shape[1] else torch.cat([g, g[:, :1]], 1), dim=dim, seed=2))
+    small = gbc.SketchCache(limit=65536 * 12)  # room for one piece's buckets and signs, not two
+    assert torch.equal(gbc.countsketch(g, dim=64, seed=2, cache=small), want) and len(small) == 1
+    assert small.bytes == 65536 * 12 and torch.equal(gbc.countsketch(g, dim=64, seed=2, cache=small), want)
     model = TinyNet(seed=24)
     x, _ = _batch(n=5, seed=25)
     ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=6, proj_dim=3), seed=5)
@@ -513,6 +520,41 @@ def test_a_tensor_drawn_several_times_is_projected_unchanged_at_every_draw(kind:
                     blk = proj(blk, dim=3, seed=derive_seed(4, "gbc", "proj", r))
                 want = torch.cat([blk, blk.new_zeros(step, 3 - blk.shape[1])], 1)
                 assert torch.equal(g[s:s + step, r * 3:(r + 1) * 3], want), (chunk_bytes, s, r, name)
+
+
+class TokenNet(nn.Module):
+    """A ViT's token parameters: cls_token's gradient is a slice of pos_embed's (one storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch_generator(0, "tokens")
+        self.embed_, self.head = nn.Linear(4, 16), nn.Linear(16, 10)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16, generator=g))
+        self.pos_embed = nn.Parameter(torch.randn(1, 9, 16, generator=g))
+        for p in [*self.embed_.parameters(), *self.head.parameters()]:
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.embed_(x)], 1) + self.pos_embed
+        return self.head(torch.tanh(t).mean(1))
+
+
+def test_gradients_sharing_storage_are_never_projected_in_place() -> None:
+    """pos_embed drawn (last) before cls_token, whose per-sample gradient is a view of the same
+    storage: signing pos_embed's block in place would change cls_token's (it did, by 0.025)."""
+    model = TokenNet()
+    x = torch.randn(4, 8, 4, generator=torch_generator(1, "tokens"))
+    ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=3, proj_dim=32), seed=17)
+    ext.fit([(x, None)])
+    assert ext.draws.names == ("pos_embed", "pos_embed", "cls_token")
+    grads = per_sample_grads(model, x, None, names=["pos_embed", "cls_token"], loss=label_free_loss)
+    assert grads["pos_embed"].untyped_storage().data_ptr() == grads["cls_token"].untyped_storage().data_ptr()
+    g = torch.from_numpy(ext.extract(x, None)["g"])
+    for r, name in enumerate(ext.draws.names):
+        blk = grads[name].reshape(4, -1) * float(ext.draws.scale[r])
+        if blk.shape[1] > 32:
+            blk = PROJECTIONS.get("countsketch")(blk, dim=32, seed=derive_seed(17, "gbc", "proj", r))
+        assert torch.equal(g[:, r * 32:r * 32 + blk.shape[1]], blk), name
 
 
 def test_more_configuration_errors() -> None:
