@@ -405,8 +405,8 @@ class GBCExtractor:
             grads = per_sample_grads(self.model, xs, ys, names=uniq, loss=self.loss)  # name -> (m, *shape)
             # autograd may hand two tensors views of one gradient (a slice or cat backward, e.g. a
             # ViT's cls_token and pos_embed): those are never written in place
-            storages = [g.untyped_storage().data_ptr() for g in grads.values()]
-            scratch = {n for n, g in grads.items() if storages.count(g.untyped_storage().data_ptr()) == 1}
+            storages = [t.untyped_storage().data_ptr() for t in grads.values()]
+            scratch = {u for u, t in grads.items() if storages.count(t.untyped_storage().data_ptr()) == 1}
             for r, name in enumerate(d.names):
                 blk = grads[name].reshape(xs.shape[0], -1).float()  # (m, P_r)
                 if blk.shape[1] > self.proj_dim:  # JL keeps inner products in expectation; scaled inside,
