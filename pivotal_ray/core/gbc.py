@@ -255,7 +255,7 @@ _SKETCH_CHUNK = 1 << 16  # columns per generated piece; fixed, so S depends on (
 
 @PROJECTIONS.register("countsketch")
 def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, overwrite: bool = False,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: "SketchCache | dict | None" = None) -> torch.Tensor:
     """Sparse JL ``S (scale a)``: coordinate i is added to bucket h(i) with sign s(i) (both seeded).
 
     ``E[<S a, S b>] = <a, b>`` since ``E[s_i s_j 1{h_i = h_j}] = 1{i = j}``. g (n, P) -> (n, dim).
@@ -290,7 +290,7 @@ def countsketch(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0, ove
 
 @PROJECTIONS.register("gaussian")
 def gaussian_projection(g: torch.Tensor, *, dim: int, seed: int, scale: float = 1.0,
-                        overwrite: bool = False, cache: dict | None = None) -> torch.Tensor:
+                        overwrite: bool = False, cache: "SketchCache | dict | None" = None) -> torch.Tensor:
     """Dense JL ``S (scale a)`` with ``S_ij ~ N(0, 1/dim)``, generated in column pieces. g (n, P) -> (n, dim).
 
     ``overwrite=True``: g may be scaled in place (see :func:`countsketch`). ``cache`` is not used:
@@ -308,23 +308,34 @@ def gaussian_projection(g: torch.Tensor, *, dim: int, seed: int, scale: float = 
     return out
 
 
-class SketchCache(dict):
+class SketchCache:
     """A projection cache (see :func:`countsketch`) that keeps entries up to ``limit`` bytes in all;
-    beyond it an entry is not kept (made again on each call, as without a cache)."""
+    beyond it an entry is not kept (made again on each call, as without a cache). The mapping
+    operations the projections use (``in``, ``[]``, ``[] =``) and ``clear``; a plain object, so
+    copies and pickles keep their accounting."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__()
         self.limit = int(limit)
         self.bytes = 0
+        self._entries: dict = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __getitem__(self, key: object) -> tuple[torch.Tensor, ...]:
+        return self._entries[key]
 
     def __setitem__(self, key: object, value: tuple[torch.Tensor, ...]) -> None:
         size = sum(t.numel() * t.element_size() for t in value)
-        if key not in self and self.bytes + size <= self.limit:
-            super().__setitem__(key, value)
+        if key not in self._entries and self.bytes + size <= self.limit:
+            self._entries[key] = value
             self.bytes += size
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def clear(self) -> None:
-        super().clear()
+        self._entries.clear()
         self.bytes = 0
 
 

@@ -7,7 +7,9 @@ References are independent of the code under test: per-sample gradients by a loo
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -485,6 +487,10 @@ def test_countsketch_cache_keeps_the_buckets_and_signs_and_changes_no_float(monk
     small = gbc.SketchCache(limit=65536 * 12)  # room for one piece's buckets and signs, not two
     assert torch.equal(gbc.countsketch(g, dim=64, seed=2, cache=small), want) and len(small) == 1
     assert small.bytes == 65536 * 12 and torch.equal(gbc.countsketch(g, dim=64, seed=2, cache=small), want)
+    for kept in (pickle.loads(pickle.dumps(small)), copy.deepcopy(small)):  # the accounting travels too
+        assert (len(kept), kept.bytes, kept.limit) == (1, small.bytes, small.limit)
+    assert GBCExtractor(model=TinyNet(seed=24), cfg=FeatureConfig(kind="gbc"), seed=0,
+                        chunk_bytes=4000)._projection_cache.limit == 1000  # a quarter of chunk_bytes
     model = TinyNet(seed=24)
     x, _ = _batch(n=5, seed=25)
     ext = GBCExtractor(model=model, cfg=FeatureConfig(kind="gbc", num_layers=6, proj_dim=3), seed=5)
