@@ -569,7 +569,8 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
     t0 = time.perf_counter()
     log.info("%s: %s training, %d meta samples, %d epochs", cfg.selection.method, plan.first_stage, len(meta),
              cfg.reweight.epochs)
-    run = env.warmup = plan.first(env, meta_ids=meta, meta_labels=cleaned(meta))
+    meta_labels = cleaned(meta)  # the meta set's clean labels, read again each time the set grows
+    run = env.warmup = plan.first(env, meta_ids=meta, meta_labels=meta_labels)
     timings[f"{plan.first_stage}_train_s"] = time.perf_counter() - t0
     timings[f"{plan.first_stage}_epochs_s"] = run.epochs_s  # also when trained by an earlier invocation
     _log_run(run, timings[f"{plan.first_stage}_train_s"])
@@ -632,10 +633,10 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
         "best_epoch": run.best_epoch, "final_test_acc": run.final_test_acc,
         "weight_auc": weight_auc(weights[noisy_mask], clean[noisy_mask]),
         "meta_size": int(len(meta)),
-        "meta_clean_frac_observed": (float(np.mean(cleaned(meta) == np.array([observed[int(i)] for i in meta])))
+        "meta_clean_frac_observed": (float(np.mean(meta_labels == np.array([observed[int(i)] for i in meta])))
                                      if len(meta) else None),
         # classes the final meta set has no sample of (cleaned labels); None without a meta set
-        "meta_classes_missing": missing_classes(cleaned(meta), bundle.num_classes) if len(meta) else None,
+        "meta_classes_missing": missing_classes(meta_labels, bundle.num_classes) if len(meta) else None,
         "labels_source": labels.source,
         "rounds": rounds_info,
         "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),

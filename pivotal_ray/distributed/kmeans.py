@@ -177,7 +177,8 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     """
     if num_shards < 1 or shard_cpus <= 0:
         raise ValueError(f"num_shards={num_shards} must be >= 1 and shard_cpus={shard_cpus} > 0")
-    cpus = ray.cluster_resources().get("CPU", 0.0)
+    resources = ray.cluster_resources()
+    cpus = resources.get("CPU", 0.0)
     if num_shards * shard_cpus > cpus and not autoscaling:
         raise ValueError(f"{num_shards} shards x {shard_cpus} CPUs exceed the cluster's {cpus} CPUs: "
                          "lower ray.kmeans_shards or ray.kmeans_shard_cpus")
@@ -190,7 +191,7 @@ def start_shard_actors(source: FactorFeatures | DenseFeatures | str | Path, *, n
     # never an index such as "cuda:1", which names no device there.
     kind = torch.device(device).type
     gpus = 1 if kind == "cuda" else 0
-    gpus_here = ray.cluster_resources().get("GPU", 0.0)
+    gpus_here = resources.get("GPU", 0.0)
     if num_shards * gpus > gpus_here and not autoscaling:
         raise ValueError(f"{num_shards} shards on {device} take a GPU each, and the cluster has {gpus_here:g}: "
                          "lower the number of shards, or cluster on the CPU (device='cpu')")

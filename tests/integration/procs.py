@@ -24,10 +24,10 @@ def processes() -> dict[int, tuple[int, str]]:
     return table
 
 
-def descendants(root: int | None = None, table: dict[int, tuple[int, str]] | None = None) -> dict[int, str]:
+def descendants(root: int | None = None) -> dict[int, str]:
     """pid -> command line of every descendant of ``root`` (default: this process), not ``root`` itself."""
     root = os.getpid() if root is None else root
-    table = processes() if table is None else table
+    table = processes()
     found = {}
     for pid, (_, cmdline) in table.items():
         p, hops = pid, 0
