@@ -35,6 +35,10 @@ import torch
 
 from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 
+# DenseShard converts a Lloyd chunk's rows to float64 for the numerator a block of about this
+# many bytes at a time (cache-sized; see DenseShard._numerator)
+NUMERATOR_BLOCK_BYTES = 4 * 2**20
+
 # the methods a shard set may call remotely (see pivotal_ray.distributed.kmeans.ShardActor)
 SHARD_OPS = ("count", "dim", "sample_ids", "set_active", "dense_rows", "seed_scores",
              "max_similarity", "assign", "assign_sums", "top_candidates", "exact_scores")
@@ -657,7 +661,10 @@ class DenseShard(_ShardBase):
         self.G = self.G_all[:n_active]
 
     def _row_width(self, M: int) -> int:
-        return max(M, 1) + 2 * self._D  # the float64 copy of the rows for the numerator
+        # the float64 copy of the rows that a float64 scan's GEMM makes (``_inner``); the Lloyd
+        # numerator converts a block at a time now, but its chunks keep this size, so its sums
+        # (one chunk numerator added at a time) are the floats they were before
+        return max(M, 1) + 2 * self._D
 
     def _prepare(self, C: torch.Tensor) -> torch.Tensor:
         return C.T.contiguous()  # (D, M)
@@ -666,11 +673,22 @@ class DenseShard(_ShardBase):
         return (self.G[sl].to(W.dtype) @ W).double()  # (n, D) @ (D, M) -> (n, M), float32 or float64
 
     def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
+        """(M, D) float64: the chunk's rows index-added per label in row order, a block of rows
+        (about ``NUMERATOR_BLOCK_BYTES`` as float64) converted at a time. The same floats as
+        converting the whole chunk first (``index_add_`` adds row after row either way), but the
+        block stays in cache and no chunk-sized float64 copy is allocated: at n = 20000, D = 4200
+        the numerator took 0.36 s with one copy and 0.04 s in blocks (1 thread, docs/performance.md
+        row 4b)."""
         num = torch.zeros(M, self._D, dtype=torch.float64, device=self.device)
-        rows = self.G[sl].double()  # (n, D), a fresh copy: the sign is applied in place, and only if
-        if not bool((sign == 1).all()):  # some row needs it (plain K-means never does); same values
-            rows.mul_(sign.unsqueeze(1))
-        return num.index_add_(0, labels, rows)  # (M, D)
+        signed = not bool((sign == 1).all())  # plain K-means never needs the sign; same values
+        step = max(1, NUMERATOR_BLOCK_BYTES // max(8 * self._D, 1))
+        for s in range(sl.start, sl.stop, step):
+            e = min(s + step, sl.stop)
+            rows = self.G[s:e].double()  # (b, D), a fresh copy: the sign is applied in place
+            if signed:
+                rows.mul_(sign[s - sl.start:e - sl.start].unsqueeze(1))
+            num.index_add_(0, labels[s - sl.start:e - sl.start], rows)
+        return num
 
     def _dense(self, pos: np.ndarray) -> np.ndarray:
         return self.G_all[torch.as_tensor(pos, dtype=torch.int64, device=self.G_all.device)].double().cpu().numpy()

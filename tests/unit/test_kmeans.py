@@ -12,6 +12,7 @@ from pivotal_ray.core.featuretable import DenseFeatures, FactorFeatures
 from pivotal_ray.core.kmeans import (INITS, DenseShard, FactorShard, LocalShardSet, assign, n_excluded, select_pivotal,
                                      weighted_kmeans)
 from pivotal_ray.core.kmeans import _exclude, _merge
+from pivotal_ray.core import shards as shards_mod
 from pivotal_ray.core.shards import _permute_rows_striped, permute_rows_
 
 
@@ -280,19 +281,25 @@ def test_selection_properties(n, budget, n_meta, frac, seed, weighted, factor, n
     np.testing.assert_array_equal(again.sample_id, picks)
 
 
+@pytest.mark.parametrize("block_rows", [None, 1, 4])
 @pytest.mark.parametrize("signs", ["all_plus", "mixed"])
-def test_dense_numerator_is_signed_sum_per_label(signs):
-    """DenseShard._numerator == index_add of sign_j G_j in float64, bit for bit (signs applied only when needed)."""
+def test_dense_numerator_is_signed_sum_per_label(signs, block_rows, monkeypatch):
+    """DenseShard._numerator == index_add of sign_j G_j in float64 over the whole chunk at once, bit
+    for bit (signs applied only when needed), however many rows each float64 block converts."""
+    if block_rows is not None:
+        monkeypatch.setattr(shards_mod, "NUMERATOR_BLOCK_BYTES", 8 * 7 * block_rows)
     rng = np.random.default_rng(4)
-    G = rng.standard_normal((30, 7)).astype(np.float32)
+    G = (rng.standard_normal((30, 7)) * 10.0 ** rng.integers(-3, 4, (30, 1))).astype(np.float32)
     shard = DenseShard(DenseFeatures(np.arange(30, dtype=np.int64), G))
     labels = torch.as_tensor(rng.integers(0, 4, 30))
     sign = torch.ones(30, dtype=torch.float64)
     if signs == "mixed":
         sign[::3] = -1.0
-    got = shard._numerator(slice(0, 30), labels, sign, 4)
-    ref = torch.zeros(4, 7, dtype=torch.float64).index_add_(0, labels, torch.as_tensor(G).double() * sign[:, None])
-    assert torch.equal(got, ref)
+    for sl in (slice(0, 30), slice(5, 27)):  # a chunk that does not start at row 0
+        got = shard._numerator(sl, labels[sl], sign[sl], 4)
+        rows = torch.as_tensor(G[sl]).double() * sign[sl, None]
+        ref = torch.zeros(4, 7, dtype=torch.float64).index_add_(0, labels[sl], rows)
+        assert torch.equal(got, ref)
     assert torch.equal(shard.G_all, torch.as_tensor(G))  # the shard's rows are untouched
 
 
