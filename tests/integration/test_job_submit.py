@@ -1,6 +1,8 @@
-"""``ray job submit`` of ``python -m jobs.select`` to a separate local Ray head that this test owns.
+"""``ray job submit`` of ``python -m jobs.select`` to a separate local two-node Ray cluster that this
+test owns: a head (1 CPU, the job server) and a worker node (1 CPU) joined to it, so the job's two
+Ray Train workers run on different nodes (gloo between nodes) and its actors on either.
 
-The head runs in its own process group with its own temp dir (so no other ``ray.init()`` on this
+Each node runs in its own process group with its own temp dir (so no other ``ray.init()`` on this
 machine can find it through /tmp/ray/ray_current_cluster), its own ports and its own auth token
 (``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN_PATH`` to a private file: the shared ~/.ray/auth_token is
 neither read nor written). Teardown terminates exactly that process group; ``ray stop`` is never
@@ -33,9 +35,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-# tiny toy run: 2 random warm-up + 4 picked by RBC, a few epochs
+# tiny toy run: 2 random warm-up + 4 picked by RBC, a few epochs; two training workers of 1 CPU,
+# one per node
 OVERRIDES = ["method=rbc", "seed=0", "reweight.epochs=3", "features.num_snapshots=2", "features.stride=1",
-             "selection.budget=6", "selection.warmup=2"]
+             "selection.budget=6", "selection.warmup=2", "ray.num_workers=2", "ray.cpus_per_worker=1"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -63,6 +66,22 @@ def _get(url: str, token: str, timeout: float = 5.0) -> int:
         return 0
 
 
+def _state(address: str, token: str, what: str) -> list[dict]:
+    """Rows of Ray's state API (``/api/v0/<what>``: nodes, actors) from the head's dashboard; [] when
+    it does not answer."""
+    req = urllib.request.Request(f"{address}/api/v0/{what}?limit=10000&detail=1",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10.0) as resp:
+            return json.loads(resp.read())["data"]["result"]["result"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return []
+
+
+def _alive_nodes(address: str, token: str) -> int:
+    return sum(n.get("state") == "ALIVE" for n in _state(address, token, "nodes"))
+
+
 def _pids_mentioning(text: str) -> list[int]:
     """Processes whose command line mentions ``text`` (our private temp dir): stragglers of our head."""
     return [pid for pid, (_, cmdline) in processes().items() if pid != os.getpid() and text in cmdline]
@@ -70,7 +89,8 @@ def _pids_mentioning(text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A 2-CPU Ray head with the dashboard (job server) on free ports, torn down by process group."""
+    """A 1-CPU Ray head with the dashboard (job server) and a 1-CPU worker node joined to it, each on
+    free ports, torn down by process group."""
     # short path: Ray puts unix sockets under <temp dir>/session_*/sockets (108-byte limit)
     root = Path(tempfile.mkdtemp(prefix="prjs-", dir="/tmp"))
     token_file = root / "auth_token"
@@ -84,12 +104,13 @@ def ray_head():
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # the job's `python` is this venv's
     env.pop("PYTHONPATH", None)  # the job must import the package from its uploaded working dir
     log = open(root / "head.log", "wb")
-    proc = None
+    worker_log = open(root / "worker.log", "wb")
+    proc = worker = None
     try:
         # _free_ports closes its sockets before Ray binds the ports, so another process may take one
         # meanwhile: a head that exits before its job server answers is started again on new ports
         for attempt in range(1, 4):
-            proc, address = _start_head(root, env, log)
+            proc, address, gcs = _start_head(root, env, log)
             deadline = time.monotonic() + 120
             while _get(f"{address}/api/jobs/", token) != 200:
                 if time.monotonic() > deadline:
@@ -106,18 +127,34 @@ def ray_head():
                             f"{(root / 'head.log').read_text()[-3000:]}")
         # without the token the job server refuses: this cluster really uses token auth
         assert _get(f"{address}/api/jobs/", "wrong-token") in (401, 403)
+        # the second node, started again on new ports if it exits before it has joined
+        for attempt in range(1, 4):
+            worker = _start_worker(root, env, worker_log, gcs)
+            deadline = time.monotonic() + 90
+            while _alive_nodes(address, token) < 2 and worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(1.0)
+            if _alive_nodes(address, token) >= 2:
+                break
+            _terminate(worker, root, others=False)
+            worker = None
+            if attempt == 3:
+                pytest.fail(f"the worker node did not join in 3 starts:\n{(root / 'worker.log').read_text()[-3000:]}")
         yield {"address": address, "env": env, "root": root, "token": token}
     finally:
+        if worker is not None:
+            _terminate(worker, root, others=False)
         if proc is not None:
             _terminate(proc, root)
         log.close()
+        worker_log.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_head(root: Path, env: dict[str, str], log) -> tuple[subprocess.Popen, str]:
-    """``ray start --head --block`` on free ports in its own process group; (process, job server URL)."""
+def _start_head(root: Path, env: dict[str, str], log) -> tuple[subprocess.Popen, str, str]:
+    """``ray start --head --block`` on free ports in its own process group; (process, job server URL,
+    GCS address)."""
     gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
-    cmd = [RAY, "start", "--head", "--block", "--num-cpus", "2", "--object-store-memory", "300000000",
+    cmd = [RAY, "start", "--head", "--block", "--num-cpus", "1", "--object-store-memory", "300000000",
            "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--include-dashboard", "true",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
@@ -125,11 +162,26 @@ def _start_head(root: Path, env: dict[str, str], log) -> tuple[subprocess.Popen,
            "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
            "--temp-dir", str(root / "ray"), "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, f"http://127.0.0.1:{dash}"
+    return proc, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
 
 
-def _terminate(proc: subprocess.Popen, root: Path) -> None:
-    """SIGTERM our ``ray start --block`` (it stops the processes it started), then SIGKILL its group."""
+def _start_worker(root: Path, env: dict[str, str], log, gcs: str) -> subprocess.Popen:
+    """``ray start --block --address <gcs>``: a 1-CPU worker node on free ports in its own process
+    group, with a temp dir of its own under our private root (``<root>/worker``), as a node on
+    another machine has: with the head's, both nodes unpack the job's working dir into the same
+    directory, and the worker node's runtime-env agent deleted it under the running driver."""
+    agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(6)
+    cmd = [RAY, "start", "--block", "--address", gcs, "--num-cpus", "1", "--object-store-memory", "300000000",
+           "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(agent),
+           "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+           "--runtime-env-agent-port", str(rt_env), "--node-manager-port", str(node_mgr),
+           "--object-manager-port", str(obj_mgr), "--temp-dir", str(root / "worker"), "--disable-usage-stats"]
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _terminate(proc: subprocess.Popen, root: Path, *, others: bool = True) -> None:
+    """SIGTERM our ``ray start --block`` (it stops the processes it started), then SIGKILL its group;
+    ``others``: then every process still naming our private temp dir (the last node's teardown)."""
     try:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -140,6 +192,8 @@ def _terminate(proc: subprocess.Popen, root: Path) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+    if not others:
+        return
     # Ray processes that left the group (workers, agents) still name our private temp dir
     deadline = time.monotonic() + 10
     while _pids_mentioning(str(root)) and time.monotonic() < deadline:
@@ -185,15 +239,31 @@ def test_ray_job_submit_runs_the_select_job(submitted):
     assert any(p.name.startswith("warmup-") for p in (out / "ray_train").iterdir())
 
 
-def _unpacked_working_dirs(root: Path) -> list[Path]:
-    found = (root / "ray").glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+def test_the_job_ran_on_both_nodes(submitted, ray_head):
+    """The two training workers of each run (warm-up and round 1) on different nodes (1 CPU each:
+    nowhere else to go), as Ray's state API recorded them, dead actors included. (The K-means
+    shards' SPREAD placement group is best effort: they may share a node while the other's CPU is
+    still being released, so where they ran is not asserted.)"""
+    assert submitted["proc"].returncode == 0
+    nodes = {n["node_id"] for n in _state(ray_head["address"], ray_head["token"], "nodes") if n.get("state") == "ALIVE"}
+    assert len(nodes) == 2
+    actors = _state(ray_head["address"], ray_head["token"], "actors")
+    workers = [a["node_id"] for a in actors if a.get("class_name") == "RayTrainWorker"]
+    assert len(workers) == 4 and set(workers) == nodes, workers
+    assert sum(a.get("class_name") == "ShardActor" for a in actors) == 2
+
+
+def _unpacked_working_dirs(root: Path, node: str = "*") -> list[Path]:
+    """The job's working dir as unpacked by the head (``node="ray"``), the worker node ("worker") or both."""
+    found = root.glob(f"{node}/session_*/runtime_resources/working_dir_files/_ray_pkg_*")
     return sorted({p.resolve() for p in found if p.is_dir()})  # session_latest is a link; skip *.zip.lock
 
 
 def test_uploaded_working_dir_leaves_out_the_excludes(submitted):
     assert submitted["proc"].returncode == 0
+    for node in ("ray", "worker"):  # the head's temp dir, the worker node's
+        assert _unpacked_working_dirs(submitted["root"], node), f"no unpacked working dir in {node}/session_*"
     pkgs = _unpacked_working_dirs(submitted["root"])
-    assert pkgs, "no unpacked working dir found in the head's session"
     for pkg in pkgs:
         names = {p.name for p in pkg.iterdir()}
         assert {"pivotal_ray", "jobs", "configs", "cluster"} <= names
