@@ -33,11 +33,16 @@ setsid ray start --block --address 127.0.0.1:$GCS --num-cpus 1 --object-store-me
   --dashboard-agent-listen-port $W_AG --dashboard-agent-grpc-port $W_AGG --metrics-export-port $W_MET --runtime-env-agent-port $W_RTE \
   --node-manager-port $W_NM --object-manager-port $W_OM --temp-dir $ROOT/worker --disable-usage-stats > $ROOT/worker.log 2>&1 &
 echo $! > $ROOT/worker.pid
-sleep 15
+for i in $(seq 90); do  # until the worker node has joined
+  [ "$(curl -s -H "Authorization: Bearer $(cat $ROOT/token)" "http://127.0.0.1:$DASH/api/v0/nodes?limit=10" | grep -o '"state": "ALIVE"' | wc -l)" -ge 2 ] && break; sleep 1
+done
 ARGS="method=rbc seed=0 reweight.epochs=3 features.num_snapshots=2 features.stride=1 selection.budget=6 selection.warmup=2 ray.num_workers=2 ray.cpus_per_worker=1"
 echo "\$ ray job submit --address http://127.0.0.1:\$DASHBOARD_PORT --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m jobs.select $ARGS output_dir=\$ROOT/out/two_nodes"
 /usr/bin/time -f "wall %e s" ray job submit --address http://127.0.0.1:$DASH --working-dir . --runtime-env cluster/runtime_env.yaml \
-  -- python -m jobs.select $ARGS output_dir=$OUT/two_nodes 2>&1 | grep -v 'INFO\|WARN\|^\s*$\|core_worker.cc\|-----'
+  -- python -m jobs.select $ARGS output_dir=$OUT/two_nodes > $ROOT/job.log 2>&1
+JOB_RC=$?
+grep -v 'INFO\|WARN\|^\s*$\|core_worker.cc\|-----' $ROOT/job.log
+[ $JOB_RC = 0 ] || { echo "ray job submit exited with $JOB_RC"; stop; exit 1; }
 python - "$DASH" <<'PY' 2>&1 | grep -v INFO
 import collections, sys
 from ray.util.state import list_actors, list_nodes
@@ -51,8 +56,8 @@ print("actors (class, node): count:", dict(sorted(count.items())))
 PY
 stop
 unset RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH
-echo "\$ python -m jobs.select $ARGS output_dir=\$ROOT/out/one_node   # a local Ray of 2 CPUs"
-/usr/bin/time -f "wall %e s" python -m jobs.select $ARGS output_dir=$OUT/one_node 2>&1 | grep -v 'INFO\|WARN\|^\s*$\|core_worker.cc' | tail -3
+echo "\$ python -m jobs.select $ARGS ray.address=local ray.num_cpus=2 output_dir=\$ROOT/out/one_node   # a new local Ray of 2 CPUs"
+/usr/bin/time -f "wall %e s" python -m jobs.select $ARGS ray.address=local ray.num_cpus=2 output_dir=$OUT/one_node 2>&1 | grep -v 'INFO\|WARN\|^\s*$\|core_worker.cc' | tail -3
 echo "\$ diff one_node/selection.csv two_nodes/selection.csv"
 diff $OUT/one_node/selection.csv $OUT/two_nodes/selection.csv && echo "(identical)"
 python - "$OUT" <<'PY'

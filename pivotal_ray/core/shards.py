@@ -673,21 +673,27 @@ class DenseShard(_ShardBase):
         return (self.G[sl].to(W.dtype) @ W).double()  # (n, D) @ (D, M) -> (n, M), float32 or float64
 
     def _numerator(self, sl: slice, labels: torch.Tensor, sign: torch.Tensor, M: int) -> torch.Tensor:
-        """(M, D) float64: the chunk's rows index-added per label in row order, a block of rows
-        (about ``NUMERATOR_BLOCK_BYTES`` as float64) converted at a time. The same floats as
-        converting the whole chunk first (``index_add_`` adds row after row either way), but the
-        block stays in cache and no chunk-sized float64 copy is allocated: at n = 20000, D = 4200
-        the numerator took 0.36 s with one copy and 0.04 s in blocks (1 thread, docs/performance.md
-        row 4b)."""
+        """(M, D) float64: the chunk's rows index-added per label in row order, converted to float64
+        a block of rows (about ``NUMERATOR_BLOCK_BYTES``) at a time into one buffer. The same floats
+        as converting the whole chunk first (``index_add_`` adds row after row either way), but the
+        block stays in cache and no chunk-sized float64 copy is allocated and paged in: at
+        n = 20000, D = 4200 the numerator took 0.36 s with one copy and 0.04 s in blocks (1 thread,
+        docs/performance.md row 4b)."""
+        n = sl.stop - sl.start
+        if labels.shape[0] != n or sign.shape[0] != n:
+            raise ValueError(f"labels ({labels.shape[0]}) and sign ({sign.shape[0]}) need one entry per row "
+                             f"of the chunk ({n})")
         num = torch.zeros(M, self._D, dtype=torch.float64, device=self.device)
         signed = not bool((sign == 1).all())  # plain K-means never needs the sign; same values
         step = max(1, NUMERATOR_BLOCK_BYTES // max(8 * self._D, 1))
-        for s in range(sl.start, sl.stop, step):
-            e = min(s + step, sl.stop)
-            rows = self.G[s:e].double()  # (b, D), a fresh copy: the sign is applied in place
+        buf = torch.empty(min(step, n), self._D, dtype=torch.float64, device=self.device)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            rows = buf[:e - s]
+            rows.copy_(self.G[sl.start + s:sl.start + e])  # float32 -> float64, exact
             if signed:
-                rows.mul_(sign[s - sl.start:e - sl.start].unsqueeze(1))
-            num.index_add_(0, labels[s - sl.start:e - sl.start], rows)
+                rows.mul_(sign[s:e].unsqueeze(1))
+            num.index_add_(0, labels[s:e], rows)
         return num
 
     def _dense(self, pos: np.ndarray) -> np.ndarray:

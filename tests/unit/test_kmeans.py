@@ -303,6 +303,16 @@ def test_dense_numerator_is_signed_sum_per_label(signs, block_rows, monkeypatch)
     assert torch.equal(shard.G_all, torch.as_tensor(G))  # the shard's rows are untouched
 
 
+def test_dense_numerator_refuses_labels_or_signs_not_one_per_row():
+    shard = DenseShard(DenseFeatures(np.arange(10, dtype=np.int64), np.ones((10, 3), dtype=np.float32)))
+    ones = torch.ones(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one entry per row"):
+        shard._numerator(slice(0, 10), torch.zeros(12, dtype=torch.int64), ones, 2)
+    with pytest.raises(ValueError, match="one entry per row"):
+        shard._numerator(slice(0, 10), torch.zeros(10, dtype=torch.int64), ones[:1], 2)
+    assert shard._numerator(slice(4, 4), torch.zeros(0, dtype=torch.int64), ones[:0], 2).abs().sum() == 0
+
+
 def test_reading_a_shard_range_reads_only_that_range(tmp_path):
     """The sample_id range goes into the parquet reader: rows outside it never load, and the
     result equals filtering the whole table."""
