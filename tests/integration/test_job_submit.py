@@ -74,19 +74,20 @@ def _state(address: str, token: str, what: str, *, tries: int = 1) -> list[dict]
                                  headers={"Authorization": f"Bearer {token}"})
     err: Exception | None = None
     for attempt in range(tries):
+        if attempt:
+            time.sleep(2.0)
         try:
             with urllib.request.urlopen(req, timeout=30.0) as resp:
                 return json.loads(resp.read())["data"]["result"]["result"]
         except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
             err = e
-            time.sleep(2.0)
     if tries > 1:
         raise AssertionError(f"Ray's state API at {address}/api/v0/{what} did not answer in {tries} tries: {err!r}")
     return []
 
 
-def _alive_nodes(address: str, token: str) -> int:
-    return sum(n.get("state") == "ALIVE" for n in _state(address, token, "nodes"))
+def _alive_nodes(address: str, token: str) -> set[str]:
+    return {n["node_id"] for n in _state(address, token, "nodes") if n.get("state") == "ALIVE"}
 
 
 def _pids_mentioning(text: str) -> list[int]:
@@ -136,11 +137,12 @@ def ray_head():
         assert _get(f"{address}/api/jobs/", "wrong-token") in (401, 403)
         # the second node, started again on new ports if it exits before it has joined
         for attempt in range(1, 4):
+            known = _alive_nodes(address, token)  # the head, and a failed start's node not yet marked dead
             worker = _start_worker(root, env, worker_log, gcs)
             deadline = time.monotonic() + 90
-            while _alive_nodes(address, token) < 2 and worker.poll() is None and time.monotonic() < deadline:
+            while not _alive_nodes(address, token) - known and worker.poll() is None and time.monotonic() < deadline:
                 time.sleep(1.0)
-            if _alive_nodes(address, token) >= 2 and worker.poll() is None:
+            if _alive_nodes(address, token) - known and worker.poll() is None:
                 time.sleep(2.0)  # a node whose agent lost a port race dies just after it joins
                 if worker.poll() is None:
                     break
