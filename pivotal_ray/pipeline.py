@@ -372,10 +372,12 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
 
 
 def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) -> None:
-    """ConfigError where the cluster cannot hold one run (``runs_at_once`` runs share its memory);
-    nothing with ``ray.autoscaling``."""
+    """ConfigError where the cluster cannot hold one run (``runs_at_once`` runs share its memory;
+    nothing of that with ``ray.autoscaling``), or where another of its nodes does not see
+    ``output_dir`` or a local ``ray.storage_path`` (:func:`_check_shared_storage`)."""
     import ray
 
+    _check_shared_storage(cfg)
     if cfg.ray.autoscaling:  # the cluster grows on demand: what it has now says nothing
         return
     res = ray.cluster_resources()
@@ -399,6 +401,49 @@ def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) ->
     if need_gpu > res.get("GPU", 0):
         raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "
                           f"cluster has {res.get('GPU', 0)}: set ray.use_gpu=false or lower ray.num_workers")
+
+
+# (folder, nodes) pairs found shared in this process: jobs.compare checks every run, and its runs'
+# output_dirs share their nearest existing folder until they are made
+_SHARED_OK: set[tuple[str, frozenset[str]]] = set()
+
+
+def _check_shared_storage(cfg: ExperimentConfig) -> None:
+    """ConfigError naming the fix where another node of the cluster that can run work does not see
+    ``output_dir`` (or ``ray.storage_path`` on a local path outside it) as this driver does: a file
+    written in its nearest existing folder is not there (:mod:`distributed.shared_fs`). Nothing
+    is asked on a single node. With ``ray.autoscaling`` only the nodes up now are asked (a node
+    added later that does not share the folder still fails the run: feature extraction then
+    counts the rows it can see)."""
+    from .distributed import shared_fs
+
+    nodes = shared_fs.worker_nodes()
+    if not nodes:
+        return
+    paths = [("output_dir", cfg.output_dir)]
+    sp = cfg.ray.storage_path
+    out = os.path.abspath(cfg.output_dir)
+    if sp is not None and "://" not in sp and os.path.commonpath([out, os.path.abspath(sp)]) != out:
+        paths.append(("ray.storage_path", sp))
+    ids = frozenset(n["NodeID"] for n in nodes)
+    for setting, path in paths:
+        p = Path(os.path.abspath(path))
+        folder = next(q for q in [p, *p.parents] if q.is_dir())
+        key = (os.path.realpath(folder), ids)
+        if key in _SHARED_OK:
+            continue
+        try:
+            missing, silent = shared_fs.nodes_not_sharing(folder, nodes)
+        except OSError as err:  # check_writable passed: a folder that changed since; the run will say more
+            log.warning("could not check that every node sees %s=%s: %s", setting, path, err)
+            continue
+        if silent:
+            log.warning("nodes %s did not answer whether they see %s (%s=%s) within a minute: not checked there",
+                        ", ".join(silent), folder, setting, path)
+        error = shared_fs.unshared_error(setting, path, str(folder), missing, len(nodes))
+        if error is not None:
+            raise ConfigError(error)
+        _SHARED_OK.add(key)
 
 
 def _check_per_node(cfg: ExperimentConfig, extracts: bool, clusters: bool = False) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -135,10 +136,15 @@ def ray_head():
                             f"{(root / 'head.log').read_text()[-3000:]}")
         # without the token the job server refuses: this cluster really uses token auth
         assert _get(f"{address}/api/jobs/", "wrong-token") in (401, 403)
-        # the second node, started again on new ports if it exits before it has joined
+        # the second node, started again on new ports if it exits before it has joined; where this
+        # machine allows, it sees <root>/node_local empty (test_output_dir_not_shared_is_refused)
+        hidden = root / "node_local"
+        hidden.mkdir()
+        if not _can_hide(root):
+            hidden = None
         for attempt in range(1, 4):
             known = _alive_nodes(address, token)  # the head, and a failed start's node not yet marked dead
-            worker = _start_worker(root, env, worker_log, gcs)
+            worker = _start_worker(root, env, worker_log, gcs, hidden)
             deadline = time.monotonic() + 90
             while not _alive_nodes(address, token) - known and worker.poll() is None and time.monotonic() < deadline:
                 time.sleep(1.0)
@@ -150,7 +156,7 @@ def ray_head():
             worker = None
             if attempt == 3:
                 pytest.fail(f"the worker node did not join in 3 starts:\n{(root / 'worker.log').read_text()[-3000:]}")
-        yield {"address": address, "env": env, "root": root, "token": token}
+        yield {"address": address, "env": env, "root": root, "token": token, "hidden": hidden}
     finally:
         if worker is not None:
             _terminate(worker, root, others=False)
@@ -176,17 +182,41 @@ def _start_head(root: Path, env: dict[str, str], log) -> tuple[subprocess.Popen,
     return proc, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
 
 
-def _start_worker(root: Path, env: dict[str, str], log, gcs: str) -> subprocess.Popen:
+# ``sh -c`` script run by ``unshare --mount``: an empty tmpfs over the folder $0, then the command
+HIDE = 'mount -t tmpfs -o size=8m pivotal-ray-test "$0" && exec "$@"'
+
+
+def _can_hide(root: Path) -> bool:
+    """Whether this machine lets us start a process that sees an empty folder where the others see
+    ``root``'s files (a private mount namespace: root, or unprivileged user namespaces)."""
+    probe = root / "hide-probe"
+    probe.mkdir()
+    (probe / "f").write_text("x")
+    try:
+        run = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", HIDE, str(probe),
+                              "sh", "-c", '! test -e "$0/f"', str(probe)], capture_output=True, timeout=30)
+        return run.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _start_worker(root: Path, env: dict[str, str], log, gcs: str, hidden: Path | None = None) -> subprocess.Popen:
     """``ray start --block --address <gcs>``: a 1-CPU worker node on free ports in its own process
     group, with a temp dir of its own under our private root (``<root>/worker``), as a node on
     another machine has: with the head's, both nodes unpack the job's working dir into the same
-    directory, and the worker node's runtime-env agent deleted it under the running driver."""
+    directory, and the worker node's runtime-env agent deleted it under the running driver.
+    ``hidden``: a folder that this node sees empty (its own tmpfs there, in a private mount
+    namespace), as a node sees another machine's local disk."""
     agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(6)
     cmd = [RAY, "start", "--block", "--address", gcs, "--num-cpus", "1", "--object-store-memory", "300000000",
            "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(agent),
            "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
            "--runtime-env-agent-port", str(rt_env), "--node-manager-port", str(node_mgr),
            "--object-manager-port", str(obj_mgr), "--temp-dir", str(root / "worker"), "--disable-usage-stats"]
+    if hidden is not None:
+        cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", HIDE, str(hidden), *cmd]
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -269,6 +299,30 @@ def test_the_job_ran_on_both_nodes(submitted, ray_head):
     for placed in groups.values():
         assert len(placed) == 2 and set(placed) == nodes, groups
     assert sum(a.get("class_name") == "ShardActor" for a in actors) == 2
+
+
+def test_output_dir_not_shared_is_refused(ray_head, submitted):
+    """output_dir on a folder the worker node does not see (its own empty tmpfs there, as another
+    machine's local disk): the job stops before any work with an error naming output_dir and the
+    fix, and leaves nothing behind, neither the run's folder nor the check's file."""
+    hidden = ray_head["hidden"]
+    if hidden is None:
+        pytest.skip("this machine gives no private mount namespace (unshare --mount): no node can be "
+                    "made to see a folder differently")
+    assert submitted["proc"].returncode == 0  # the shared case, in the same cluster, passed the check
+    out = hidden / "out"
+    cmd = [RAY, "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+           "--", "python", "-m", "jobs.select", *OVERRIDES, f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0, logs[-3000:]
+    assert f"output_dir={out} is not on storage that every node of the Ray cluster shares" in logs, logs[-3000:]
+    assert f"a file this driver wrote in {hidden} (where output_dir will be created)" in logs
+    assert re.search(r"is not there on 1 of the 1 other nodes \([0-9.:]+\)\. ", logs), logs[-3000:]  # the worker node
+    assert "NFS/EFS" in logs
+    assert "rbc: warmup training" not in logs and "rbc: warmup training" in submitted["logs"]  # before any work
+    assert list(hidden.iterdir()) == []  # no run folder, no probe file left
 
 
 def _unpacked_working_dirs(root: Path, node: str = "*") -> list[Path]:

@@ -270,3 +270,70 @@ def test_a_kmeans_shard_larger_than_any_node_is_refused(monkeypatch):
     pipeline._check_per_node(cfg, False, False)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0}}])
     pipeline._check_per_node(cfg, True, True)
+
+
+# ---------------------------------------------------------------- shared storage on several nodes
+
+
+def _nodes(*ids):
+    return [{"Alive": True, "NodeID": i, "NodeManagerAddress": f"10.0.0.{k}", "Resources": {"CPU": 4.0}}
+            for k, i in enumerate(ids, start=1)]
+
+
+def test_storage_not_shared_by_another_node_is_refused(tmp_path, monkeypatch):
+    """The folder a run writes in (output_dir's nearest existing folder, and a local
+    ray.storage_path outside it) is checked on every other node; a node that does not see it
+    refuses the run with the fix; a folder found shared is not asked again; a storage_path inside
+    output_dir or on a URI is not asked separately."""
+    from pivotal_ray.distributed import shared_fs
+
+    asked, unseen = [], {}
+    monkeypatch.setattr(shared_fs, "worker_nodes", lambda: _nodes("a", "b"))
+    monkeypatch.setattr(pipeline, "_SHARED_OK", set())
+
+    def fake(folder, nodes, **_):
+        asked.append(str(folder))
+        return unseen.get(str(folder), []), []
+
+    monkeypatch.setattr(shared_fs, "nodes_not_sharing", fake)
+    (tmp_path / "runs").mkdir()
+    cfg = from_dict({"output_dir": str(tmp_path / "runs" / "a" / "b")})
+    pipeline._check_shared_storage(cfg)
+    pipeline._check_shared_storage(cfg)  # found shared: not asked again
+    assert asked == [str(tmp_path / "runs")]
+    for sp in (str(tmp_path / "runs" / "a" / "b" / "ray"), "s3://bucket/runs"):
+        pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs" / "a" / "b"),
+                                                  "ray": {"storage_path": sp}}))
+    assert asked == [str(tmp_path / "runs")]
+    unseen[str(tmp_path)] = ["10.0.0.2"]
+    cfg = from_dict({"output_dir": str(tmp_path / "runs" / "c"), "ray": {"storage_path": str(tmp_path / "ckpt")}})
+    with pytest.raises(ConfigError, match=rf"ray.storage_path={tmp_path / 'ckpt'} is not on storage that every node "
+                                          rf"of the Ray cluster shares: a file this driver wrote in {tmp_path} \(where "
+                                          r"ray.storage_path will be created\) is not there on 1 of the 2 other nodes "
+                                          r"\(10.0.0.2\)\. .*NFS/EFS.*or set ray.storage_path to a URI"):
+        pipeline._check_shared_storage(cfg)
+    unseen[str(tmp_path / "runs")] = ["10.0.0.1", "10.0.0.2"]
+    monkeypatch.setattr(pipeline, "_SHARED_OK", set())
+    with pytest.raises(ConfigError, match=r"output_dir=.* on 2 of the 2 other nodes \(10.0.0.1, 10.0.0.2\)\. "
+                                          r"Training workers .*or run on one node$") as err:
+        pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs")}))
+    assert "where output_dir will be created" not in str(err.value)  # the folder itself was checked
+    monkeypatch.setattr(shared_fs, "worker_nodes", lambda: [])  # one node: nothing to ask
+    asked.clear()
+    pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs")}))
+    assert asked == []
+
+
+def test_the_check_reads_the_token_and_names_few_nodes(tmp_path):
+    from pivotal_ray.distributed import shared_fs
+
+    f = tmp_path / "probe"
+    assert not shared_fs._reads(str(f), "t", 0.0)
+    f.write_text("other")
+    assert not shared_fs._reads(str(f), "t", 0.0)
+    f.write_text("t")
+    assert shared_fs._reads(str(f), "t", 0.0)
+    assert shared_fs.unshared_error("output_dir", "/x", "/x", [], 3) is None
+    msg = shared_fs.unshared_error("output_dir", "/x", "/x", [f"n{i}" for i in range(7)], 9)
+    assert "on 7 of the 9 other nodes (n0, n1, n2, n3, n4 and 2 more)" in msg
+    assert "URI" not in msg  # output_dir holds the feature tables too: a URI for checkpoints does not do
