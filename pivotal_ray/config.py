@@ -123,6 +123,11 @@ class ReweightConfig:
     init_weight: float = 1.0
     snapshot_every: int = 1
     augment: bool = False
+    # samples per forward pass when a worker scores its share of the validation and test splits
+    # after each epoch (no gradients): its memory grows with it (ResNet-34 at 224 x 224: about
+    # 6.7 MB per sample on a CPU, so ~14 GB at 2048); part of a run's identity, as another batch
+    # may round the logits differently
+    eval_batch_size: int = 2048
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"reweight.epochs={self.epochs} must be > 0")
@@ -135,6 +140,7 @@ class ReweightConfig:
                f"and reweight.lr_gamma={self.lr_gamma} > 0")
         _check(0.0 <= self.init_weight <= 1.0, f"reweight.init_weight={self.init_weight} must be in [0, 1]")
         _check(self.snapshot_every >= 1, f"reweight.snapshot_every={self.snapshot_every} must be >= 1")
+        _check(self.eval_batch_size >= 1, f"reweight.eval_batch_size={self.eval_batch_size} must be >= 1")
         self.lr_milestones = [int(m) for m in self.lr_milestones]
         _check(all(m >= 1 for m in self.lr_milestones),
                f"reweight.lr_milestones={self.lr_milestones}: a milestone is the number of epochs after which "

@@ -192,8 +192,9 @@ def train_loop(config: dict[str, Any]) -> None:
         # BatchNorm running statistics come from each worker's own slices: average them, so the
         # workers evaluate (each its shard of val/test) the one model rank 0 saves
         average_buffers_(model, reducer)
-        val_acc = _evaluate(model, bundle.val, val_pos, device, 2048, reducer)
-        test_acc = _evaluate(model, bundle.test, test_pos, device, 2048, reducer)
+        eval_batch = int(rw.get("eval_batch_size", 2048))  # (a config from before the setting: its value then)
+        val_acc = _evaluate(model, bundle.val, val_pos, device, eval_batch, reducer)
+        test_acc = _evaluate(model, bundle.test, test_pos, device, eval_batch, reducer)
         metrics = {"epoch": epoch, "val_acc": val_acc, "test_acc": test_acc,
                    "train_loss": total_loss / max(1, math.ceil(n_epoch / B)),
                    "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0}

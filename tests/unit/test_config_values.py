@@ -14,6 +14,7 @@ from pivotal_ray.config import CompareConfig, ConfigError, from_dict
     ({"selection": {"budget": 7.5}}, "selection.budget=7.5 must be an integer"),
     ({"seed": True}, "seed=True must be an integer"),
     ({"reweight": {"augment": "yes"}}, "reweight.augment='yes' must be true or false"),
+    ({"reweight": {"eval_batch_size": 0}}, "reweight.eval_batch_size=0 must be >= 1"),
     ({"reweight": {"lr": "fast"}}, "reweight.lr='fast' must be a number"),
     ({"data": {"name": "imagefolder", "root": "/d", "image_size": 0}}, "data.image_size=0 must be >= 8"),
     ({"data": {"loader_workers": -1}}, "data.loader_workers=-1 must be >= 0"),

@@ -97,3 +97,23 @@ def test_ray_max_failures_reaches_ray_trains_failure_config(tmp_path, monkeypatc
     with pytest.raises(Stop):
         training.train(cfg, "run-c", np.array([1, 2]), np.array([0, 1]), str(tmp_path / "store"))
     assert seen == {"max_failures": max_failures}
+
+
+def test_evaluation_counts_every_sample_at_any_batch():
+    """reweight.eval_batch_size only splits the forward passes: the accuracy over a worker's
+    positions is the same for batches of 1, 3 (the last one short), 7 and more than there are."""
+    from pivotal_ray.core.reweight import LocalReducer
+
+    predicted = np.array([0, 1, 1, 0, 1, 0, 0, 1])
+
+    class Split:  # what _evaluate reads of a data split: inputs whose argmax is `predicted`
+        y_true = predicted.copy()
+
+        def inputs(self, pos):
+            return torch.nn.functional.one_hot(torch.as_tensor(predicted[pos]), 2).float()
+
+    split, pos = Split(), np.array([0, 2, 3, 5, 6, 7, 1])
+    split.y_true[[2, 5, 4]] ^= 1  # two of the seven scored positions are now wrong (4 is not scored)
+    for batch in (1, 3, 7, 2048):
+        got = train_mod._evaluate(torch.nn.Identity(), split, pos, torch.device("cpu"), batch, LocalReducer())
+        assert got == 5 / 7
