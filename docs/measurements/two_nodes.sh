@@ -1,48 +1,23 @@
 #!/bin/bash
 # The toy job of tests/integration/test_job_submit.py (2 Ray Train workers of 1 CPU) submitted with
 # `ray job submit` to two Ray nodes on this machine (a head and a worker node of 1 CPU each, each with
-# its own temp dir and ports, token auth with a private token), then run on one local node of 2 CPUs;
-# prints where the actors ran and compares the two runs' outputs. Run from the repository root with
-# .venv built:  bash docs/measurements/two_nodes.sh > docs/measurements/two_nodes.txt 2>&1
+# its own temp dir and ports, token auth with a private token: local_cluster.sh), then run on one
+# local node of 2 CPUs; prints where the actors ran and compares the two runs' outputs. Run from the
+# repository root with .venv built:  bash docs/measurements/two_nodes.sh > docs/measurements/two_nodes.txt 2>&1
 set -u
-REPO=$PWD; V=$REPO/.venv/bin
-ROOT=$(mktemp -d /tmp/prmn-XXXX); OUT=$ROOT/out
+REPO=$PWD
+. "$REPO/docs/measurements/local_cluster.sh"
 echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) ($(git status --short --untracked-files=no | wc -l) tracked files changed)"
-read -r GCS DASH CLIENT AG AGG MET RTE NM OM W_AG W_AGG W_MET W_RTE W_NM W_OM < <($V/python -c '
-import socket
-s = [socket.socket() for _ in range(15)]
-for x in s: x.bind(("127.0.0.1", 0))
-print(" ".join(str(x.getsockname()[1]) for x in s))')
-export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$ROOT/token RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 PATH=$V:$PATH
-unset RAY_ADDRESS PYTHONPATH
-$V/python -c "import secrets; print(secrets.token_hex(32))" > $ROOT/token; chmod 600 $ROOT/token
-stop() {
-  for f in worker head; do [ -f $ROOT/$f.pid ] && kill -TERM -$(cat $ROOT/$f.pid) 2>/dev/null; done; sleep 8
-  for f in worker head; do [ -f $ROOT/$f.pid ] && kill -KILL -$(cat $ROOT/$f.pid) 2>/dev/null; done; sleep 1
-  for p in $(pgrep -f "$ROOT/"); do kill -9 $p 2>/dev/null; done
-}
-setsid ray start --head --block --num-cpus 1 --object-store-memory 300000000 --node-ip-address 127.0.0.1 --port $GCS \
-  --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port $DASH --ray-client-server-port $CLIENT \
-  --dashboard-agent-listen-port $AG --dashboard-agent-grpc-port $AGG --metrics-export-port $MET --runtime-env-agent-port $RTE \
-  --node-manager-port $NM --object-manager-port $OM --temp-dir $ROOT/ray --disable-usage-stats > $ROOT/head.log 2>&1 &
-echo $! > $ROOT/head.pid
-for i in $(seq 90); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $(cat $ROOT/token)" http://127.0.0.1:$DASH/api/jobs/)" = 200 ] && break; sleep 1
-done
-setsid ray start --block --address 127.0.0.1:$GCS --num-cpus 1 --object-store-memory 300000000 --node-ip-address 127.0.0.1 \
-  --dashboard-agent-listen-port $W_AG --dashboard-agent-grpc-port $W_AGG --metrics-export-port $W_MET --runtime-env-agent-port $W_RTE \
-  --node-manager-port $W_NM --object-manager-port $W_OM --temp-dir $ROOT/worker --disable-usage-stats > $ROOT/worker.log 2>&1 &
-echo $! > $ROOT/worker.pid
-for i in $(seq 90); do  # until the worker node has joined
-  [ "$(curl -s -H "Authorization: Bearer $(cat $ROOT/token)" "http://127.0.0.1:$DASH/api/v0/nodes?limit=10" | grep -o '"state": "ALIVE"' | wc -l)" -ge 2 ] && break; sleep 1
-done
+lc_init prmn; OUT=$ROOT/out
+lc_head
+lc_worker worker
 ARGS="method=rbc seed=0 reweight.epochs=3 features.num_snapshots=2 features.stride=1 selection.budget=6 selection.warmup=2 ray.num_workers=2 ray.cpus_per_worker=1"
 echo "\$ ray job submit --address http://127.0.0.1:\$DASHBOARD_PORT --working-dir . --runtime-env cluster/runtime_env.yaml -- python -m jobs.select $ARGS output_dir=\$ROOT/out/two_nodes"
 /usr/bin/time -f "wall %e s" ray job submit --address http://127.0.0.1:$DASH --working-dir . --runtime-env cluster/runtime_env.yaml \
   -- python -m jobs.select $ARGS output_dir=$OUT/two_nodes > $ROOT/job.log 2>&1
 JOB_RC=$?
 grep -v 'INFO\|WARN\|^\s*$\|core_worker.cc\|-----' $ROOT/job.log
-[ $JOB_RC = 0 ] || { echo "ray job submit exited with $JOB_RC"; stop; exit 1; }
+[ $JOB_RC = 0 ] || { echo "ray job submit exited with $JOB_RC"; lc_stop; exit 1; }
 python - "$DASH" <<'PY' 2>&1 | grep -v INFO
 import collections, sys
 from ray.util.state import list_actors, list_nodes
@@ -54,8 +29,7 @@ acts = list_actors(address=addr, detail=True, limit=1000, raise_on_missing_outpu
 count = collections.Counter((a.class_name, nodes.get(a.node_id)) for a in acts if a.class_name in kept)
 print("actors (class, node): count:", dict(sorted(count.items())))
 PY
-stop
-unset RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH
+lc_stop
 echo "\$ python -m jobs.select $ARGS ray.address=local ray.num_cpus=2 output_dir=\$ROOT/out/one_node   # a new local Ray of 2 CPUs"
 /usr/bin/time -f "wall %e s" python -m jobs.select $ARGS ray.address=local ray.num_cpus=2 output_dir=$OUT/one_node 2>&1 | grep -v 'INFO\|WARN\|^\s*$\|core_worker.cc' | tail -3
 echo "\$ diff one_node/selection.csv two_nodes/selection.csv"
