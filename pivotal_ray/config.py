@@ -297,6 +297,11 @@ class RayConfig:
     # job ends with exit status 3 and the same command goes on; -1: no limit (Ray Data's default),
     # with which an actor killed every time (say, for memory) never ends the job
     extract_max_restarts: int = 3
+    # true: the Train workers and extraction actors pick deterministic GPU kernels where PyTorch has
+    # them (core.seeding.deterministic_kernels: no cuDNN autotuning, no TF32, a fixed cuBLAS
+    # workspace; an op without one warns once per process and runs as before), so a rerun on the
+    # same GPUs can repeat its floats; slower. CPUs compute the same either way. Untested on GPUs
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")

@@ -50,7 +50,8 @@ PLANS: Registry[type] = Registry("training plan")
 
 # the ray.* settings that change a training run's floats (workers split BatchNorm batches, each
 # runs floor(cpus_per_worker) threads, GPU kernels): part of the warm-up's and base's run names
-TRAINING_RESOURCES = ("num_workers", "cpus_per_worker", "use_gpu")
+# (through config.without_defaults: a name changes only where one is not at its default)
+TRAINING_RESOURCES = ("num_workers", "cpus_per_worker", "use_gpu", "deterministic")
 
 
 def train(cfg: ExperimentConfig, name: str, meta_ids: np.ndarray, meta_labels: np.ndarray, storage: str, *,
@@ -65,7 +66,8 @@ def train(cfg: ExperimentConfig, name: str, meta_ids: np.ndarray, meta_labels: n
                         reweight=reweight or c["reweight"], seed=cfg.seed, meta_ids=meta_ids,
                         meta_labels=meta_labels, num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                         cpus_per_worker=cfg.ray.cpus_per_worker, run_tag=run_tag, train_ids=train_ids,
-                        init_from=init_from, max_failures=cfg.ray.max_failures)
+                        init_from=init_from, max_failures=cfg.ray.max_failures,
+                        deterministic=cfg.ray.deterministic)
 
 
 def warmup_ids(cfg: ExperimentConfig, bundle: Any) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import torch
@@ -22,3 +23,21 @@ def torch_generator(seed: int, *names: object, device: str | torch.device = "cpu
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(seed, *names))
     return g
+
+
+def deterministic_kernels() -> None:
+    """Make this process pick deterministic kernels where PyTorch has them (``ray.deterministic``).
+
+    ``torch.use_deterministic_algorithms(True, warn_only=True)``: ops with a deterministic
+    implementation use it (on CUDA, e.g. ``index_add_`` and convolution backward), one without
+    warns and runs as before; cuDNN without autotuning; no TF32 in matmuls and convolutions (its
+    rounding differs from float32's); ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS reads it when
+    it creates its handle, so this must run before the process's first GPU matmul; a value set
+    already is kept). On CPUs PyTorch's kernels are deterministic already: the same floats.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False

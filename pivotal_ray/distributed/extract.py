@@ -79,12 +79,16 @@ class _ExtractWorker:
     """One actor of the pool: the data bundle and K extractors are built once, in ``__init__``."""
 
     def __init__(self, *, data_spec: dict, model_spec: dict, snapshots: list[dict], feature_spec: dict,
-                 candidate_ids: np.ndarray, seed: int, num_cpus: float, batch_size: int) -> None:
+                 candidate_ids: np.ndarray, seed: int, num_cpus: float, batch_size: int,
+                 deterministic: bool = False) -> None:
         from ..core.data import build_data
         from ..core.models import build_model
+        from ..core.seeding import deterministic_kernels
 
         # match intra-op threads to the CPUs Ray reserved, so actors do not oversubscribe the node
         torch.set_num_threads(max(1, math.floor(num_cpus)))
+        if deterministic:  # before this process's first GPU work
+            deterministic_kernels()
         if ray.get_gpu_ids() and not torch.cuda.is_available():  # never fall back to the CPU silently
             raise RuntimeError(f"Ray gave this extraction actor GPU {ray.get_gpu_ids()} but torch cannot use it "
                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): install a torch "
@@ -234,7 +238,7 @@ def _traceback_frames(err: BaseException) -> Iterator[Any]:
 def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict], sample_ids: np.ndarray,
                      feature_spec: dict, output_path: str, num_actors: int = 1, num_cpus: float = 0.5,
                      num_gpus: float = 0.0, batch_size: int = 1024, seed: int | None = None,
-                     overwrite: bool = False, max_restarts: int = 3) -> str:
+                     overwrite: bool = False, max_restarts: int = 3, deterministic: bool = False) -> str:
     """Extract per-sample features of the train-split candidates at K snapshots into parquet.
 
     Parameters
@@ -263,6 +267,9 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
         Seeds the extractors (derived per snapshot); default ``data_spec["seed"]``.
     overwrite : bool
         Replace an existing table at ``output_path``.
+    deterministic : bool
+        The actors pick deterministic GPU kernels (``ray.deterministic``;
+        :func:`pivotal_ray.core.seeding.deterministic_kernels`).
 
     Returns
     -------
@@ -288,7 +295,7 @@ def extract_features(*, data_spec: dict, model_spec: dict, snapshots: list[dict]
             _ExtractWorker,
             fn_constructor_kwargs=dict(data_spec=data_spec, model_spec=model_spec, snapshots=snaps,
                                        feature_spec=feature_spec, candidate_ids=ids, seed=seed,
-                                       num_cpus=num_cpus, batch_size=batch_size),
+                                       num_cpus=num_cpus, batch_size=batch_size, deterministic=bool(deterministic)),
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=num_actors),

@@ -42,7 +42,7 @@ from ..core import locks
 from ..core.data import build_data
 from ..core.models import build_model
 from ..core.reweight import LocalReducer, TorchDistReducer, average_buffers_, build_reweighter
-from ..core.seeding import derive_seed, numpy_rng, torch_generator
+from ..core.seeding import derive_seed, deterministic_kernels, numpy_rng, torch_generator
 from .. import storage
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(math.floor(config["cpus_per_worker"]))))
+    if config.get("deterministic"):  # before any GPU work of this process (cuBLAS reads its setting once)
+        deterministic_kernels()
     if ray.get_gpu_ids() and not torch.cuda.is_available():  # never train on the CPU silently
         raise RuntimeError(f"Ray gave this Train worker GPU {ray.get_gpu_ids()} but torch cannot use it "
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): install a torch build "
@@ -197,7 +199,9 @@ def train_loop(config: dict[str, Any]) -> None:
         test_acc = _evaluate(model, bundle.test, test_pos, device, eval_batch, reducer)
         metrics = {"epoch": epoch, "val_acc": val_acc, "test_acc": test_acc,
                    "train_loss": total_loss / max(1, math.ceil(n_epoch / B)),
-                   "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0}
+                   "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0,
+                   # ray.deterministic as this worker applied it (core.seeding.deterministic_kernels)
+                   "deterministic_kernels": torch.are_deterministic_algorithms_enabled()}
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
         if rank == 0:  # progress line: the worker log, and the driver / `ray job logs` when ray.log_to_driver
             print(f"[{tag}] epoch {epoch + 1}/{epochs}: val {val_acc:.4f} test {test_acc:.4f} "
@@ -309,7 +313,7 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
                  seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int = 1,
                  use_gpu: bool = False, cpus_per_worker: float = 1.0, run_tag: str = "train",
                  train_ids: np.ndarray | None = None, init_from: str | None = None,
-                 max_failures: int = 0) -> TrainRun:
+                 max_failures: int = 0, deterministic: bool = False) -> TrainRun:
     """Train (or resume) one meta re-weighting run with Ray Train and return its snapshots.
 
     ``name`` + ``storage_path`` identify the run: calling again with the same pair resumes from the
@@ -320,6 +324,8 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
     path) starts from that snapshot's model instead of the seeded initialisation. ``max_failures``
     (``ray.max_failures``): how often Ray Train restarts the run within this call after a worker
     fails, from its last checkpoint (-1: no limit); 0 raises at once (the caller resumes later).
+    ``deterministic`` (``ray.deterministic``): the workers pick deterministic GPU kernels
+    (:func:`core.seeding.deterministic_kernels`).
     """
     t0 = time.perf_counter()
     run_path = storage.join(storage_path, name)
@@ -331,13 +337,13 @@ def run_training(*, name: str, storage_path: str, data: dict, noise: dict, model
                               model=model, reweight=reweight, seed=seed, meta_ids=meta_ids, meta_labels=meta_labels,
                               num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                               run_tag=run_tag, train_ids=train_ids, init_from=init_from, max_failures=max_failures,
-                              t0=t0)
+                              deterministic=deterministic, t0=t0)
 
 
 def _train_or_read(*, name: str, run_path: str, storage_path: str, data: dict, noise: dict, model: dict,
                    reweight: dict, seed: int, meta_ids: np.ndarray, meta_labels: np.ndarray, num_workers: int,
                    use_gpu: bool, cpus_per_worker: float, run_tag: str, train_ids: np.ndarray | None,
-                   init_from: str | None, max_failures: int, t0: float) -> TrainRun:
+                   init_from: str | None, max_failures: int, deterministic: bool, t0: float) -> TrainRun:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -352,7 +358,7 @@ def _train_or_read(*, name: str, run_path: str, storage_path: str, data: dict, n
                   "cpus_per_worker": float(cpus_per_worker), "run_tag": run_tag,
                   "stage": stage_key(name, run_path),
                   "train_ids": None if train_ids is None else [int(i) for i in train_ids],
-                  "init_from": None if init_from is None else str(init_from)}
+                  "init_from": None if init_from is None else str(init_from), "deterministic": bool(deterministic)}
         resources = {"CPU": float(cpus_per_worker)}
         if use_gpu:
             resources["GPU"] = 1.0

@@ -22,3 +22,35 @@ def test_names_count_by_their_text():
 def test_generators_follow_the_derived_seed():
     assert numpy_rng(0, "warmup").integers(1 << 30) == numpy_rng(0, "warmup").integers(1 << 30)
     assert torch_generator(0, "a").initial_seed() == derive_seed(0, "a")
+
+
+def _fresh_python(code: str, workspace: str | None = None) -> list[str]:
+    """``code`` in a new interpreter (deterministic kernels are process-wide settings), with
+    CUBLAS_WORKSPACE_CONFIG set to ``workspace`` (None: unset); its stdout's words."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    if workspace is not None:
+        env["CUBLAS_WORKSPACE_CONFIG"] = workspace
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+STATE = ("import os, torch; print(torch.are_deterministic_algorithms_enabled(), "
+         "torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark, "
+         "torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, "
+         "os.environ.get('CUBLAS_WORKSPACE_CONFIG'))")
+SET = "from pivotal_ray.core.seeding import deterministic_kernels; deterministic_kernels(); "
+
+
+def test_deterministic_kernels_sets_every_switch_and_keeps_a_given_workspace():
+    """ray.deterministic's switches, from PyTorch's defaults; a cuBLAS workspace set already is kept."""
+    assert _fresh_python(STATE)[:4] == ["False", "False", "False", "False"]
+    assert _fresh_python(SET + STATE) == ["True", "True", "False", "True", "False", "False", ":4096:8"]
+    assert _fresh_python(SET + STATE, workspace=":16:8")[-1] == ":16:8"
