@@ -410,23 +410,35 @@ _SHARED_OK: set[tuple[str, frozenset[str]]] = set()
 
 def _check_shared_storage(cfg: ExperimentConfig) -> None:
     """ConfigError naming the fix where another node of the cluster that can run work does not see
-    ``output_dir`` (or ``ray.storage_path`` on a local path outside it) as this driver does: a file
-    written in its nearest existing folder is not there (:mod:`distributed.shared_fs`). Nothing
-    is asked on a single node. With ``ray.autoscaling`` only the nodes up now are asked (a node
-    added later that does not share the folder still fails the run: feature extraction then
-    counts the rows it can see)."""
+    a folder that workers write in as this driver does (a file written in its nearest existing
+    folder is not there: :mod:`distributed.shared_fs`): ``output_dir`` where feature extraction
+    writes its tables there (methods that extract features on workers) or Ray Train its
+    checkpoints (``ray.storage_path`` unset, or a path inside it), and a local ``ray.storage_path``
+    elsewhere. Nothing is asked on a single node. With ``ray.autoscaling`` only the nodes up now
+    are asked (a node added later that does not share output_dir still fails the run: feature
+    extraction counts the rows it can see)."""
     from .distributed import shared_fs
 
     nodes = shared_fs.worker_nodes()
     if not nodes:
         return
-    paths = [("output_dir", cfg.output_dir)]
-    sp = cfg.ray.storage_path
     out = os.path.abspath(cfg.output_dir)
-    if sp is not None and "://" not in sp and os.path.commonpath([out, os.path.abspath(sp)]) != out:
-        paths.append(("ray.storage_path", sp))
+    sp = cfg.ray.storage_path
+    local_sp = sp is not None and "://" not in sp
+    ckpt_inside = sp is None or (local_sp and os.path.commonpath([out, os.path.abspath(sp)]) == out)
+    extracts = (clustered_feature_kind(cfg.selection.method, cfg.features.kind) is not None
+                or cfg.selection.method == "craig")
+    checks = []  # (setting, path, what other nodes write there, whether a storage URI would do)
+    if extracts or ckpt_inside:
+        writers = " and ".join(
+            (["Ray Data's feature-extraction tasks write the feature tables under it"] if extracts else [])
+            + ([f"Ray Train's workers write their checkpoints under it (ray.storage_path "
+                f"{'is unset: <output_dir>/ray_train' if sp is None else 'is inside it'})"] if ckpt_inside else []))
+        checks.append(("output_dir", cfg.output_dir, writers, not extracts))
+    if local_sp and not ckpt_inside:
+        checks.append(("ray.storage_path", sp, "Ray Train's workers write their checkpoints there", True))
     ids = frozenset(n["NodeID"] for n in nodes)
-    for setting, path in paths:
+    for setting, path, writers, uri_fix in checks:
         p = Path(os.path.abspath(path))
         folder = next(q for q in [p, *p.parents] if q.is_dir())
         key = (os.path.realpath(folder), ids)
@@ -438,12 +450,15 @@ def _check_shared_storage(cfg: ExperimentConfig) -> None:
             log.warning("could not check that every node sees %s=%s: %s", setting, path, err)
             continue
         if silent:
-            log.warning("nodes %s did not answer whether they see %s (%s=%s) within a minute: not checked there",
+            log.warning("nodes %s gave no answer whether they see %s (%s=%s): not checked there (a node being "
+                        "drained or gone, or one still preparing the job's environment after a minute)",
                         ", ".join(silent), folder, setting, path)
-        error = shared_fs.unshared_error(setting, path, str(folder), missing, len(nodes))
+        error = shared_fs.unshared_error(setting, path, str(folder), missing, len(nodes), writers=writers,
+                                         uri_fix=uri_fix)
         if error is not None:
             raise ConfigError(error)
-        _SHARED_OK.add(key)
+        if not silent:
+            _SHARED_OK.add(key)
 
 
 def _check_per_node(cfg: ExperimentConfig, extracts: bool, clusters: bool = False) -> None:

@@ -24,22 +24,27 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".pivotal_ray-shared-probe-"
+# ".tmp": a probe left behind (the driver killed mid-check) counts as a temporary, which the
+# output_dir check ignores and a run removes (core.artifacts)
+PROBE_SUFFIX = ".tmp"
 # seconds a node keeps looking for the file: a network filesystem's client may cache the folder
 # for a moment (NFS attribute caching, FUSE mounts of object stores)
 LOOK_S = 3.0
 
 
-def _reads(path: str, token: str, look_s: float) -> bool:
-    """Whether ``path`` holds ``token`` here, looking again for up to ``look_s`` seconds."""
+def _reads(path: str, token: str, look_s: float) -> str | None:
+    """None when ``path`` holds ``token`` here (looking again for up to ``look_s`` seconds), else
+    what this node found instead: "no such file", "other content", or the error reading it."""
     deadline = time.monotonic() + look_s
     while True:
         try:
-            if Path(path).read_text() == token:
-                return True
-        except OSError:
-            pass
-        if time.monotonic() >= deadline:
-            return False
+            found = "other content" if Path(path).read_text() != token else None
+        except FileNotFoundError:
+            found = "no such file"
+        except OSError as err:  # there, but not readable by this node's user (or the mount failed)
+            found = f"{type(err).__name__}: {err.strerror or err}"
+        if found is None or time.monotonic() >= deadline:
+            return found
         time.sleep(0.5)
 
 
@@ -56,42 +61,54 @@ def worker_nodes() -> list[dict]:
 
 def nodes_not_sharing(folder: str | os.PathLike[str], nodes: list[dict], *, timeout_s: float = 60.0,
                       look_s: float = LOOK_S) -> tuple[list[str], list[str]]:
-    """(addresses of the ``nodes`` (:func:`worker_nodes` rows) that do not see ``folder`` as this
-    driver does, addresses of those that did not answer in ``timeout_s``). ``folder`` must exist
-    here; a file is written in it for the check and removed before this returns."""
+    """(the ``nodes`` (:func:`worker_nodes` rows) that do not see ``folder`` as this driver does,
+    as "address (what it found)", and the addresses of those that gave no answer: none within
+    ``timeout_s``, or their task could not run there, e.g. a node being drained or gone since).
+    ``folder`` must exist here; a file is written in it for the check and removed before this
+    returns."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not nodes:
         return [], []
     token = secrets.token_hex(16)
-    probe = Path(folder) / f"{PROBE_PREFIX}{token[:12]}"
+    probe = Path(folder) / f"{PROBE_PREFIX}{token[:12]}{PROBE_SUFFIX}"
     reads = ray.remote(num_cpus=0, max_retries=0)(_reads)
     try:
         probe.write_text(token)
         refs = {reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(str(probe), token, look_s): n.get("NodeManagerAddress", n["NodeID"]) for n in nodes}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        missing = [refs[r] for r in ready if not ray.get(r)]
+        missing, silent = [], [refs[r] for r in pending]
+        for r in ready:
+            try:
+                found = ray.get(r)
+            except ray.exceptions.RayError:  # unschedulable there (draining, gone), or its worker died
+                silent.append(refs[r])
+                continue
+            if found is not None:
+                missing.append(f"{refs[r]} ({found})")
         for r in pending:
             ray.cancel(r, force=True)
-        return missing, [refs[r] for r in pending]
+        return missing, silent
     finally:
         probe.unlink(missing_ok=True)
 
 
-def unshared_error(setting: str, path: str, checked: str, missing: list[str], nodes: int) -> str | None:
-    """The refusal for ``setting`` = ``path`` when the nodes at ``missing`` (of ``nodes`` asked)
-    did not see ``checked`` (``path`` or its nearest existing folder) as the driver does; None
-    when they all did."""
+def unshared_error(setting: str, path: str, checked: str, missing: list[str], nodes: int, *, writers: str,
+                   uri_fix: bool) -> str | None:
+    """The refusal for ``setting`` = ``path`` when the nodes ``missing`` (of ``nodes`` asked) did
+    not see ``checked`` (``path`` or its nearest existing folder) as the driver does. ``writers``:
+    what other nodes write there; ``uri_fix``: a storage URI for ``ray.storage_path`` would do
+    (only checkpoints are at stake). None when every node saw it."""
     if not missing:
         return None
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     same = os.path.abspath(checked) == os.path.abspath(path)
     return (f"{setting}={path} is not on storage that every node of the Ray cluster shares: a file this driver "
             f"wrote in {checked}" + ("" if same else f" (where {setting} will be created)")
-            + f" is not there on {len(missing)} of the {nodes} other nodes ({shown}). Training workers and "
-            f"feature-extraction tasks run on any node and write there, and this driver reads it back: put "
-            f"{setting} on a filesystem every node mounts at the same path (NFS/EFS, the RayJob's /mnt/shared)"
-            + (", or set ray.storage_path to a URI (s3://..., gs://...)" if setting == "ray.storage_path" else "")
+            + f" is not there on {len(missing)} of the {nodes} other nodes: {shown}. {writers}, on any node, "
+            f"and this driver reads them back: put {setting} on a filesystem every node mounts at the same path "
+            f"(NFS/EFS, the RayJob's /mnt/shared)"
+            + (", or set ray.storage_path to a URI (s3://..., gs://...)" if uri_fix else "")
             + ", or run on one node")

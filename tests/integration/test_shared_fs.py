@@ -22,3 +22,11 @@ def test_a_node_that_sees_the_folder_passes_and_the_file_goes(ray_session, tmp_p
     assert shared_fs.nodes_not_sharing(tmp_path, []) == ([], [])
     with pytest.raises(OSError):  # a folder the driver cannot write in: said, nothing asked
         shared_fs.nodes_not_sharing(tmp_path / "missing", node)
+
+
+def test_a_node_gone_since_counts_as_no_answer(ray_session, tmp_path):
+    """A node listed alive but gone (or being drained) by the time its task is placed: the task
+    cannot run there, and the node is reported as not answering, not as a crash of the check."""
+    gone = [{"NodeID": "ab" * 28, "NodeManagerAddress": "10.9.9.9", "Alive": True, "Resources": {"CPU": 1.0}}]
+    assert shared_fs.nodes_not_sharing(tmp_path, gone, timeout_s=60.0, look_s=0.0) == ([], ["10.9.9.9"])
+    assert list(tmp_path.iterdir()) == []

@@ -281,23 +281,23 @@ def _nodes(*ids):
 
 
 def test_storage_not_shared_by_another_node_is_refused(tmp_path, monkeypatch):
-    """The folder a run writes in (output_dir's nearest existing folder, and a local
-    ray.storage_path outside it) is checked on every other node; a node that does not see it
-    refuses the run with the fix; a folder found shared is not asked again; a storage_path inside
-    output_dir or on a URI is not asked separately."""
+    """The folders other nodes write in (output_dir's nearest existing folder where features are
+    extracted or checkpoints kept under it, a local ray.storage_path outside it) are checked on
+    every other node; a node that does not see it refuses the run with the fix; a folder found
+    shared is not asked again; a storage_path inside output_dir or on a URI is not asked apart."""
     from pivotal_ray.distributed import shared_fs
 
-    asked, unseen = [], {}
+    asked, unseen, silent = [], {}, []
     monkeypatch.setattr(shared_fs, "worker_nodes", lambda: _nodes("a", "b"))
     monkeypatch.setattr(pipeline, "_SHARED_OK", set())
 
     def fake(folder, nodes, **_):
         asked.append(str(folder))
-        return unseen.get(str(folder), []), []
+        return unseen.get(str(folder), []), list(silent)
 
     monkeypatch.setattr(shared_fs, "nodes_not_sharing", fake)
     (tmp_path / "runs").mkdir()
-    cfg = from_dict({"output_dir": str(tmp_path / "runs" / "a" / "b")})
+    cfg = from_dict({"output_dir": str(tmp_path / "runs" / "a" / "b")})  # rbc: extracts, checkpoints inside
     pipeline._check_shared_storage(cfg)
     pipeline._check_shared_storage(cfg)  # found shared: not asked again
     assert asked == [str(tmp_path / "runs")]
@@ -305,19 +305,41 @@ def test_storage_not_shared_by_another_node_is_refused(tmp_path, monkeypatch):
         pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs" / "a" / "b"),
                                                   "ray": {"storage_path": sp}}))
     assert asked == [str(tmp_path / "runs")]
-    unseen[str(tmp_path)] = ["10.0.0.2"]
+    unseen[str(tmp_path)] = ["10.0.0.2 (no such file)"]
     cfg = from_dict({"output_dir": str(tmp_path / "runs" / "c"), "ray": {"storage_path": str(tmp_path / "ckpt")}})
     with pytest.raises(ConfigError, match=rf"ray.storage_path={tmp_path / 'ckpt'} is not on storage that every node "
                                           rf"of the Ray cluster shares: a file this driver wrote in {tmp_path} \(where "
-                                          r"ray.storage_path will be created\) is not there on 1 of the 2 other nodes "
-                                          r"\(10.0.0.2\)\. .*NFS/EFS.*or set ray.storage_path to a URI"):
+                                          r"ray.storage_path will be created\) is not there on 1 of the 2 other nodes: "
+                                          r"10.0.0.2 \(no such file\)\. Ray Train's workers write their checkpoints "
+                                          r"there, on any node, .*NFS/EFS.*or set ray.storage_path to a URI"):
         pipeline._check_shared_storage(cfg)
-    unseen[str(tmp_path / "runs")] = ["10.0.0.1", "10.0.0.2"]
+    unseen[str(tmp_path / "runs")] = ["10.0.0.1 (no such file)", "10.0.0.2 (PermissionError: Permission denied)"]
     monkeypatch.setattr(pipeline, "_SHARED_OK", set())
-    with pytest.raises(ConfigError, match=r"output_dir=.* on 2 of the 2 other nodes \(10.0.0.1, 10.0.0.2\)\. "
-                                          r"Training workers .*or run on one node$") as err:
+    with pytest.raises(ConfigError, match=r"output_dir=.* on 2 of the 2 other nodes: 10.0.0.1 \(no such file\), "
+                                          r"10.0.0.2 \(PermissionError: Permission denied\)\. Ray Data's feature-"
+                                          r"extraction tasks write the feature tables under it and Ray Train's workers "
+                                          r"write their checkpoints under it \(ray.storage_path is unset: "
+                                          r"<output_dir>/ray_train\), on any node, .*/mnt/shared\), or run on one "
+                                          r"node$") as err:
         pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs")}))
     assert "where output_dir will be created" not in str(err.value)  # the folder itself was checked
+    # checkpoints only (a method that extracts nothing on workers): a URI for them would do
+    with pytest.raises(ConfigError, match=r"Ray Train's workers write their checkpoints under it \(ray.storage_path "
+                                          r"is unset: <output_dir>/ray_train\), on any node, .* or set "
+                                          r"ray.storage_path to a URI"):
+        pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs"),
+                                                  "selection": {"method": "uncertain"}}))
+    # ... and with them on a URI, such a method writes output_dir from the driver alone: not asked
+    asked.clear()
+    pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs"), "selection": {"method": "random"},
+                                              "ray": {"storage_path": "s3://bucket/runs"}}))
+    assert asked == []
+    # a node that gave no answer is not counted as sharing: the folder is asked again next time
+    del unseen[str(tmp_path / "runs")]
+    silent.append("10.0.0.2")
+    pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs")}))
+    pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs")}))
+    assert asked == [str(tmp_path / "runs")] * 2
     monkeypatch.setattr(shared_fs, "worker_nodes", lambda: [])  # one node: nothing to ask
     asked.clear()
     pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs")}))
@@ -328,12 +350,28 @@ def test_the_check_reads_the_token_and_names_few_nodes(tmp_path):
     from pivotal_ray.distributed import shared_fs
 
     f = tmp_path / "probe"
-    assert not shared_fs._reads(str(f), "t", 0.0)
+    assert shared_fs._reads(str(f), "t", 0.0) == "no such file"
     f.write_text("other")
-    assert not shared_fs._reads(str(f), "t", 0.0)
+    assert shared_fs._reads(str(f), "t", 0.0) == "other content"
     f.write_text("t")
-    assert shared_fs._reads(str(f), "t", 0.0)
-    assert shared_fs.unshared_error("output_dir", "/x", "/x", [], 3) is None
-    msg = shared_fs.unshared_error("output_dir", "/x", "/x", [f"n{i}" for i in range(7)], 9)
-    assert "on 7 of the 9 other nodes (n0, n1, n2, n3, n4 and 2 more)" in msg
-    assert "URI" not in msg  # output_dir holds the feature tables too: a URI for checkpoints does not do
+    assert shared_fs._reads(str(f), "t", 0.0) is None
+    assert shared_fs._reads(str(tmp_path), "t", 0.0).startswith("IsADirectoryError")  # there, but unreadable
+    assert shared_fs.unshared_error("output_dir", "/x", "/x", [], 3, writers="w", uri_fix=False) is None
+    msg = shared_fs.unshared_error("output_dir", "/x", "/x", [f"n{i}" for i in range(7)], 9, writers="w",
+                                   uri_fix=False)
+    assert "on 7 of the 9 other nodes: n0, n1, n2, n3, n4 and 2 more. w, on any node" in msg
+    assert "URI" not in msg  # the feature tables: a URI for the checkpoints would not do
+
+
+def test_a_probe_left_behind_neither_blocks_nor_stays(tmp_path):
+    """A driver killed mid-check leaves its probe file: output_dir's check ignores it as a
+    temporary, and the run removes it."""
+    from pivotal_ray.core import artifacts
+    from pivotal_ray.distributed import shared_fs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / f"{shared_fs.PROBE_PREFIX}0123456789ab{shared_fs.PROBE_SUFFIX}"
+    left.write_text("token")
+    pipeline.check_run_dir(from_dict({"output_dir": str(out)}))
+    assert artifacts.remove_temporaries(out) == [left] and not left.exists()
