@@ -300,7 +300,9 @@ class RayConfig:
     # true: the Train workers and extraction actors pick deterministic GPU kernels where PyTorch has
     # them (core.seeding.deterministic_kernels: no cuDNN autotuning, no TF32, a fixed cuBLAS
     # workspace; an op without one warns once per process and runs as before), so a rerun on the
-    # same GPUs can repeat its floats; slower. CPUs compute the same either way. Untested on GPUs
+    # same GPUs can repeat its floats; slower. CPUs compute the same either way, but the setting
+    # names the warm-up and training runs as any float-changing one does (training.TRAINING_RESOURCES),
+    # so runs with and without it are trained apart. Untested on GPUs
     deterministic: bool = False
 
     def __post_init__(self) -> None:

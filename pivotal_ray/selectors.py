@@ -133,7 +133,7 @@ def extract_round_features(ctx: RoundContext, *, kind: str | None = None, epochs
             model_spec=cfg["model"], snapshots=snapshots, sample_ids=ctx.bundle.train.sample_id,
             feature_spec=feature_spec, output_path=str(out), num_actors=r["extract_actors"],
             num_cpus=r["extract_cpus"], num_gpus=r["extract_gpus"], batch_size=cfg["features"]["batch_size"],
-            overwrite=stale, max_restarts=r["extract_max_restarts"], deterministic=r["deterministic"])
+            overwrite=stale, max_restarts=r["extract_max_restarts"], deterministic=r.get("deterministic", False))
     ctx.timings["features_s"] = time.perf_counter() - t0
     ctx.timings["snapshot_epochs"] = epochs  # type: ignore[assignment]
     return str(out)

@@ -9,7 +9,7 @@ volume). Without this check a folder on one node's own disk fails late: after th
 
 :func:`nodes_not_sharing` asks every other live node that can run work whether it reads a file the
 driver has just written in the folder; a node that does not is not sharing it. The file is named
-``.pivotal_ray-shared-probe-<random>`` and is removed before the call returns (on a single node
+``.pivotal_ray-shared-probe-<random>.tmp`` and is removed before the call returns (on a single node
 nothing is written or asked).
 """
 

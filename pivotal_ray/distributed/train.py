@@ -200,8 +200,9 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "val_acc": val_acc, "test_acc": test_acc,
                    "train_loss": total_loss / max(1, math.ceil(n_epoch / B)),
                    "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0,
-                   # ray.deterministic as this worker applied it (core.seeding.deterministic_kernels)
-                   "deterministic_kernels": torch.are_deterministic_algorithms_enabled()}
+                   # ray.deterministic as this worker applied it (core.seeding.deterministic_kernels): the
+                   # mode was on; an op without a deterministic kernel still ran (a warning in its log)
+                   "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
         if rank == 0:  # progress line: the worker log, and the driver / `ray job logs` when ray.log_to_driver
             print(f"[{tag}] epoch {epoch + 1}/{epochs}: val {val_acc:.4f} test {test_acc:.4f} "

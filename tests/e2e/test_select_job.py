@@ -323,5 +323,5 @@ def test_ray_deterministic_trains_its_own_runs_to_the_same_picks_on_cpus(runs):
     assert metrics["rounds"][0]["objective"] == m1["rounds"][0]["objective"]
     new = sorted(set(p.name for p in storage.iterdir()) - set(runs["runs_after_rerun"]))
     assert len(new) == 2  # its warm-up and its round-1 run
-    assert {h["deterministic_kernels"] for h in _histories(storage, new)} == {True}
-    assert {h["deterministic_kernels"] for h in _histories(storage, runs["runs_after_rbc"])} == {False}
+    assert {h["deterministic_algorithms"] for h in _histories(storage, new)} == {True}
+    assert {h["deterministic_algorithms"] for h in _histories(storage, runs["runs_after_rbc"])} == {False}

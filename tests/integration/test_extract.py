@@ -335,3 +335,26 @@ def test_an_extraction_actor_applies_ray_deterministic(snapshots):
                               timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.split() == expected.split()
+
+
+def test_ray_deterministic_reaches_the_pool_constructor(ray_session, tmp_path, snapshots, monkeypatch):
+    """extract_features hands ray.deterministic to every actor's constructor (the keywords Ray
+    Data builds each actor with), and leaves nothing behind when the stage stops there."""
+    import ray.data
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(self, fn, **kwargs):
+        seen.append(kwargs["fn_constructor_kwargs"]["deterministic"])
+        raise Stop
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", record)
+    for flag in (True, False):
+        with pytest.raises(Stop):
+            extract_features(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, snapshots=snapshots[:1],
+                             sample_ids=np.arange(8), feature_spec={"kind": "rbc"},
+                             output_path=str(tmp_path / "feats"), batch_size=8, deterministic=flag)
+    assert seen == [True, False] and list(tmp_path.iterdir()) == []

@@ -290,6 +290,12 @@ def test_a_feature_table_of_another_round_is_extracted_again(toy_ctx, monkeypatc
     extract_round_features(toy_ctx, kind="rbc", epochs=[epoch], name=out.name)  # unknown contents
     assert [c["overwrite"] for c in calls] == [True, True, True]
     assert [c["feature_spec"]["kind"] for c in calls] == ["gbc", "rbc", "rbc"]
+    assert [c["deterministic"] for c in calls] == [False, False, False]  # ray.deterministic reaches the stage
+    det = RoundContext(cfg={**toy_ctx.cfg, "ray": {**toy_ctx.cfg["ray"], "deterministic": True}},
+                       bundle=toy_ctx.bundle, meta_ids=toy_ctx.meta_ids, run=toy_ctx.run, round=1,
+                       work_dir=toy_ctx.work_dir)
+    extract_round_features(det, kind="gbc", epochs=[epoch], name=out.name)
+    assert calls[-1]["deterministic"] is True
 
 
 def test_craig_selector_reads_the_best_snapshot_factors(toy_ctx) -> None:

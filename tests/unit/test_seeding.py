@@ -52,5 +52,9 @@ SET = "from pivotal_ray.core.seeding import deterministic_kernels; deterministic
 def test_deterministic_kernels_sets_every_switch_and_keeps_a_given_workspace():
     """ray.deterministic's switches, from PyTorch's defaults; a cuBLAS workspace set already is kept."""
     assert _fresh_python(STATE)[:4] == ["False", "False", "False", "False"]
-    assert _fresh_python(SET + STATE) == ["True", "True", "False", "True", "False", "False", ":4096:8"]
+    # every switch turned the other way first, so each assignment is seen to happen
+    other = ("import torch; torch.backends.cudnn.benchmark = True; torch.backends.cuda.matmul.allow_tf32 = True; "
+             "torch.backends.cudnn.allow_tf32 = True; ")
+    assert _fresh_python(other + STATE)[2:6] == ["True", "False", "True", "True"]
+    assert _fresh_python(other + SET + STATE) == ["True", "True", "False", "True", "False", "False", ":4096:8"]
     assert _fresh_python(SET + STATE, workspace=":16:8")[-1] == ":16:8"
