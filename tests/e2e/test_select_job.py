@@ -297,31 +297,3 @@ def test_a_comparison_two_runs_at_a_time_repeats_the_runs(runs, tmp_path):
             assert got[key] == runs["metrics"][method][key], (method, key)
     assert len(df) == 2
 
-
-def _histories(storage: Path, names: list[str]) -> list[dict]:
-    """Every epoch of the runs ``names`` under ``storage``, from each run's last checkpoint."""
-    out = []
-    for name in names:
-        last = max((storage / name).glob("checkpoint_*/history.json"), key=lambda p: len(json.loads(p.read_text())))
-        out += json.loads(last.read_text())
-    return out
-
-
-def test_ray_deterministic_trains_its_own_runs_to_the_same_picks_on_cpus(runs):
-    """ray.deterministic=true: the warm-up and round runs are other runs (another name: the setting
-    changes GPU floats), every epoch ran with deterministic kernels (as the worker recorded), and on
-    CPUs, whose kernels are deterministic already, the picks and metrics are the default run's."""
-    tmp, storage = runs["tmp"], runs["storage"]
-    cfg = resolve(*TINY, "method=rbc", f"seed={SEED}", f"output_dir={tmp / 'rbc_det'}",
-                  f"ray.storage_path={storage}", "ray.deterministic=true")
-    assert warmup_name(cfg) != warmup_name(runs["cfgs"]["rbc"])
-    metrics = run_experiment(cfg)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp / "rbc_det" / "selection.csv"), _selection(runs, "rbc"))
-    m1 = runs["metrics"]["rbc"]
-    for key in ("test_acc_at_best_val", "best_epoch", "final_test_acc", "weight_auc"):
-        assert metrics[key] == m1[key], key
-    assert metrics["rounds"][0]["objective"] == m1["rounds"][0]["objective"]
-    new = sorted(set(p.name for p in storage.iterdir()) - set(runs["runs_after_rerun"]))
-    assert len(new) == 2  # its warm-up and its round-1 run
-    assert {h["deterministic_algorithms"] for h in _histories(storage, new)} == {True}
-    assert {h["deterministic_algorithms"] for h in _histories(storage, runs["runs_after_rbc"])} == {False}

@@ -316,9 +316,9 @@ def test_a_failed_extraction_lets_its_actors_go_while_its_error_is_kept(ray_sess
 
 
 def test_an_extraction_actor_applies_ray_deterministic(snapshots):
-    """The pool's constructor switches the actor's process to deterministic kernels when asked
-    (ray.deterministic), and leaves PyTorch's defaults otherwise. Built in fresh interpreters, as
-    Ray starts each actor in a process of its own (the setting is process-wide)."""
+    """The pool's constructor leaves PyTorch's defaults without ray.deterministic and switches its
+    process to deterministic kernels with it. Built in a fresh interpreter, as Ray starts each
+    actor in a process of its own (the setting is process-wide): without it first, then with it."""
     import subprocess
     import sys
 
@@ -326,15 +326,15 @@ def test_an_extraction_actor_applies_ray_deterministic(snapshots):
     code = ("import json, sys, numpy as np, ray, torch; ray.get_gpu_ids = lambda: []  # no Ray here: no GPU\n"
             "from pivotal_ray.distributed.extract import _ExtractWorker\n"
             "spec = json.loads(sys.argv[1])\n"
-            "w = _ExtractWorker(**spec, feature_spec={'kind': 'rbc'}, candidate_ids=np.arange(3), seed=3, num_cpus=1,"
-            " batch_size=8, deterministic=sys.argv[2] == 'on')\n"
-            "print(len(w.extractors), torch.are_deterministic_algorithms_enabled())")
+            "for flag in (False, True):\n"
+            "    w = _ExtractWorker(**spec, feature_spec={'kind': 'rbc'}, candidate_ids=np.arange(3), seed=3,"
+            " num_cpus=1, batch_size=8, deterministic=flag)\n"
+            "    print(len(w.extractors), torch.are_deterministic_algorithms_enabled())")
     spec = json.dumps({"data_spec": DATA_SPEC, "model_spec": MODEL_SPEC, "snapshots": snapshots})
-    for flag, expected in (("on", "2 True"), ("off", "2 False")):
-        done = subprocess.run([sys.executable, "-c", code, spec, flag], cwd=root, capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.split() == expected.split()
+    done = subprocess.run([sys.executable, "-c", code, spec], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2", "False", "2", "True"]
 
 
 def test_ray_deterministic_reaches_the_pool_constructor(ray_session, tmp_path, snapshots, monkeypatch):

@@ -24,14 +24,14 @@ DATA, NOISE, MODEL = to_dict(DataConfig()), to_dict(NoiseConfig()), to_dict(Mode
 
 
 def _run(tmp: Path, name: str, *, workers: int, epochs: int, snapshot_every: int = 1, batch_size: int = 120,
-         max_failures: int = 0):
+         max_failures: int = 0, deterministic: bool = False):
     bundle = build_data(DATA, NOISE, 0)
     meta = bundle.train.sample_id[:4]
     rw = to_dict(ReweightConfig(epochs=epochs, batch_size=batch_size, lr=0.1, momentum=0.9, meta_lr=500.0,
                                 snapshot_every=snapshot_every))
     return run_training(name=name, storage_path=str(tmp), data=DATA, noise=NOISE, model=MODEL, reweight=rw, seed=0,
                         meta_ids=meta, meta_labels=bundle.train.y_true[:4], num_workers=workers,
-                        cpus_per_worker=0.5, max_failures=max_failures)
+                        cpus_per_worker=0.5, max_failures=max_failures, deterministic=deterministic)
 
 
 def _state(run):
@@ -60,6 +60,18 @@ def test_two_workers_equal_one_worker_and_sparse_snapshots(one_worker):
     assert [h["epoch"] for h in two.extra["history"]] == [0, 1]
     assert two.best_epoch == one.best_epoch
     assert two.test_acc_at_best == pytest.approx(one.test_acc_at_best, abs=1e-9)
+
+
+def test_ray_deterministic_switches_the_workers_and_keeps_cpu_floats(one_worker):
+    """ray.deterministic: every epoch ran with deterministic algorithms on (as the worker recorded
+    it), and on CPUs, whose kernels are deterministic already, the run ends with the default run's
+    model and weights bit for bit."""
+    tmp, one = one_worker
+    det = _run(tmp, "w1det", workers=1, epochs=2, deterministic=True)
+    assert [h["deterministic_algorithms"] for h in det.extra["history"]] == [True, True]
+    assert [h["deterministic_algorithms"] for h in one.extra["history"]] == [False, False]
+    (m1, w1), (m2, w2) = _state(one), _state(det)
+    assert torch.equal(w2, w1) and all(torch.equal(m2[k], m1[k]) for k in m1)
 
 
 def test_rerun_with_same_name_resumes_from_last_checkpoint(one_worker):

@@ -50,11 +50,12 @@ SET = "from pivotal_ray.core.seeding import deterministic_kernels; deterministic
 
 
 def test_deterministic_kernels_sets_every_switch_and_keeps_a_given_workspace():
-    """ray.deterministic's switches, from PyTorch's defaults; a cuBLAS workspace set already is kept."""
-    assert _fresh_python(STATE)[:4] == ["False", "False", "False", "False"]
-    # every switch turned the other way first, so each assignment is seen to happen
-    other = ("import torch; torch.backends.cudnn.benchmark = True; torch.backends.cuda.matmul.allow_tf32 = True; "
+    """ray.deterministic's switches, from PyTorch's defaults and from every switch turned the other
+    way first (so each assignment is seen to happen); a cuBLAS workspace set already is kept."""
+    other = ("torch.backends.cudnn.benchmark = True; torch.backends.cuda.matmul.allow_tf32 = True; "
              "torch.backends.cudnn.allow_tf32 = True; ")
-    assert _fresh_python(other + STATE)[2:6] == ["True", "False", "True", "True"]
-    assert _fresh_python(other + SET + STATE) == ["True", "True", "False", "True", "False", "False", ":4096:8"]
+    words = _fresh_python(STATE + "; " + other + STATE + "; " + SET + STATE)
+    assert words[:4] == ["False", "False", "False", "False"]  # PyTorch's defaults
+    assert words[7 + 2:7 + 6] == ["True", "False", "True", "True"]  # turned the other way
+    assert words[14:] == ["True", "True", "False", "True", "False", "False", ":4096:8"]
     assert _fresh_python(SET + STATE, workspace=":16:8")[-1] == ":16:8"
