@@ -190,7 +190,7 @@ def labeler(cfg: ExperimentConfig, bundle: Any) -> Labeler:
 def _check_rounds_fit(cfg: ExperimentConfig, n: int) -> None:
     """For methods that run the exclusion step: every round's picks fit in the candidates that
     the step leaves (floor(exclude_frac x candidates) of them dropped, core.kmeans.n_excluded)."""
-    if clustered_feature_kind(cfg.selection.method, cfg.features.kind) is None:
+    if not _clusters(cfg):
         return
     from .core.kmeans import n_excluded
 
@@ -388,7 +388,7 @@ def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) ->
                           f"needs {need_cpu} CPUs but the cluster has {res.get('CPU', 0)}: lower ray.num_workers or "
                           "ray.cpus_per_worker")
     shard_cpu = cfg.ray.kmeans_shards * cfg.ray.kmeans_shard_cpus
-    clusters = clustered_feature_kind(cfg.selection.method, cfg.features.kind) is not None
+    clusters = _clusters(cfg)
     if clusters and shard_cpu > res.get("CPU", 0):
         raise ConfigError(f"ray.kmeans_shards={cfg.ray.kmeans_shards} x ray.kmeans_shard_cpus="
                           f"{cfg.ray.kmeans_shard_cpus} needs {shard_cpu} CPUs but the cluster has "
@@ -396,11 +396,21 @@ def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) ->
     if cfg.ray.extract_gpus > 0 and not res.get("GPU", 0):
         raise ConfigError(f"ray.extract_gpus={cfg.ray.extract_gpus} but the cluster has no GPU: set "
                           "ray.extract_gpus=0 (CPU actors) or run on a cluster with GPU nodes")
-    _check_per_node(cfg, clusters or cfg.selection.method == "craig", clusters)
+    _check_per_node(cfg, _extracts_on_workers(cfg), clusters)
     need_gpu = cfg.ray.num_workers if cfg.ray.use_gpu else 0
     if need_gpu > res.get("GPU", 0):
         raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "
                           f"cluster has {res.get('GPU', 0)}: set ray.use_gpu=false or lower ray.num_workers")
+
+
+def _clusters(cfg: ExperimentConfig) -> bool:
+    """Whether the method holds features in K-means shard actors (rbc, rbc_k, gbc)."""
+    return clustered_feature_kind(cfg.selection.method, cfg.features.kind) is not None
+
+
+def _extracts_on_workers(cfg: ExperimentConfig) -> bool:
+    """Whether the method extracts features on Ray Data actors: those it clusters, and craig's."""
+    return _clusters(cfg) or cfg.selection.method == "craig"
 
 
 # (folder, nodes) pairs found shared in this process: jobs.compare checks every run, and its runs'
@@ -426,8 +436,7 @@ def _check_shared_storage(cfg: ExperimentConfig) -> None:
     sp = cfg.ray.storage_path
     local_sp = sp is not None and "://" not in sp
     ckpt_inside = sp is None or (local_sp and os.path.commonpath([out, os.path.abspath(sp)]) == out)
-    extracts = (clustered_feature_kind(cfg.selection.method, cfg.features.kind) is not None
-                or cfg.selection.method == "craig")
+    extracts = _extracts_on_workers(cfg)
     checks = []  # (setting, path, what other nodes write there, whether a storage URI would do)
     if extracts or ckpt_inside:
         writers = " and ".join(
@@ -439,8 +448,7 @@ def _check_shared_storage(cfg: ExperimentConfig) -> None:
         checks.append(("ray.storage_path", sp, "Ray Train's workers write their checkpoints there", True))
     ids = frozenset(n["NodeID"] for n in nodes)
     for setting, path, writers, uri_fix in checks:
-        p = Path(os.path.abspath(path))
-        folder = next(q for q in [p, *p.parents] if q.is_dir())
+        folder = artifacts.nearest_existing(path)
         key = (os.path.realpath(folder), ids)
         if key in _SHARED_OK:
             continue

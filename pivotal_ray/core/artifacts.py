@@ -116,12 +116,17 @@ def _local_path(path: str | os.PathLike[str], what: str) -> Path:
     return Path(text)
 
 
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute, or its nearest ancestor that exists (a link to nothing counts)."""
+    p = Path(os.path.abspath(path))
+    return next(q for q in [p, *p.parents] if os.path.lexists(q))  # False where a folder cannot be searched
+
+
 def check_writable(path: str | os.PathLike[str], setting: str) -> None:
     """ConfigError naming ``setting`` when this process could not create and write ``path`` (a
     folder): its nearest existing ancestor is a file, or not writable (permissions, a read-only
     or immutable mount). Nothing is created."""
-    p = Path(os.path.abspath(path))
-    existing = next(q for q in [p, *p.parents] if os.path.lexists(q))  # False where a folder cannot be searched
+    existing = nearest_existing(path)
     if not existing.is_dir():
         what = "a link to nothing" if existing.is_symlink() and not existing.exists() else "a file, not a folder"
         raise ConfigError(f"{setting}={os.fspath(path)} cannot be created: {existing} is {what}; "

@@ -15,13 +15,10 @@ nothing is written or asked).
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import time
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".pivotal_ray-shared-probe-"
 # ".tmp": a probe left behind (the driver killed mid-check) counts as a temporary, which the

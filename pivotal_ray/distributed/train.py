@@ -156,6 +156,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     val_pos, test_pos = (np.array_split(np.arange(len(s)), world)[rank] for s in (bundle.val, bundle.test))
     B, epochs = int(rw["batch_size"]), int(rw["epochs"])
+    eval_batch = int(rw.get("eval_batch_size", 2048))  # (a config from before the setting: its value then)
     meta_all = torch.as_tensor(meta_pos)
     needs_meta = getattr(reweighter, "needs_meta", True)
     subset = None if config.get("train_ids") is None else train.positions_of(
@@ -194,7 +195,6 @@ def train_loop(config: dict[str, Any]) -> None:
         # BatchNorm running statistics come from each worker's own slices: average them, so the
         # workers evaluate (each its shard of val/test) the one model rank 0 saves
         average_buffers_(model, reducer)
-        eval_batch = int(rw.get("eval_batch_size", 2048))  # (a config from before the setting: its value then)
         val_acc = _evaluate(model, bundle.val, val_pos, device, eval_batch, reducer)
         test_acc = _evaluate(model, bundle.test, test_pos, device, eval_batch, reducer)
         metrics = {"epoch": epoch, "val_acc": val_acc, "test_acc": test_acc,
