@@ -268,6 +268,17 @@ class LabelsConfig:
                "the working dir)")
 
 
+def ray_client_error(address: str, where: str) -> str | None:
+    """The refusal of a Ray Client address (``ray://``) given as ``where``; None for any other."""
+    if not address.startswith("ray://"):
+        return None
+    return (f"{where}={address} is a Ray Client address, which pivotal_ray cannot run under: Ray Data's streaming "
+            "executor (feature extraction) needs a driver inside the cluster (Ray 2.60), and the artefacts, feature "
+            "tables and checkpoints must be on storage the cluster's nodes see, not on this machine. Submit the "
+            "job instead (ray job submit --address http://HEAD:8265 --working-dir . -- python -m jobs.select ..., "
+            "README), or run it on the head node with ray.address=auto")
+
+
 @dataclass
 class RayConfig:
     """Where and with what resources each stage runs."""
@@ -306,6 +317,8 @@ class RayConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
+        client = None if self.address is None else ray_client_error(self.address, "ray.address")
+        _check(client is None, client or "")
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")
         _check(self.max_failures >= -1, f"ray.max_failures={self.max_failures} must be >= 0, or -1 (no limit)")
         _check(self.extract_max_restarts >= -1,

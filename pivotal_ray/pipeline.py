@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import ConfigError, ExperimentConfig, from_dict, kmeans_signed, to_dict, without_defaults
+from .config import ConfigError, ExperimentConfig, from_dict, kmeans_signed, ray_client_error, to_dict, without_defaults
 from .core import artifacts, locks
 from .core.data import build_data, noise_identity
 from .core.labels import TO_LABEL_NAME, Labeler, labels_suffix, to_label_rows
@@ -125,6 +125,7 @@ def validate(cfg: ExperimentConfig) -> Any:
 
 def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
     """:func:`validate`'s checks; returns the data bundle and the labeler (a labels file is read once)."""
+    _given_address(cfg)
     if cfg.selection.method not in SELECTORS:
         raise ConfigError(f"unknown method {cfg.selection.method!r}: choose one of {SELECTORS.names()} "
                           "(selection.method=... or method=...)")
@@ -521,6 +522,17 @@ def leave_ray() -> None:
     ray.shutdown()
 
 
+def _given_address(cfg: ExperimentConfig) -> str | None:
+    """The address ``ray.init`` is given: ray.address, else RAY_ADDRESS, else None. ConfigError for a
+    Ray Client address (``ray://``), under which the warm-up would train and feature extraction then
+    fail (Ray Data's executor needs a driver in the cluster)."""
+    given = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    client = None if given is None else ray_client_error(given, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
+    if client is not None:
+        raise ConfigError(client)
+    return given
+
+
 def connect(cfg: ExperimentConfig) -> None:
     """Join the Ray that ``ray.init()`` would (ray.address, else RAY_ADDRESS, else a live cluster
     that `ray start` left on this machine), or start a local Ray with ray.num_cpus and
@@ -537,7 +549,7 @@ def _connect(cfg: ExperimentConfig) -> None:
         raise RuntimeError("this process left Ray after an interrupt; run the command again to go on")
     if ray.is_initialized():
         return
-    given = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    given = _given_address(cfg)
     # `ray start` records its cluster in an address file, which ray.init() and Ray Train's own
     # helpers read. Beside such a cluster a second local Ray is unsafe: Ray Train's placement-group
     # cleaner looks the cluster up by that file, watches the other cluster, does not find this job's

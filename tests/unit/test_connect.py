@@ -78,12 +78,12 @@ def test_ray_address_local_beside_a_live_cluster_warns(inits, monkeypatch, caplo
 @pytest.mark.parametrize("where", ["config", "env"])
 def test_a_given_cluster_address_is_joined_as_is(inits, monkeypatch, where):
     _machine(monkeypatch, recorded=HEAD, running={HEAD})
-    cfg = _cfg("ray://head:10001" if where == "config" else None)
+    cfg = _cfg("head:6379" if where == "config" else None)
     if where == "env":
         monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # what `ray job submit` sets for the job
     pipeline.connect(cfg)
     (kw,) = inits
-    assert kw["address"] == ("ray://head:10001" if where == "config" else "http://head:8265")
+    assert kw["address"] == ("head:6379" if where == "config" else "http://head:8265")
     assert not {"num_cpus", "object_store_memory", "runtime_env"} & set(kw)  # the job's runtime env holds
 
 
@@ -137,3 +137,19 @@ def test_after_leaving_ray_nothing_starts_another(monkeypatch):
         pipeline.connect(_cfg())
     auto_init_hook.auto_init_ray()  # what ray.get/.remote call first: now a no-op
     assert inits == []
+
+
+def test_a_ray_client_address_in_ray_address_is_refused_before_any_work(inits, monkeypatch, tmp_path):
+    """``ray job submit`` sets an http:// or GCS address; a Ray Client one (ray://) would train the
+    warm-up and then fail in Ray Data's executor (measured on Ray 2.60: 'Worker' object has no
+    attribute 'core_worker'), so the job refuses it before the data is read, naming the fix."""
+    from pivotal_ray.config import ConfigError
+
+    _machine(monkeypatch)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    cfg = _cfg()
+    cfg.output_dir = str(tmp_path / "out")
+    for check in (pipeline.connect, pipeline.validate):
+        with pytest.raises(ConfigError, match=r"RAY_ADDRESS=ray://head:10001 is a Ray Client address.*ray job submit"):
+            check(cfg)
+    assert inits == [] and not (tmp_path / "out").exists()
