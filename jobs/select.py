@@ -30,6 +30,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,18 +90,34 @@ def exit_if_worker_lost(err: BaseException) -> None:
         sys.exit(3)
 
 
+# SIGTERM received (ray job stop, timeout, Kubernetes, Slurm): the handler raises KeyboardInterrupt,
+# so every path that ends Ray after a Ctrl-C ends it after a SIGTERM too, and records the signal
+# here, since Ray turns an interrupted wait into a KeyboardInterrupt of its own
+_TERMINATED: list[int] = []
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
 def exit_interrupted() -> None:
-    """After Ctrl-C: say how to go on and exit with status 130 (128 + SIGINT)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break Ray's shutdown at exit
-    print("interrupted: run the same command again to go on (finished stages are read back, training "
+    """After Ctrl-C or SIGTERM: say how to go on and exit with status 128 + the signal (130, 143)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not break Ray's shutdown at exit
+        signal.signal(sig, signal.SIG_IGN)
+    what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
+    print(f"{what}: run the same command again to go on (finished stages are read back, training "
           "resumes from its last snapshot)", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(128 + (signal.SIGTERM if _TERMINATED else signal.SIGINT))
 
 
 @contextmanager
 def exit_status():
-    """A job's exit status: 2 with the message for bad input (ConfigError), 130 after Ctrl-C,
-    3 for a lost Ray worker; any other error is raised as it is (Hydra prints its traceback)."""
+    """A job's exit status: 2 with the message for bad input (ConfigError), 130 after Ctrl-C and
+    143 after SIGTERM (both stop the job the same way: Ray ended, the same command goes on), 3 for
+    a lost Ray worker; any other error is raised as it is (Hydra prints its traceback)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)  # kept over ray.init (pipeline._ray_init)
     try:
         yield
     except ConfigError as err:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -522,6 +523,19 @@ def leave_ray() -> None:
     ray.shutdown()
 
 
+def _ray_init(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``, keeping the SIGTERM handler this program had set in Python (the
+    jobs' :func:`jobs.select.exit_status`): Ray's core worker installs its own at init, which
+    dumps a stack and aborts the process (exit status 134), so ``ray job stop``, ``timeout``,
+    Kubernetes or Slurm ending a job would crash it instead of stopping it as Ctrl-C does."""
+    import ray
+
+    before = signal.getsignal(signal.SIGTERM)
+    ray.init(**kwargs)
+    if callable(before) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, before)
+
+
 def _given_address(cfg: ExperimentConfig) -> str | None:
     """The address ``ray.init`` is given: ray.address, else RAY_ADDRESS, else None. ConfigError for a
     Ray Client address (``ray://``), under which the warm-up would train and feature extraction then
@@ -562,7 +576,7 @@ def _connect(cfg: ExperimentConfig) -> None:
         # address None, as ray.init() joins it: that also turns on the token auth the cluster uses
         log.info("joining the Ray cluster that `ray start` left on this machine (%s); its resources, not "
                  "ray.num_cpus / ray.object_store_memory, apply", recorded)
-        ray.init(address=None, runtime_env=local_env, **kwargs)
+        _ray_init(address=None, runtime_env=local_env, **kwargs)
         return
     if given is None or given == "local":
         if live:  # ray.address=local beside it
@@ -572,12 +586,12 @@ def _connect(cfg: ExperimentConfig) -> None:
                         recorded)
         elif recorded is not None:
             log.info("ignoring the address %s that `ray start` recorded: no Ray runs there", recorded)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
+        _ray_init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, runtime_env=local_env, **kwargs)
         return
     if given == "auto" and not os.environ.get("RAY_ADDRESS"):  # a cluster on this machine: this checkout
         kwargs["runtime_env"] = local_env
-    ray.init(address=given, **kwargs)  # a job's runtime env (ray job submit, cluster/) says the rest
+    _ray_init(address=given, **kwargs)  # a job's runtime env (ray job submit, cluster/) says the rest
 
 
 def run_experiment(cfg: ExperimentConfig, *, wait: bool = False) -> dict[str, Any]:

@@ -331,6 +331,40 @@ def test_output_dir_not_shared_is_refused(ray_head, submitted):
     assert list(hidden.iterdir()) == []  # no run folder, no probe file left
 
 
+def test_ray_job_stop_stops_the_job_as_ctrl_c_does(ray_head, submitted, tmp_path):
+    """``ray job stop`` sends the driver SIGTERM (as timeout, Kubernetes and Slurm do). Ray's core
+    worker installs a SIGTERM handler of its own at ray.init that dumps a stack and aborts; the job
+    keeps its own over it and stops as after Ctrl-C: Ray left (the run's actors end with the
+    driver), a line saying how to go on, exit status 143."""
+    assert submitted["proc"].returncode == 0
+    base = [RAY, "job"]
+    addr = ["--address", ray_head["address"]]
+    sub_id = f"pivotal-stop-{secrets.token_hex(4)}"
+    cmd = [*base, "submit", *addr, "--no-wait", "--submission-id", sub_id, "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+           "--", "python", "-m", "jobs.select", *OVERRIDES, f"output_dir={tmp_path / 'out'}"]
+    run = dict(cwd=REPO, env=ray_head["env"], capture_output=True, text=True)
+    subprocess.run(cmd, timeout=120, check=True, **run)
+
+    def logs() -> str:
+        return subprocess.run([*base, "logs", *addr, sub_id], timeout=60, **run).stdout
+
+    deadline = time.monotonic() + 240
+    while "rbc: warmup training" not in logs():  # Ray Train runs: the driver has joined Ray
+        assert time.monotonic() < deadline, logs()[-3000:]
+        time.sleep(1.0)
+    stop = subprocess.run([*base, "stop", *addr, sub_id], timeout=120, **run)  # waits for the job to end
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    text = logs()
+    assert "terminated (SIGTERM): run the same command again to go on" in text, text[-3000:]
+    assert "SIGTERM received at time" not in text  # Ray's handler: a stack dump, then abort
+    deadline = time.monotonic() + 30
+    while [a for a in _state(ray_head["address"], ray_head["token"], "actors", tries=5)
+           if a.get("class_name") == "RayTrainWorker" and a.get("state") == "ALIVE"]:
+        assert time.monotonic() < deadline, "the stopped job's training workers are still alive"
+        time.sleep(1.0)
+
+
 def _unpacked_working_dirs(root: Path, node: str = "*") -> list[Path]:
     """The job's working dir as unpacked by the head (``node="ray"``), the worker node ("worker") or both."""
     found = root.glob(f"{node}/session_*/runtime_resources/working_dir_files/_ray_pkg_*")

@@ -82,3 +82,41 @@ def test_the_jobs_exit_130_and_say_how_to_go_on(capsys):
         assert "run the same command again" in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_sigterm_stops_a_job_as_ctrl_c_does(capsys):
+    """SIGTERM (ray job stop, timeout, Kubernetes, Slurm) raises KeyboardInterrupt in the job, so
+    every path that leaves Ray after a Ctrl-C leaves it, and the job exits with 143 saying so."""
+    import jobs.select as sel
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as ex, sel.exit_status():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        assert ex.value.code == 143
+        assert "terminated (SIGTERM): run the same command again" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second one cannot break the exit
+    finally:
+        sel._TERMINATED.clear()
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+def test_ray_init_keeps_the_jobs_sigterm_handler(monkeypatch):
+    """Ray's core worker installs its own SIGTERM handler at ray.init (a stack dump, then abort: exit
+    134); pipeline._ray_init puts back the one the job had set."""
+    import ray
+
+    from pivotal_ray import pipeline
+
+    def handler(*a):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(ray, "init", lambda **kw: signal.signal(signal.SIGTERM, signal.SIG_DFL))  # as Ray does
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        pipeline._ray_init(address="local")
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
