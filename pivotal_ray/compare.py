@@ -219,6 +219,11 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     specs = expand(base=base, cc=cc)
     root = Path(cc.output_root).resolve()  # type: ignore[arg-type]
     artifacts.check_writable(root, "compare.output_root")
+    if (root / artifacts.MANIFEST_NAME).exists():  # a comparison writes none there: its runs have theirs
+        raise ConfigError(f"compare.output_root={root} is the output_dir of a single run (it holds that run's "
+                          f"{artifacts.MANIFEST_NAME}): a comparison would write its results among that run's files "
+                          "and read its ray_train storage; choose another compare.output_root (a new or empty folder, "
+                          "or one an earlier comparison wrote)")
     for spec in specs:
         with _in_compare_terms():
             validate(spec.cfg)

@@ -591,7 +591,33 @@ def _connect(cfg: ExperimentConfig) -> None:
         return
     if given == "auto" and not os.environ.get("RAY_ADDRESS"):  # a cluster on this machine: this checkout
         kwargs["runtime_env"] = local_env
-    _ray_init(address=given, **kwargs)  # a job's runtime env (ray job submit, cluster/) says the rest
+    setting = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    fix = ("give the head's GCS address (host:6379, as `ray start --head` prints it), start that cluster, or leave "
+           "ray.address and RAY_ADDRESS unset to start a local Ray")
+    unreachable = _unreachable(given)
+    if unreachable is not None:  # ray.init would wait minutes for a GCS that is not there
+        raise ConfigError(f"{setting}={given}: no Ray cluster answers there ({unreachable}): {fix}")
+    try:
+        _ray_init(address=given, **kwargs)  # a job's runtime env (ray job submit, cluster/) says the rest
+    except (ConnectionError, ValueError) as err:  # "auto" with no cluster here; an address Ray cannot take
+        if isinstance(err, ValueError) and "address" not in str(err).lower():
+            raise
+        raise ConfigError(f"{setting}={given}: Ray could not join it ({str(err).splitlines()[0]}): {fix}") from None
+
+
+def _unreachable(address: str, timeout_s: float = 10.0) -> str | None:
+    """Why a ``host:port`` address takes no TCP connection within ``timeout_s`` (None when it does,
+    and for any other form: ``auto``, ``ray.init``'s to judge)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "/" in address or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
 
 
 def run_experiment(cfg: ExperimentConfig, *, wait: bool = False) -> dict[str, Any]:

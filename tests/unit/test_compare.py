@@ -310,6 +310,14 @@ def test_every_run_is_validated_before_the_first_one_trains(tmp_path):
                                                            plots=False), run=calls.append,
                     before_runs=lambda: connected.append(1))
     assert calls == [] and connected == []
+    # a jobs.select output_dir given as the comparison's root (its manifest.json is there)
+    run_dir = tmp_path / "one_run"
+    artifacts.write_manifest(run_dir, config=to_dict(_base(tmp_path)), seed=0, timings={})
+    with pytest.raises(ConfigError, match=f"compare.output_root={run_dir} is the output_dir of a single run"):
+        run_compare(base=_base(tmp_path), cc=CompareConfig(methods=["random"], seeds=[0], output_root=str(run_dir),
+                                                           plots=False), run=calls.append,
+                    before_runs=lambda: connected.append(1))
+    assert calls == [] and connected == [] and [p.name for p in run_dir.iterdir()] == ["manifest.json"]
     big = CompareConfig(methods=["random"], seeds=[0], output_root=str(tmp_path / "c2"), plots=False,
                         vary_key="selection.budget", vary_values=[6, 5000])
     with pytest.raises(ConfigError, match="selection.budget=5000 is larger than the 600 training samples"):

@@ -20,6 +20,7 @@ def inits(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(pipeline, "_unreachable", lambda address: None)  # no TCP: "head" is not a host here
     return calls
 
 
@@ -80,10 +81,10 @@ def test_a_given_cluster_address_is_joined_as_is(inits, monkeypatch, where):
     _machine(monkeypatch, recorded=HEAD, running={HEAD})
     cfg = _cfg("head:6379" if where == "config" else None)
     if where == "env":
-        monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # what `ray job submit` sets for the job
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")  # a GCS address, as `ray job submit` sets for the job
     pipeline.connect(cfg)
     (kw,) = inits
-    assert kw["address"] == ("head:6379" if where == "config" else "http://head:8265")
+    assert kw["address"] == ("head:6379" if where == "config" else "10.0.0.2:6379")
     assert not {"num_cpus", "object_store_memory", "runtime_env"} & set(kw)  # the job's runtime env holds
 
 
@@ -153,3 +154,36 @@ def test_a_ray_client_address_in_ray_address_is_refused_before_any_work(inits, m
         with pytest.raises(ConfigError, match=r"RAY_ADDRESS=ray://head:10001 is a Ray Client address.*ray job submit"):
             check(cfg)
     assert inits == [] and not (tmp_path / "out").exists()
+
+
+def test_an_address_where_no_cluster_answers_is_refused_naming_the_fix(monkeypatch):
+    """A host:port that takes no connection: refused at once (ray.init would wait minutes for the
+    GCS); "auto" with no cluster on the machine and an http:// address: Ray's refusal, as ours."""
+    import socket
+
+    from pivotal_ray.config import ConfigError
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _machine(monkeypatch)
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+        with pytest.raises(ConfigError, match=rf"ray.address=127.0.0.1:{port}: no Ray cluster answers there "
+                                              r"\(ConnectionRefusedError.*ray start --head"):
+            pipeline.connect(_cfg(f"127.0.0.1:{port}"))
+    assert calls == []
+
+    def refuse(**kw):
+        raise ConnectionError("Could not find any running Ray instance.\nmore")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match=r"ray.address=auto: Ray could not join it \(Could not find any running Ray "
+                                          r"instance.\): give the head's GCS address"):
+        pipeline.connect(_cfg("auto"))
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ValueError("Invalid Ray address: 'http://head:8265'")))
+    with pytest.raises(ConfigError, match=r"RAY_ADDRESS=http://head:8265: Ray could not join it \(Invalid Ray address"):
+        pipeline.connect(_cfg())
