@@ -125,7 +125,9 @@ def nearest_existing(path: str | os.PathLike[str]) -> Path:
 def check_writable(path: str | os.PathLike[str], setting: str) -> None:
     """ConfigError naming ``setting`` when this process could not create and write ``path`` (a
     folder): its nearest existing ancestor is a file, or not writable (permissions, a read-only
-    or immutable mount). Nothing is created."""
+    or immutable mount), or refuses a file where the permissions say yes (a pseudo filesystem such
+    as /proc, a FUSE mount: an empty ``.pivotal_ray-write-probe-*.tmp`` is created there and
+    removed at once; left behind, it counts as a temporary). Nothing else is created."""
     existing = nearest_existing(path)
     if not existing.is_dir():
         what = "a link to nothing" if existing.is_symlink() and not existing.exists() else "a file, not a folder"
@@ -135,6 +137,13 @@ def check_writable(path: str | os.PathLike[str], setting: str) -> None:
         raise ConfigError(f"{setting}={os.fspath(path)} cannot be written: {existing} is not writable by this user "
                           f"(permissions, a read-only mount or an immutable flag); choose another {setting} or "
                           f"make {existing} writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pivotal_ray-write-probe-", suffix=".tmp", dir=existing)
+    except OSError as err:
+        raise ConfigError(f"{setting}={os.fspath(path)} cannot be written: creating a file in {existing} failed "
+                          f"({type(err).__name__}: {err.strerror or err}); choose another {setting}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _fsync_dir(path: Path) -> None:

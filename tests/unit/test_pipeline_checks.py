@@ -143,6 +143,21 @@ def test_an_output_dir_or_storage_path_that_cannot_be_written_is_refused_before_
         check_writable(f / "out" / "deeper", "ray.storage_path")
     check_writable(tmp_path / "new" / "deeper", "output_dir")  # creatable: fine, and nothing made
     assert not (tmp_path / "new").exists()
+    assert sorted(tmp_path.iterdir()) == sorted([f, read_only_dir])  # the write probe removed
+
+
+def test_a_folder_whose_permissions_say_yes_but_that_takes_no_file_is_refused(tmp_path):
+    """/proc for root: os.access says writable, creating a file there fails; the check creates one
+    (and removes it) instead of trusting the permissions, so the run is refused before any work,
+    not after Ray started (as it was)."""
+    import os
+    from pathlib import Path
+
+    if not (Path("/proc/self").is_dir() and os.access("/proc", os.W_OK | os.X_OK)):
+        pytest.skip("no /proc that looks writable to this user")
+    with pytest.raises(ConfigError, match=r"output_dir=/proc/pivotal_out cannot be written: creating a file in /proc "
+                                          r"failed \("):
+        pipeline.validate(from_dict({"output_dir": "/proc/pivotal_out"}))
 
 
 def test_a_finished_run_in_a_read_only_folder_is_still_read_back(tmp_path, read_only_dir):
