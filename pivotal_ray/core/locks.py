@@ -7,7 +7,8 @@ train that warm-up twice into one Ray Train run. A :func:`hold` around the work 
 
 The locks are ``flock`` locks on small files in ``<tempdir>/pivotal_ray_locks-<uid>/``, named by a
 digest of what they guard: the kernel drops a lock when its process ends, however it ends, so a
-killed run never leaves one behind. They guard against invocations on the same machine (a job
+killed run never leaves one behind. A holder removes its file when it lets go (a killed one leaves
+it, unlocked, to be reused). They guard against invocations on the same machine (a job
 submitted with ``ray job submit`` runs its driver on the head node, so jobs submitted to one
 cluster count) by the same OS user; not against another machine writing to a shared volume.
 """
@@ -81,18 +82,28 @@ def hold(key: str, what: str, *, wait: bool, on_wait: Callable[[str], None] | No
 
     path = lock_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            who = holder(path) or "another process"
-            if not wait:
-                raise BusyError(f"{what} is in use by another invocation ({who}; lock {path}): {fix}") from None
-            if on_wait is not None:
-                on_wait(f"waiting for {what}, in use by " + (who if who.startswith("the comparison's run") else
-                                                              f"another invocation ({who})"))
-            fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait (KeyboardInterrupt)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = holder(path) or "another process"
+                if not wait:
+                    raise BusyError(f"{what} is in use by another invocation ({who}; lock {path}): {fix}") from None
+                if on_wait is not None and not told:
+                    on_wait(f"waiting for {what}, in use by " + (who if who.startswith("the comparison's run") else
+                                                                  f"another invocation ({who})"))
+                told = True
+                fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait (KeyboardInterrupt)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed the file it released: lock the one now at the path
+    try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "thread": threading.current_thread().name,
                 "since": _dt.datetime.now().isoformat(timespec="seconds"),
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:500], "key": key}
@@ -100,4 +111,18 @@ def hold(key: str, what: str, *, wait: bool, on_wait: Callable[[str], None] | No
         os.pwrite(fd, json.dumps(info).encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race a waiting process)
+        # removed while still locked, so lock files do not pile up (one per output folder and run
+        # ever used); a process that opened it meanwhile finds, once it has the lock, that the path
+        # names another file or none (_same_file), and locks the path again
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path``."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

@@ -72,6 +72,38 @@ def test_a_waiting_holder_is_told_once_and_enters_when_the_first_leaves():
     assert entered.is_set() and len(told) == 1
 
 
+def test_a_holder_removes_its_lock_file_and_holders_still_exclude_each_other():
+    """Lock files do not pile up (one per output folder and run ever used: thousands on a busy
+    machine): the holder removes its file on leaving. A waiter that had opened the removed file
+    locks the one at the path instead, so no two holders are ever inside at once."""
+    path = locks.lock_path("k")
+    with locks.hold("k", "k", wait=False):
+        assert path.exists()
+    assert not path.exists() and list(path.parent.iterdir()) == []
+    inside, most, errors = [0], [0], []
+    guard = threading.Lock()
+
+    def worker() -> None:
+        try:
+            for _ in range(40):
+                with locks.hold("k", "k", wait=True):
+                    with guard:
+                        inside[0] += 1
+                        most[0] = max(most[0], inside[0])
+                    time.sleep(0.0005)
+                    with guard:
+                        inside[0] -= 1
+        except BaseException as err:  # noqa: BLE001 -- reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and most[0] == 1 and not path.exists()
+
+
 def _enter(told: list[str], entered: threading.Event) -> None:
     with locks.hold("train:/r", "training run r", wait=True, on_wait=told.append):
         entered.set()
