@@ -29,13 +29,38 @@ def main(argv: list[str]) -> None:
     print(summary_markdown(df, by=tuple(args.by)))
     keys = list(dict.fromkeys([*args.by, "seed"]))
     repeated = df[df.duplicated(keys, keep=False)]
-    if len(repeated):  # a mean over two runs of one seed mixes configs
+    if len(repeated):  # a mean over two runs of one seed counts one run twice, or mixes configs
         groups = repeated.groupby(keys, sort=True)["path"].apply(list)
-        shown = "; ".join(f"{key}: {', '.join(paths)}" for key, paths in list(groups.items())[:3])
-        shown += f"; and {len(groups) - 3} more" if len(groups) > 3 else ""
-        print(f"warning: {len(repeated)} runs share a group and a seed, so they differ in a setting not in --by "
-              f"({shown}): add that setting to --by (a dotted config key, e.g. features.num_snapshots) or "
-              "summarize a narrower folder", file=sys.stderr)
+        same = {key: paths for key, paths in groups.items() if len({_fingerprint(p) for p in paths} - {None}) == 1
+                and None not in {_fingerprint(p) for p in paths}}
+        differ = {key: paths for key, paths in groups.items() if key not in same}
+        if same:
+            print(f"warning: {sum(map(len, same.values()))} runs are copies of {len(same)} run(s), the same config "
+                  f"and seed ({_shown(same)}), e.g. a jobs.select run and its jobs.compare twin: the mean counts each "
+                  "copy; summarize a narrower folder", file=sys.stderr)
+        if differ:
+            print(f"warning: {sum(map(len, differ.values()))} runs share a group and a seed, so they differ in a "
+                  f"setting not in --by ({_shown(differ)}): add that setting to --by (a dotted config key, e.g. "
+                  "features.num_snapshots) or summarize a narrower folder", file=sys.stderr)
+
+
+def _shown(groups: dict) -> str:
+    shown = "; ".join(f"{key}: {', '.join(paths)}" for key, paths in list(groups.items())[:3])
+    return shown + (f"; and {len(groups) - 3} more" if len(groups) > 3 else "")
+
+
+def _fingerprint(run_dir: str) -> str | None:
+    """The run's identity (its recorded config without where it ran: output_dir, name, ...), None
+    without a readable manifest."""
+    import json
+    from pathlib import Path
+
+    from pivotal_ray.core.artifacts import config_fingerprint
+
+    try:
+        return config_fingerprint(json.loads((Path(run_dir) / "manifest.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 if __name__ == "__main__":

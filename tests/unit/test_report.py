@@ -55,6 +55,31 @@ def test_runs_of_one_seed_in_one_group_are_flagged(tmp_path, capsys):
     assert "((0, 'rbc'): " in capsys.readouterr().err
 
 
+def test_copies_of_one_run_are_told_apart_from_runs_that_differ(tmp_path, capsys):
+    """A jobs.select run and its jobs.compare twin (the same config but where they ran): said to be
+    copies, not runs differing in a setting not in --by."""
+    from jobs.summarize import main
+
+    from pivotal_ray.config import ExperimentConfig, to_dict
+    from pivotal_ray.core import artifacts
+
+    for where in ("select", "compare/runs/default"):
+        d = tmp_path / where / "rbc" / "seed0"
+        _write(d, "rbc", 0, 0.90)
+        artifacts.write_manifest(d, config={**to_dict(ExperimentConfig()), "output_dir": str(d)}, seed=0, timings={})
+    main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "warning: 2 runs are copies of 1 run(s), the same config and seed" in err
+    assert "differ in a setting" not in err
+    other = tmp_path / "other" / "rbc" / "seed0"  # a third run of that seed, of another config
+    _write(other, "rbc", 0, 0.70)
+    artifacts.write_manifest(other, config={**to_dict(ExperimentConfig()), "seed": 0, "selection": {
+        **to_dict(ExperimentConfig())["selection"], "budget": 8}}, seed=0, timings={})
+    main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "warning: 3 runs share a group and a seed, so they differ in a setting not in --by" in err
+
+
 def test_collect_without_runs_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         collect(tmp_path)
