@@ -116,8 +116,8 @@ def exit_status():
     """A job's exit status: 2 with the message for bad input (ConfigError), 130 after Ctrl-C and
     143 after SIGTERM (both stop the job the same way: Ray ended, the same command goes on), 3 for
     a lost Ray worker; any other error is raised as it is (Hydra prints its traceback)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)  # kept over ray.init (pipeline._ray_init)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None  # kept over ray.init (pipeline._ray_init)
     try:
         yield
     except ConfigError as err:
@@ -128,6 +128,9 @@ def exit_status():
     except Exception as err:
         exit_if_worker_lost(err)
         raise
+    else:  # the job ended: its caller's handler again (after an interrupt it stays ignored while Ray shuts down)
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(config_path=CONFIGS, config_name="config", version_base=None)

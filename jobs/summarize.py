@@ -31,8 +31,9 @@ def main(argv: list[str]) -> None:
     repeated = df[df.duplicated(keys, keep=False)]
     if len(repeated):  # a mean over two runs of one seed counts one run twice, or mixes configs
         groups = repeated.groupby(keys, sort=True)["path"].apply(list)
-        same = {key: paths for key, paths in groups.items() if len({_fingerprint(p) for p in paths} - {None}) == 1
-                and None not in {_fingerprint(p) for p in paths}}
+        prints = {p: _fingerprint(p) for p in repeated["path"]}
+        same = {key: paths for key, paths in groups.items()
+                if len({prints[p] for p in paths}) == 1 and prints[paths[0]] is not None}
         differ = {key: paths for key, paths in groups.items() if key not in same}
         if same:
             print(f"warning: {sum(map(len, same.values()))} runs are copies of {len(same)} run(s), the same config "

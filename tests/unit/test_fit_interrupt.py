@@ -91,6 +91,9 @@ def test_sigterm_stops_a_job_as_ctrl_c_does(capsys):
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        with sel.exit_status():  # a job that ends: the caller's handler again
+            assert signal.getsignal(signal.SIGTERM) is sel._on_sigterm
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
         with pytest.raises(SystemExit) as ex, sel.exit_status():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises here
