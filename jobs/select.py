@@ -94,20 +94,24 @@ def exit_if_worker_lost(err: BaseException) -> None:
 # so every path that ends Ray after a Ctrl-C ends it after a SIGTERM too, and records the signal
 # here, since Ray turns an interrupted wait into a KeyboardInterrupt of its own
 _TERMINATED: list[int] = []
+_GO_ON = ("run the same command again to go on (finished stages are read back, training resumes from its last "
+          "snapshot)")
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    if not _TERMINATED:  # said at once: `ray job stop` sends SIGKILL a few seconds later (RAY_JOB_STOP_WAIT_TIME_S)
+        print(f"terminated (SIGTERM): {_GO_ON}", file=sys.stderr, flush=True)
     _TERMINATED.append(signum)
     raise KeyboardInterrupt
 
 
 def exit_interrupted() -> None:
-    """After Ctrl-C or SIGTERM: say how to go on and exit with status 128 + the signal (130, 143)."""
+    """After Ctrl-C or SIGTERM: say how to go on (said already for SIGTERM) and exit with status
+    128 + the signal (130, 143)."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second one must not break Ray's shutdown at exit
         signal.signal(sig, signal.SIG_IGN)
-    what = "terminated (SIGTERM)" if _TERMINATED else "interrupted"
-    print(f"{what}: run the same command again to go on (finished stages are read back, training "
-          "resumes from its last snapshot)", file=sys.stderr)
+    if not _TERMINATED:
+        print(f"interrupted: {_GO_ON}", file=sys.stderr)
     sys.exit(128 + (signal.SIGTERM if _TERMINATED else signal.SIGINT))
 
 
@@ -117,19 +121,22 @@ def exit_status():
     143 after SIGTERM (both stop the job the same way: Ray ended, the same command goes on), 3 for
     a lost Ray worker; any other error is raised as it is (Hydra prints its traceback)."""
     main = threading.current_thread() is threading.main_thread()
+    _TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None  # kept over ray.init (pipeline._ray_init)
+    interrupted = False
     try:
         yield
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        interrupted = True
         exit_interrupted()
     except Exception as err:
         exit_if_worker_lost(err)
         raise
-    else:  # the job ended: its caller's handler again (after an interrupt it stays ignored while Ray shuts down)
-        if main and previous is not None:
+    finally:  # the caller's handler again; after an interrupt both stay ignored while Ray shuts down
+        if main and previous is not None and not interrupted:
             signal.signal(signal.SIGTERM, previous)
 
 

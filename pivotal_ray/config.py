@@ -269,7 +269,9 @@ class LabelsConfig:
 
 
 def ray_client_error(address: str, where: str) -> str | None:
-    """The refusal of a Ray Client address (``ray://``) given as ``where``; None for any other."""
+    """The refusal of a Ray Client address (``ray://``) given as ``where``; None for any other.
+    Checked when a job starts (``pipeline.validate``), not at construction: a manifest that recorded
+    such an address must still read back (the run resumed with another address)."""
     if not address.startswith("ray://"):
         return None
     return (f"{where}={address} is a Ray Client address, which pivotal_ray cannot run under: Ray Data's streaming "
@@ -317,8 +319,6 @@ class RayConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        client = None if self.address is None else ray_client_error(self.address, "ray.address")
-        _check(client is None, client or "")
         _check(self.num_workers >= 1, f"ray.num_workers={self.num_workers} must be >= 1")
         _check(self.max_failures >= -1, f"ray.max_failures={self.max_failures} must be >= 0, or -1 (no limit)")
         _check(self.extract_max_restarts >= -1,

@@ -126,7 +126,7 @@ def validate(cfg: ExperimentConfig) -> Any:
 
 def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
     """:func:`validate`'s checks; returns the data bundle and the labeler (a labels file is read once)."""
-    _given_address(cfg)
+    _given_address(cfg)  # a Ray Client address: before the data is read
     if cfg.selection.method not in SELECTORS:
         raise ConfigError(f"unknown method {cfg.selection.method!r}: choose one of {SELECTORS.names()} "
                           "(selection.method=... or method=...)")
@@ -527,24 +527,32 @@ def _ray_init(**kwargs: Any) -> None:
     """``ray.init(**kwargs)``, keeping the SIGTERM handler this program had set in Python (the
     jobs' :func:`jobs.select.exit_status`): Ray's core worker installs its own at init, which
     dumps a stack and aborts the process (exit status 134), so ``ray job stop``, ``timeout``,
-    Kubernetes or Slurm ending a job would crash it instead of stopping it as Ctrl-C does."""
+    Kubernetes or Slurm ending a job would crash it instead of stopping it as Ctrl-C does. (A
+    SIGTERM during ``ray.init`` itself still meets Ray's handlers: exit status 15 or 134.)"""
     import ray
 
     before = signal.getsignal(signal.SIGTERM)
-    ray.init(**kwargs)
-    if callable(before) and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, before)
+    try:
+        ray.init(**kwargs)
+    finally:
+        if callable(before) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)
 
 
-def _given_address(cfg: ExperimentConfig) -> str | None:
-    """The address ``ray.init`` is given: ray.address, else RAY_ADDRESS, else None. ConfigError for a
-    Ray Client address (``ray://``), under which the warm-up would train and feature extraction then
+def _given_address(cfg: ExperimentConfig) -> tuple[str | None, str]:
+    """(the address ``ray.init`` joins: ray.address, RAY_ADDRESS where ray.address is unset or
+    ``auto`` (as ray.init reads it), else None; the setting it came from). ConfigError for a Ray
+    Client address (``ray://``), under which the warm-up would train and feature extraction then
     fail (Ray Data's executor needs a driver in the cluster)."""
-    given = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    client = None if given is None else ray_client_error(given, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
+    env = os.environ.get("RAY_ADDRESS") or None
+    if cfg.ray.address not in (None, "auto") or env is None:
+        given, setting = cfg.ray.address, "ray.address"
+    else:
+        given, setting = env, "RAY_ADDRESS"
+    client = None if given is None else ray_client_error(given, setting)
     if client is not None:
         raise ConfigError(client)
-    return given
+    return given, setting
 
 
 def connect(cfg: ExperimentConfig) -> None:
@@ -563,7 +571,7 @@ def _connect(cfg: ExperimentConfig) -> None:
         raise RuntimeError("this process left Ray after an interrupt; run the command again to go on")
     if ray.is_initialized():
         return
-    given = _given_address(cfg)
+    given, setting = _given_address(cfg)
     # `ray start` records its cluster in an address file, which ray.init() and Ray Train's own
     # helpers read. Beside such a cluster a second local Ray is unsafe: Ray Train's placement-group
     # cleaner looks the cluster up by that file, watches the other cluster, does not find this job's
@@ -589,30 +597,41 @@ def _connect(cfg: ExperimentConfig) -> None:
         _ray_init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, runtime_env=local_env, **kwargs)
         return
-    if given == "auto" and not os.environ.get("RAY_ADDRESS"):  # a cluster on this machine: this checkout
+    if given == "auto":  # (RAY_ADDRESS unset) a cluster on this machine: this checkout
         kwargs["runtime_env"] = local_env
-    setting = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
-    fix = ("give the head's GCS address (host:6379, as `ray start --head` prints it), start that cluster, or leave "
-           "ray.address and RAY_ADDRESS unset to start a local Ray")
     unreachable = _unreachable(given)
     if unreachable is not None:  # ray.init would wait minutes for a GCS that is not there
-        raise ConfigError(f"{setting}={given}: no Ray cluster answers there ({unreachable}): {fix}")
+        raise ConfigError(f"{setting}={given}: no Ray cluster answers there ({unreachable}): give the head's GCS "
+                          "address (host:6379, as `ray start --head` prints it), start that cluster, or leave "
+                          "ray.address and RAY_ADDRESS unset to start a local Ray")
     try:
         _ray_init(address=given, **kwargs)  # a job's runtime env (ray job submit, cluster/) says the rest
     except (ConnectionError, ValueError) as err:  # "auto" with no cluster here; an address Ray cannot take
         if isinstance(err, ValueError) and "address" not in str(err).lower():
             raise
-        raise ConfigError(f"{setting}={given}: Ray could not join it ({str(err).splitlines()[0]}): {fix}") from None
+        why = "; ".join(str(e).strip().splitlines()[0] for e in (err, err.__cause__) if e is not None and str(e).strip())
+        fix = ("start one (ray start --head) or leave ray.address and RAY_ADDRESS unset to start a local Ray"
+               if "could not find any running ray instance" in why.lower() else
+               "check the address (the head's GCS address, host:6379), that the cluster is up, and that this "
+               "machine may join it (its auth token: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
+        raise ConfigError(f"{setting}={given}: Ray could not join it ({why}): {fix}") from err
 
 
 def _unreachable(address: str, timeout_s: float = 10.0) -> str | None:
     """Why a ``host:port`` address takes no TCP connection within ``timeout_s`` (None when it does,
-    and for any other form: ``auto``, ``ray.init``'s to judge)."""
+    and for any other form: ``auto``, ``ray.init``'s to judge). localhost is probed as Ray joins
+    it: at this node's address."""
     import socket
+
+    from ray._private import services
 
     host, sep, port = address.rpartition(":")
     if not sep or not host or "/" in address or not port.isdigit():
         return None
+    try:
+        host, _, port = (services.canonicalize_bootstrap_address(address) or address).rpartition(":")
+    except Exception:  # noqa: BLE001 -- Ray's resolver failing: probe the address as given
+        pass
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as err:

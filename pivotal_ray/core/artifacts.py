@@ -143,7 +143,8 @@ def check_writable(path: str | os.PathLike[str], setting: str) -> None:
         raise ConfigError(f"{setting}={os.fspath(path)} cannot be written: creating a file in {existing} failed "
                           f"({type(err).__name__}: {err.strerror or err}); choose another {setting}") from None
     os.close(fd)
-    os.unlink(probe)
+    with contextlib.suppress(FileNotFoundError):  # another run's clean-up took it for a leftover temporary
+        os.unlink(probe)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -97,11 +97,11 @@ def hold(key: str, what: str, *, wait: bool, on_wait: Callable[[str], None] | No
                                                                   f"another invocation ({who})"))
                 told = True
                 fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait (KeyboardInterrupt)
+            if _same_file(fd, path):
+                break
         except BaseException:
             os.close(fd)
             raise
-        if _same_file(fd, path):
-            break
         os.close(fd)  # the holder removed the file it released: lock the one now at the path
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "thread": threading.current_thread().name,

@@ -215,7 +215,7 @@ def test_fingerprint_is_stable_and_ignores_placement(config: dict) -> None:
     assert len(fp) == 16 and int(fp, 16) >= 0
     moved = json.loads(json.dumps(config))
     moved.update(output_dir="/elsewhere", name="renamed")
-    moved["ray"].update(address="head:6379", storage_path="s3://b/runs", num_cpus=64)
+    moved["ray"].update(address="ray://head:10001", storage_path="s3://b/runs", num_cpus=64)
     moved["data"]["root"] = "/mnt/shared/data"
     assert art.config_fingerprint(moved) == fp
     reordered = dict(reversed(list(config.items())))
@@ -228,7 +228,7 @@ def test_fingerprint_is_stable_and_ignores_placement(config: dict) -> None:
 # each with a value unlike its default.
 DOCUMENTED_IGNORED = {
     "output_dir": "/elsewhere", "name": "renamed", "data.root": "/mnt/data", "data.download": True,
-    "data.loader_workers": 8, "noise.file": "/mnt/data/CIFAR-N/CIFAR-10_human.pt", "ray.address": "head:6379", "ray.num_cpus": 64,
+    "data.loader_workers": 8, "noise.file": "/mnt/data/CIFAR-N/CIFAR-10_human.pt", "ray.address": "ray://head:10001", "ray.num_cpus": 64,
     "ray.object_store_memory": 2_000_000_000, "ray.storage_path": "s3://b/runs", "ray.extract_actors": 4,
     "ray.log_to_driver": True, "ray.autoscaling": True, "ray.max_failures": 3, "ray.extract_max_restarts": -1,
 }

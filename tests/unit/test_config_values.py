@@ -20,8 +20,6 @@ from pivotal_ray.config import CompareConfig, ConfigError, from_dict
     ({"data": {"loader_workers": -1}}, "data.loader_workers=-1 must be >= 0"),
     ({"data": {"toy_base_flip": 2}}, "data.toy_base_flip=2 in [0, 1)"),
     ({"labels": {"source": "file", "file": "s3://bucket/labels.csv"}}, "must be a local or mounted path"),
-    # Ray Client: the warm-up would train, then Ray Data's executor fail (no core worker in the client)
-    ({"ray": {"address": "ray://head:10001"}}, "ray.address=ray://head:10001 is a Ray Client address"),
     # per_round < 1 would never finish the round plan (round_sizes never reaches the budget): the
     # check must come at construction, and the construction itself touches no round_sizes
     ({"selection": {"per_round": -1}}, "selection.per_round=-1 must be >= 1"),

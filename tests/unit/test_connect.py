@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import ray
@@ -140,49 +141,87 @@ def test_after_leaving_ray_nothing_starts_another(monkeypatch):
     assert inits == []
 
 
-def test_a_ray_client_address_in_ray_address_is_refused_before_any_work(inits, monkeypatch, tmp_path):
-    """``ray job submit`` sets an http:// or GCS address; a Ray Client one (ray://) would train the
-    warm-up and then fail in Ray Data's executor (measured on Ray 2.60: 'Worker' object has no
-    attribute 'core_worker'), so the job refuses it before the data is read, naming the fix."""
+@pytest.mark.parametrize("address, env, named", [
+    (None, "ray://head:10001", "RAY_ADDRESS=ray://head:10001"),
+    ("ray://head:10001", None, "ray.address=ray://head:10001"),
+    ("auto", "ray://head:10001", "RAY_ADDRESS=ray://head:10001"),  # ray.init("auto") reads RAY_ADDRESS
+])
+def test_a_ray_client_address_is_refused_before_any_work(inits, monkeypatch, tmp_path, address, env, named):
+    """``ray job submit`` sets a GCS address; a Ray Client one (ray://) would train the warm-up and
+    then fail in Ray Data's executor (measured on Ray 2.60: 'Worker' object has no attribute
+    'core_worker'), so the job refuses it before the data is read, naming the fix. A config that
+    recorded one still builds (a manifest read back)."""
     from pivotal_ray.config import ConfigError
 
     _machine(monkeypatch)
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    cfg = _cfg()
+    if env is not None:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    cfg = _cfg(address)
     cfg.output_dir = str(tmp_path / "out")
     for check in (pipeline.connect, pipeline.validate):
-        with pytest.raises(ConfigError, match=r"RAY_ADDRESS=ray://head:10001 is a Ray Client address.*ray job submit"):
+        with pytest.raises(ConfigError, match=rf"{re.escape(named)} is a Ray Client address.*ray job submit"):
             check(cfg)
     assert inits == [] and not (tmp_path / "out").exists()
 
 
+def test_auto_with_ray_address_set_joins_that_address_and_names_it(inits, monkeypatch):
+    _machine(monkeypatch)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    pipeline.connect(_cfg("auto"))
+    (kw,) = inits
+    assert kw["address"] == "10.0.0.2:6379" and "runtime_env" not in kw  # the job's runtime env holds
+
+
 def test_an_address_where_no_cluster_answers_is_refused_naming_the_fix(monkeypatch):
     """A host:port that takes no connection: refused at once (ray.init would wait minutes for the
-    GCS); "auto" with no cluster on the machine and an http:// address: Ray's refusal, as ours."""
+    GCS), also when RAY_ADDRESS gives it under ray.address=auto; one that takes it is joined. "auto"
+    with no cluster on the machine, an http:// address and a cluster that refuses this driver:
+    Ray's refusal with its cause, as ours."""
     import socket
 
     from pivotal_ray.config import ConfigError
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     _machine(monkeypatch)
-    with socket.socket() as s:  # a port nobody listens on: bound, never listening
-        s.bind(("127.0.0.1", 0))
+    with socket.socket() as s:  # a port nobody listens on: bound, not listening (on every interface: Ray, and
+        s.bind(("0.0.0.0", 0))  # the probe, join 127.0.0.1 at this node's address)
         port = s.getsockname()[1]
-        monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
         with pytest.raises(ConfigError, match=rf"ray.address=127.0.0.1:{port}: no Ray cluster answers there "
                                               r"\(ConnectionRefusedError.*ray start --head"):
             pipeline.connect(_cfg(f"127.0.0.1:{port}"))
-    assert calls == []
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match=rf"RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there"):
+            pipeline.connect(_cfg("auto"))
+        monkeypatch.delenv("RAY_ADDRESS")
+        assert calls == []
+        s.listen()  # now something answers
+        pipeline.connect(_cfg(f"127.0.0.1:{port}"))
+        assert [kw["address"] for kw in calls] == [f"127.0.0.1:{port}"]
+    assert pipeline._unreachable("auto") is None and pipeline._unreachable("http://head:8265") is None
 
     def refuse(**kw):
         raise ConnectionError("Could not find any running Ray instance.\nmore")
 
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(ConfigError, match=r"ray.address=auto: Ray could not join it \(Could not find any running Ray "
-                                          r"instance.\): give the head's GCS address"):
+                                          r"instance.\): start one \(ray start --head\)"):
         pipeline.connect(_cfg("auto"))
+
+    def unauthorised(**kw):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: UNAUTHENTICATED: bad token")
+        except RuntimeError as cause:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.9:6379") from cause
+
+    monkeypatch.setattr(ray, "init", unauthorised)
+    monkeypatch.setattr(pipeline, "_unreachable", lambda address: None)
+    with pytest.raises(ConfigError, match=r"ray.address=10.0.0.9:6379: Ray could not join it \(Failed to connect to Ray "
+                                          r"cluster at 10.0.0.9:6379; Failed to connect to GCS.*UNAUTHENTICATED: bad "
+                                          r"token\): check the address.*RAY_AUTH_TOKEN"):
+        pipeline.connect(_cfg("10.0.0.9:6379"))
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ValueError("Invalid Ray address: 'http://head:8265'")))
     with pytest.raises(ConfigError, match=r"RAY_ADDRESS=http://head:8265: Ray could not join it \(Invalid Ray address"):

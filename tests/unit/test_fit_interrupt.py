@@ -94,6 +94,11 @@ def test_sigterm_stops_a_job_as_ctrl_c_does(capsys):
         with sel.exit_status():  # a job that ends: the caller's handler again
             assert signal.getsignal(signal.SIGTERM) is sel._on_sigterm
         assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        from pivotal_ray.config import ConfigError
+
+        with pytest.raises(SystemExit) as ex, sel.exit_status():  # bad input: exit 2, the handler put back too
+            raise ConfigError("bad")
+        assert ex.value.code == 2 and signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
         with pytest.raises(SystemExit) as ex, sel.exit_status():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises here
