@@ -159,6 +159,9 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_batch = int(rw.get("eval_batch_size", 2048))  # (a config from before the setting: its value then)
     meta_all = torch.as_tensor(meta_pos)
     needs_meta = getattr(reweighter, "needs_meta", True)
+    # the meta set's inputs, read once per run on the device (never augmented: the same rows every
+    # step; image-file sources decoded their JPEGs on every step before)
+    meta_x = train.inputs(meta_pos).to(device) if needs_meta else None
     subset = None if config.get("train_ids") is None else train.positions_of(
         np.asarray(config["train_ids"], dtype=np.int64))
     n_epoch = n if subset is None else len(subset)  # samples walked per epoch
@@ -180,10 +183,13 @@ def train_loop(config: dict[str, Any]) -> None:
             x = train.inputs(lidx, augment=rw["augment"], generator=aug_gen).to(device)
             xm = ym = None
             if needs_meta:
-                mpos = meta_all.numpy()
-                if len(mpos) > rw["meta_batch_size"]:
-                    mpos = np.sort(meta_gen.choice(mpos, rw["meta_batch_size"], replace=False))
-                xm, ym = train.inputs(mpos).to(device), labels[mpos]
+                mpos, rows = meta_all.numpy(), slice(None)
+                if len(mpos) > rw["meta_batch_size"]:  # a subset, in sample-position order
+                    drawn = meta_gen.choice(len(mpos), rw["meta_batch_size"], replace=False)
+                    rows = drawn[np.argsort(mpos[drawn], kind="stable")]
+                    mpos = mpos[rows]
+                xm = meta_x if isinstance(rows, slice) else meta_x[torch.as_tensor(rows, device=device)]
+                ym = labels[mpos]
             out = reweighter.step(model=model, optimizer=opt, x=x, y=labels[lidx], w=weights[lidx],
                                   x_meta=xm, y_meta=ym, lr=opt.param_groups[0]["lr"],
                                   global_batch=len(gidx), reducer=reducer)
