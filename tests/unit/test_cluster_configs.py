@@ -200,13 +200,26 @@ def test_rayjob_shape(rayjob: dict) -> None:
         assert all(isinstance(v, str) for v in params.values()), "KubeRay rayStartParams values must be strings"
 
 
+def test_the_shared_folders_the_rayjob_writes_are_made_for_the_images_user(rayjob: dict) -> None:
+    # the entry point's output_dir, data.root and ray.storage_path lie in folders the head's init
+    # container makes and gives to uid 1000 (a new NFS/EFS volume is root-owned)
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (init,) = head["initContainers"]
+    script = init["command"][-1]
+    items = dict(_check_override(o) for o in _overrides(rayjob["spec"]["entrypoint"]))
+    for key in ("output_dir", "data.root", "ray.storage_path"):
+        top = "/".join(items[key].split("/")[:4])  # /mnt/shared/<folder>
+        assert "mkdir -p" in script and top in script.split("&&")[0] and top in script.split("&&")[1], (key, script)
+    assert "chown 1000:100" in script and init["securityContext"]["runAsUser"] == 0
+
+
 def test_rayjob_uses_one_image_everywhere(rayjob: dict) -> None:
     # Submitter, head and workers on different images is the classic Ray version mismatch.
     spec = rayjob["spec"]
     rc = spec["rayClusterSpec"]
     pods = [spec["submitterPodTemplate"], rc["headGroupSpec"]["template"]]
     pods += [g["template"] for g in rc["workerGroupSpecs"]]
-    images = {c["image"] for p in pods for c in p["spec"]["containers"]}
+    images = {c["image"] for p in pods for c in p["spec"]["containers"] + p["spec"].get("initContainers", [])}
     assert len(images) == 1, images
     # No command: KubeRay then injects its own `ray job submit` into the submitter.
     assert "command" not in spec["submitterPodTemplate"]["spec"]["containers"][0]
@@ -269,19 +282,23 @@ def _cpus(quantity: str | int | float) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def test_gpu_workers_fit_one_gpu_cluster_train_worker(launcher: dict, rayjob: dict) -> None:
+def test_gpu_nodes_hold_all_of_a_runs_gpu_cluster_train_workers(launcher: dict, rayjob: dict) -> None:
     # A Train worker asks for cpus_per_worker CPUs + 1 GPU; a GPU node smaller than that would
-    # leave the run pending forever while the autoscaler adds nodes that can never host it.
-    preset = CONFIGS / "ray" / "gpu_cluster.yaml"
-    if not preset.is_file():
-        pytest.skip("configs/ray/gpu_cluster.yaml is not written yet")
-    need = float(yaml.safe_load(preset.read_text())["cpus_per_worker"])
-    for name, node in launcher["available_node_types"].items():
-        if node["resources"].get("GPU", 0) >= 1:
-            assert node["resources"]["CPU"] >= need, f"{name}: {node['resources']} < {need} CPUs"
+    # leave the run pending forever while the autoscaler adds nodes that can never host it. And one
+    # node holds all num_workers of a run (Ray Train packs them), so the meta re-weighting step's
+    # all-reduces of every parameter stay off the network (cluster/cluster.yaml).
+    preset = yaml.safe_load((CONFIGS / "ray" / "gpu_cluster.yaml").read_text())
+    workers, cpus = int(preset["num_workers"]), float(preset["cpus_per_worker"])
+    assert preset["use_gpu"] is True and workers > 1
+    gpu_types = [(name, node["resources"]) for name, node in launcher["available_node_types"].items()
+                 if node["resources"].get("GPU", 0) >= 1]
+    assert gpu_types
+    for name, res in gpu_types:
+        assert res["GPU"] >= workers and res["CPU"] >= workers * cpus, f"{name}: {res} < {workers} x ({cpus} CPU + 1 GPU)"
     for group in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert _cpus(limits["cpu"]) >= need, f"worker group {group['groupName']}: cpu {limits['cpu']} < {need}"
+        assert _cpus(limits["cpu"]) >= workers * cpus, f"worker group {group['groupName']}: cpu {limits['cpu']}"
+        assert int(limits["nvidia.com/gpu"]) >= workers, f"worker group {group['groupName']}: {limits}"
     assert _cpus("500m") == 0.5
 
 
