@@ -779,7 +779,9 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
         "labels_source": labels.source,
         "rounds": rounds_info,
         "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),
-                      "best_snapshot": str(best_snapshot(run)["path"])},
+                      "best_snapshot": str(best_snapshot(run)["path"]),
+                      # its Train workers' device (rank 0's; None for a run trained before it was recorded)
+                      "device": (run.extra.get("history") or [{}])[-1].get("device")},
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     selection = pd.DataFrame(rows, columns=SELECTION_COLUMNS)

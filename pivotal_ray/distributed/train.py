@@ -208,7 +208,10 @@ def train_loop(config: dict[str, Any]) -> None:
                    "mean_weight": float(weights.mean()), "epoch_s": time.perf_counter() - t0,
                    # ray.deterministic as this worker applied it (core.seeding.deterministic_kernels): the
                    # mode was on; an op without a deterministic kernel still ran (a warning in its log)
-                   "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+                   "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                   # what trained (the driver's manifest describes the driver's machine, on a cluster a
+                   # CPU head): "cpu", or the GPU's name
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
         if rank == 0:  # progress line: the worker log, and the driver / `ray job logs` when ray.log_to_driver
             print(f"[{tag}] epoch {epoch + 1}/{epochs}: val {val_acc:.4f} test {test_acc:.4f} "
