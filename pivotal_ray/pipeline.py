@@ -597,7 +597,7 @@ def _connect(cfg: ExperimentConfig) -> None:
         _ray_init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory,
                  include_dashboard=False, runtime_env=local_env, **kwargs)
         return
-    if given == "auto":  # (RAY_ADDRESS unset) a cluster on this machine: this checkout
+    if given == "auto" and setting == "ray.address":  # (RAY_ADDRESS unset) a cluster on this machine: this checkout
         kwargs["runtime_env"] = local_env
     unreachable = _unreachable(given)
     if unreachable is not None:  # ray.init would wait minutes for a GCS that is not there
