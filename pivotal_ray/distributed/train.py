@@ -157,11 +157,13 @@ def train_loop(config: dict[str, Any]) -> None:
     val_pos, test_pos = (np.array_split(np.arange(len(s)), world)[rank] for s in (bundle.val, bundle.test))
     B, epochs = int(rw["batch_size"]), int(rw["epochs"])
     eval_batch = int(rw.get("eval_batch_size", 2048))  # (a config from before the setting: its value then)
-    meta_all = torch.as_tensor(meta_pos)
     needs_meta = getattr(reweighter, "needs_meta", True)
     # the meta set's inputs, read once per run on the device (never augmented: the same rows every
     # step; image-file sources decoded their JPEGs on every step before)
     meta_x = train.inputs(meta_pos).to(device) if needs_meta else None
+    meta_y = labels[meta_pos]
+    # what trained (the driver's manifest describes the driver's machine, on a cluster a CPU head)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     subset = None if config.get("train_ids") is None else train.positions_of(
         np.asarray(config["train_ids"], dtype=np.int64))
     n_epoch = n if subset is None else len(subset)  # samples walked per epoch
@@ -183,13 +185,11 @@ def train_loop(config: dict[str, Any]) -> None:
             x = train.inputs(lidx, augment=rw["augment"], generator=aug_gen).to(device)
             xm = ym = None
             if needs_meta:
-                mpos, rows = meta_all.numpy(), slice(None)
-                if len(mpos) > rw["meta_batch_size"]:  # a subset, in sample-position order
-                    drawn = meta_gen.choice(len(mpos), rw["meta_batch_size"], replace=False)
-                    rows = drawn[np.argsort(mpos[drawn], kind="stable")]
-                    mpos = mpos[rows]
-                xm = meta_x if isinstance(rows, slice) else meta_x[torch.as_tensor(rows, device=device)]
-                ym = labels[mpos]
+                xm, ym = meta_x, meta_y
+                if len(meta_pos) > rw["meta_batch_size"]:  # a subset, in sample-position order
+                    drawn = meta_gen.choice(len(meta_pos), rw["meta_batch_size"], replace=False)
+                    rows = torch.as_tensor(drawn[np.argsort(meta_pos[drawn], kind="stable")], device=device)
+                    xm, ym = meta_x[rows], meta_y[rows]
             out = reweighter.step(model=model, optimizer=opt, x=x, y=labels[lidx], w=weights[lidx],
                                   x_meta=xm, y_meta=ym, lr=opt.param_groups[0]["lr"],
                                   global_batch=len(gidx), reducer=reducer)
@@ -209,9 +209,7 @@ def train_loop(config: dict[str, Any]) -> None:
                    # ray.deterministic as this worker applied it (core.seeding.deterministic_kernels): the
                    # mode was on; an op without a deterministic kernel still ran (a warning in its log)
                    "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                   # what trained (the driver's manifest describes the driver's machine, on a cluster a
-                   # CPU head): "cpu", or the GPU's name
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+                   "device": device_name}  # "cpu", or the GPU's name
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
         if rank == 0:  # progress line: the worker log, and the driver / `ray job logs` when ray.log_to_driver
             print(f"[{tag}] epoch {epoch + 1}/{epochs}: val {val_acc:.4f} test {test_acc:.4f} "
