@@ -130,16 +130,17 @@ def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
     if cfg.selection.method not in SELECTORS:
         raise ConfigError(f"unknown method {cfg.selection.method!r}: choose one of {SELECTORS.names()} "
                           "(selection.method=... or method=...)")
+    from .core import baselines as _baselines  # noqa: F401  (registers EXTRACTORS "predictions")
     from .core import gbc as _gbc  # noqa: F401  (registers EXTRACTORS "gbc": features=gbc)
-    from .core.features import EXTRACTORS
+    from .core.features import clustering_kinds
     from .core.models import MODELS
     from .core.reweight import REWEIGHTERS
 
-    for setting, value, registry in (("reweight.mode", cfg.reweight.mode, REWEIGHTERS),
-                                     ("model.name", cfg.model.name, MODELS),
-                                     ("features.kind", cfg.features.kind, EXTRACTORS)):
-        if value not in registry:
-            raise ConfigError(f"unknown {setting} {value!r}: choose one of {registry.names()} ({setting}=...)")
+    for setting, value, known in (("reweight.mode", cfg.reweight.mode, REWEIGHTERS.names()),
+                                  ("model.name", cfg.model.name, MODELS.names()),
+                                  ("features.kind", cfg.features.kind, clustering_kinds())):
+        if value not in known:
+            raise ConfigError(f"unknown {setting} {value!r}: choose one of {known} ({setting}=...)")
     out = Path(cfg.output_dir)
     if not out.is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path "

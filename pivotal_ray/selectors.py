@@ -205,29 +205,17 @@ def select_random_balanced(ctx: RoundContext, k: int) -> Picks:
     return _unscored(ids)
 
 
-def _best_model(ctx: RoundContext) -> Any:
-    """The model of the last run's best-validation persisted snapshot (local path or storage URI),
-    eval mode, CPU, and that snapshot's epoch."""
-    from . import storage
-    from .core.models import build_model
-
-    snap = best_snapshot(ctx.run)  # best among persisted snapshots (snapshot_every may skip t*)
-    model = build_model(ctx.cfg["model"], ctx.bundle.num_classes, ctx.bundle.input_shape)
-    model.load_state_dict(storage.torch_load(storage.join(str(snap["path"]), "model.pt"), map_location="cpu"))
-    return model.eval(), int(snap["epoch"])
-
-
 def _entropy(highest: bool) -> Selector:
     def select(ctx: RoundContext, k: int) -> Picks:
         """k candidates of highest (uncertain) / lowest (certain) predictive entropy at the best
-        snapshot; score = entropy, ties by the smaller sample_id."""
-        from .core.baselines import predict_probs, predictive_entropy, rank_by_entropy
+        snapshot; score = entropy, ties by the smaller sample_id. The model runs on the feature
+        extraction stage's actors (Ray Data; ``ray.extract_gpus`` puts them on GPUs), not here."""
+        from .core.baselines import rank_by_entropy, read_predictions
 
         cand = ctx.candidates()
-        model, epoch = _best_model(ctx)
-        probs = predict_probs(model, ctx.bundle.train, ctx.bundle.train.positions_of(cand),
-                              batch_size=int(ctx.cfg["features"]["batch_size"]))  # (n, C)
-        ids, H = rank_by_entropy(cand, predictive_entropy(probs), k=k, highest=highest)
+        epoch = int(best_snapshot(ctx.run)["epoch"])  # best among persisted snapshots (snapshot_every may skip t*)
+        pred = read_predictions(extract_round_features(ctx, kind="predictions", epochs=[epoch], name="predictions"))
+        ids, H = rank_by_entropy(cand, pred.entropy[pred.at(cand)], k=k, highest=highest)
         return Picks(ids, np.full(k, -1, dtype=np.int64), H, info={"snapshot_epoch": epoch})
 
     return select

@@ -2,7 +2,9 @@
 
 - ``random_balanced``: :func:`balanced_random`, equal numbers per class by the OBSERVED label.
 - ``uncertain`` / ``certain``: :func:`predictive_entropy` of the best-validation snapshot and
-  :func:`rank_by_entropy` (highest / lowest first; ties by the smaller sample_id).
+  :func:`rank_by_entropy` (highest / lowest first; ties by the smaller sample_id); the
+  entropies come from the feature-extraction stage's actors (:class:`PredictionExtractor`,
+  registered as the ``predictions`` extractor), read back with :func:`read_predictions`.
 - ``craig`` (Mirzasoleiman, Bilmes & Leskovec 2020): facility location
   ``F(S) = sum_{u in U} max_{s in S} sim(u, s)`` maximised greedily over the candidates,
   :func:`facility_location_greedy` (lazy greedy, the same picks as plain greedy), on last-layer
@@ -20,13 +22,15 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .featuretable import DenseFeatures, FactorFeatures
+from .features import EXTRACTORS
+from .featuretable import DenseFeatures, FactorFeatures, parquet_files, read_rows
 from .seeding import numpy_rng
 
 if TYPE_CHECKING:
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "balanced_quotas", "balanced_random", "predict_probs", "predictive_entropy", "rank_by_entropy",
+    "PredictionExtractor", "Predictions", "read_predictions",
     "craig_similarity", "facility_location_greedy", "CraigPicks", "select_craig",
 ]
 
@@ -167,6 +172,84 @@ def rank_by_entropy(sample_id: Sequence[int] | np.ndarray, entropy: np.ndarray, 
     _check_k(k, ids.size, "candidates")
     top = np.lexsort((ids, -H if highest else H))[:k]
     return ids[top], H[top]
+
+
+
+PREDICTION_COLUMNS = ("sample_id", "snapshot", "epoch", "entropy", "margin", "pred")
+
+
+@EXTRACTORS.register("predictions")
+class PredictionExtractor:
+    """What one snapshot's model predicts for each sample, for the feature-extraction stage's
+    actors (``extract_features(feature_spec={"kind": "predictions"})``): the predictive entropy
+    (``uncertain`` / ``certain``), the top-1 minus top-2 probability (``margin``) and the
+    predicted class (``pred``), from the softmax of the logits taken in float64 as
+    :func:`predict_probs` takes it. Not a gradient feature: no clustering runs on it
+    (``clusterable``), and ``features.kind`` refuses it.
+    """
+
+    needs_fit = False
+    clusterable = False
+
+    def __init__(self, *, model: nn.Module, cfg: object, seed: int) -> None:
+        self.model = model  # in eval mode (the stage's actors set it)
+        self.seed = int(seed)  # deterministic; kept for the common factory signature
+
+    def fit(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Nothing to estimate."""
+
+    @torch.no_grad()
+    def extract(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
+        p = torch.softmax(self.model(x).double(), dim=1).cpu().numpy()  # (n, C) float64
+        top2 = np.sort(p, axis=1)[:, -2:]  # (n, 2)
+        return {"entropy": predictive_entropy(p), "margin": top2[:, 1] - top2[:, 0],
+                "pred": p.argmax(1).astype(np.int64)}
+
+    def rows(self, *, sample_id: np.ndarray, snapshot: int, epoch: int, x: torch.Tensor,
+             y: torch.Tensor | None) -> dict[str, np.ndarray]:
+        cols = self.extract(x, y)
+        n = len(sample_id)
+        if cols["entropy"].shape[0] != n:
+            raise ValueError(f"{n} sample ids for a batch of {cols['entropy'].shape[0]} inputs")
+        return {"sample_id": np.asarray(sample_id, dtype=np.int64), "snapshot": np.full(n, snapshot, dtype=np.int32),
+                "epoch": np.full(n, epoch, dtype=np.int32), **cols}
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A prediction table (:class:`PredictionExtractor`'s rows of one snapshot), sorted by sample_id:
+    sample_id, entropy, margin (float64) and pred (int64), each (n,)."""
+
+    sample_id: np.ndarray
+    entropy: np.ndarray
+    margin: np.ndarray
+    pred: np.ndarray
+    epoch: int
+
+    def at(self, sample_id: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Row positions of ``sample_id``; KeyError naming the ids the table lacks."""
+        ids = np.asarray(sample_id, dtype=np.int64)
+        at = np.searchsorted(self.sample_id, ids)
+        found = (at < self.sample_id.size) & (self.sample_id[np.minimum(at, self.sample_id.size - 1)] == ids)
+        if not found.all():
+            raise KeyError(f"{int((~found).sum())} sample ids (e.g. {ids[~found][:5].tolist()}) have no row in the "
+                           "prediction table: extract it over those samples")
+        return at
+
+
+def read_predictions(paths: str | Path | Sequence[str | Path]) -> Predictions:
+    """Read a prediction table written by the extraction stage (one snapshot, any file order)."""
+    files = parquet_files(paths)
+    t = read_rows(files, columns=list(PREDICTION_COLUMNS))
+    ids = t.column("sample_id").to_numpy()
+    epochs = np.unique(t.column("epoch").to_numpy())
+    if epochs.size != 1 or np.unique(ids).size != ids.size:
+        raise ValueError(f"{paths} holds {epochs.size} snapshots and {ids.size} rows for {np.unique(ids).size} "
+                         "samples: a prediction table has one row per sample of one snapshot; extract it again")
+    order = np.argsort(ids, kind="stable")
+    col = {c: t.column(c).to_numpy()[order] for c in ("entropy", "margin", "pred")}
+    return Predictions(ids[order].astype(np.int64), col["entropy"].astype(np.float64),
+                       col["margin"].astype(np.float64), col["pred"].astype(np.int64), int(epochs[0]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ __all__ = [
     "FeatureExtractor",
     "RBCExtractor",
     "choose_snapshots",
+    "clustering_kinds",
     "factor_inner",
     "factor_sq_norms",
     "load_factor_table",
@@ -140,6 +141,12 @@ class FeatureExtractor(Protocol):
 
 
 EXTRACTORS: Registry = Registry("feature extractor")
+
+
+def clustering_kinds() -> list[str]:
+    """The registered extractors whose rows the clustering takes (``features.kind``): every one
+    but those marked ``clusterable = False`` (the ``predictions`` of core.baselines)."""
+    return [n for n in EXTRACTORS.names() if getattr(EXTRACTORS.get(n), "clusterable", True)]
 
 
 @EXTRACTORS.register("rbc")

@@ -44,6 +44,7 @@ import torch
 
 from .. import storage
 from ..config import FeatureConfig, _build
+from ..core import baselines as _baselines  # noqa: F401  (registers EXTRACTORS "predictions")
 from ..core import gbc as _gbc  # noqa: F401  (registers EXTRACTORS "gbc")
 from ..core.densetable import read_feature_table
 from ..core.features import EXTRACTORS

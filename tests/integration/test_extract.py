@@ -358,3 +358,51 @@ def test_ray_deterministic_reaches_the_pool_constructor(ray_session, tmp_path, s
                              sample_ids=np.arange(8), feature_spec={"kind": "rbc"},
                              output_path=str(tmp_path / "feats"), batch_size=8, deterministic=flag)
     assert seen == [True, False] and list(tmp_path.iterdir()) == []
+
+
+def test_prediction_table_matches_the_softmax_in_process_and_feeds_the_entropy_selectors(
+        ray_session, tmp_path, bundle, snapshots) -> None:
+    """kind="predictions" on the actor pool: one row per sample of the entropy, margin and predicted
+    class of the snapshot's softmax, as :func:`predict_probs` computes it here; the uncertain and
+    certain selectors rank the candidates by that table's entropies (their model runs on the
+    actors, not in the driver)."""
+    from types import SimpleNamespace
+
+    from pivotal_ray.config import ExperimentConfig
+    from pivotal_ray.core.baselines import predict_probs, predictive_entropy, rank_by_entropy, read_predictions
+    from pivotal_ray.selectors import SELECTORS, RoundContext
+
+    ids = numpy_rng(1, "order").permutation(bundle.train.sample_id)
+    out = extract_features(data_spec=DATA_SPEC, model_spec=MODEL_SPEC, snapshots=snapshots[1:], sample_ids=ids,
+                           feature_spec={"kind": "predictions"}, output_path=str(tmp_path / "pred"),
+                           num_actors=2, num_cpus=0.5, batch_size=128)
+    pred = read_predictions(out)
+    model = build_model(MODEL_SPEC, bundle.num_classes, bundle.input_shape)
+    model.load_state_dict(torch.load(Path(snapshots[1]["path"]) / "model.pt", weights_only=True))
+    train = bundle.train
+    p = predict_probs(model.eval(), train, train.positions_of(pred.sample_id))  # (600, 2)
+    np.testing.assert_array_equal(pred.sample_id, np.sort(ids))
+    assert pred.epoch == EPOCHS[1]
+    np.testing.assert_allclose(pred.entropy, predictive_entropy(p), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(pred.margin, np.abs(p[:, 1] - p[:, 0]), rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(pred.pred, p.argmax(1))
+    assert json.loads((Path(out) / "features.json").read_text())["kind"] == "predictions"
+
+    cfg = to_dict(ExperimentConfig(data=DataConfig(name="toy"), model=ModelConfig(name="mlp", hidden=8, depth=2),
+                                   seed=SEED))
+    cfg["ray"].update(extract_actors=2, extract_cpus=0.5)
+    snaps = [{**s, "val_acc": v} for s, v in zip(snapshots, (0.4, 0.7))]  # the later one is the best
+    run = SimpleNamespace(snapshots=snaps, best_epoch=EPOCHS[1],
+                          extra={"history": [{"epoch": s["epoch"], "val_acc": s["val_acc"]} for s in snaps]},
+                          snapshot=lambda e: next(s for s in snaps if s["epoch"] == e))
+    meta = np.sort(numpy_rng(2, "meta").choice(train.sample_id, size=5, replace=False))
+    ctx = RoundContext(cfg=cfg, bundle=bundle, meta_ids=meta, run=run, round=1, work_dir=tmp_path / "round")
+    cand = ctx.candidates()
+    H = predictive_entropy(predict_probs(model.eval(), train, train.positions_of(cand)))
+    for method, highest in (("uncertain", True), ("certain", False)):
+        picks = SELECTORS.get(method)(ctx, 6)
+        want, h = rank_by_entropy(cand, H, k=6, highest=highest)
+        np.testing.assert_array_equal(picks.sample_id, want)
+        np.testing.assert_allclose(picks.score, h, rtol=1e-6, atol=1e-12)
+        assert picks.info["snapshot_epoch"] == EPOCHS[1]
+    assert read_predictions(tmp_path / "round" / "predictions").epoch == EPOCHS[1]

@@ -221,8 +221,49 @@ def test_random_balanced_selector(toy_ctx) -> None:
     assert np.bincount(train.y_obs[train.positions_of(picks.sample_id)], minlength=2).tolist() == [3, 3]
 
 
+@pytest.fixture
+def predictions_here(monkeypatch) -> list[dict]:
+    """extract_features replaced by what its actors do for kind="predictions", in this process
+    (no Ray in the unit tier; tests/integration/test_extract.py runs the actors): the table and
+    its features.json at output_path. Returns the calls' keyword arguments."""
+    import pivotal_ray.distributed.extract as extract
+    from pivotal_ray.core.baselines import PredictionExtractor
+
+    calls: list[dict] = []
+
+    def extract_here(**kw) -> str:
+        calls.append(kw)
+        assert kw["feature_spec"]["kind"] == "predictions"
+        d = kw["data_spec"]
+        split = build_data(d["data"], d["noise"], int(d["seed"])).train
+        ids = np.asarray(kw["sample_ids"], dtype=np.int64)
+        parts = []
+        for k, snap in enumerate(kw["snapshots"]):
+            model = build_model(kw["model_spec"], 2, split.inputs(ids[:1]).shape[1:])
+            model.load_state_dict(torch.load(Path(snap["path"]) / "model.pt", weights_only=True))
+            ext = PredictionExtractor(model=model.eval(), cfg=kw["feature_spec"], seed=0)
+            parts.append(extract._to_arrow(ext.rows(sample_id=ids, snapshot=k, epoch=snap["epoch"],
+                                                    x=split.inputs(split.positions_of(ids)), y=None)))
+        out = Path(kw["output_path"])
+        if out.exists():
+            assert kw["overwrite"]
+            import shutil
+
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        pq.write_table(pa.concat_tables(parts), out / "part-0.parquet")
+        (out / "features.json").write_text(json.dumps({
+            **extract.table_settings(kw["feature_spec"]), "snapshots": extract.snapshot_records(kw["snapshots"]),
+            "num_samples": int(ids.size), "num_rows": int(ids.size) * len(kw["snapshots"]),
+            "seed": int(d["seed"])}))
+        return str(out)
+
+    monkeypatch.setattr(extract, "extract_features", extract_here)
+    return calls
+
+
 @pytest.mark.parametrize("method", ["uncertain", "certain"])
-def test_entropy_selectors(toy_ctx, method) -> None:
+def test_entropy_selectors(toy_ctx, method, predictions_here) -> None:
     picks = SELECTORS.get(method)(toy_ctx, 5)
     ids = picks.sample_id
     assert ids.size == 5 and np.unique(ids).size == 5 and not np.isin(ids, toy_ctx.meta_ids).any()
@@ -459,11 +500,13 @@ def two_snapshot_ctx(toy_ctx, tmp_path) -> RoundContext:
                                                  {"epoch": 6, "val_acc": 0.3}]})
     cfg = copy.deepcopy(toy_ctx.cfg)
     cfg["seed"] = 5
+    bundle = build_data(cfg["data"], cfg["noise"], cfg["seed"])  # the seed's own split, as the actors rebuild it
+    meta = np.sort(numpy_rng(5, "meta").choice(bundle.train.sample_id, size=4, replace=False))
     (tmp_path / "round").mkdir()
-    return dataclasses.replace(toy_ctx, cfg=cfg, run=run, work_dir=tmp_path / "round")
+    return dataclasses.replace(toy_ctx, cfg=cfg, bundle=bundle, meta_ids=meta, run=run, work_dir=tmp_path / "round")
 
 
-def test_entropy_selectors_use_the_best_persisted_snapshot_not_the_last(two_snapshot_ctx) -> None:
+def test_entropy_selectors_use_the_best_persisted_snapshot_not_the_last(two_snapshot_ctx, predictions_here) -> None:
     ctx = two_snapshot_ctx
     train, cand = ctx.bundle.train, ctx.candidates()
     model = build_model(ctx.cfg["model"], 2, ctx.bundle.input_shape)
@@ -475,6 +518,10 @@ def test_entropy_selectors_use_the_best_persisted_snapshot_not_the_last(two_snap
         np.testing.assert_array_equal(picks.sample_id, want)
         np.testing.assert_allclose(picks.score, h, rtol=1e-9)
         assert picks.info["snapshot_epoch"] == 3
+    # one pass of the model over the training set, on the extraction stage, at the best snapshot;
+    # the second method reads the round's table back
+    assert [[s["epoch"] for s in kw["snapshots"]] for kw in predictions_here] == [[3]]
+    np.testing.assert_array_equal(predictions_here[0]["sample_ids"], train.sample_id)
 
 
 def test_craig_selector_uses_the_best_snapshot_and_its_own_coverage_draw(two_snapshot_ctx, monkeypatch) -> None:
