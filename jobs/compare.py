@@ -16,6 +16,7 @@ artefacts) and ``ray_train/`` (the shared Ray Train storage).
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -34,7 +35,7 @@ def compare_config(cfg: DictConfig) -> CompareConfig:
 
 @hydra.main(config_path=CONFIGS, config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from pivotal_ray.compare import run_compare
+    from pivotal_ray.compare import margins_on_ray, run_compare
     from pivotal_ray.pipeline import _check_cluster, connect
 
     with exit_status():
@@ -42,7 +43,9 @@ def main(cfg: DictConfig) -> None:
         base = resolve_config(cfg)
         # Ray once every run is valid; then every run that will train is checked against the cluster
         # (its memory shared by the compare.concurrency runs at once)
-        df = run_compare(base=base, cc=cc, before_runs=lambda: connect(base), check=_check_cluster)
+        # every run's output_dir takes a table the extraction actors write (the boundary AUC's margins)
+        df = run_compare(base=base, cc=cc, before_runs=lambda: connect(base),
+                         check=partial(_check_cluster, extracts=True), margins=margins_on_ray)
     print((Path(cc.output_root).resolve() / "results.md").read_text())
     print(f"{len(df)} runs; outputs: {cc.output_root}")
 

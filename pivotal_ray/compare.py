@@ -160,19 +160,50 @@ class RunAnalysis:
     boundary_auc: float
 
 
-def analyse_run(*, cfg: ExperimentConfig, metrics: dict[str, Any], bundle: Any, frac: float) -> RunAnalysis:
-    """Final weights and margins of a run; the boundary AUC over its non-meta training samples."""
-    from . import storage
+def margins_here(cfg: ExperimentConfig, bundle: Any, snapshot: str, epoch: int) -> np.ndarray:
+    """Top-1 minus top-2 softmax probability of every training sample (train order, (N,) float64)
+    under the model at ``snapshot``, computed in this process (no Ray needed)."""
     from .core.baselines import predict_probs
+
+    train = bundle.train
+    probs = predict_probs(_load_model(cfg, bundle, snapshot), train, np.arange(len(train)),
+                          batch_size=cfg.features.batch_size)  # (N, C)
+    top2 = np.sort(probs, axis=1)[:, -2:]  # (N, 2)
+    return top2[:, 1] - top2[:, 0]
+
+
+def margins_on_ray(cfg: ExperimentConfig, bundle: Any, snapshot: str, epoch: int) -> np.ndarray:
+    """:func:`margins_here`'s margins computed on the feature-extraction stage's actors (Ray Data;
+    ``ray.extract_gpus`` puts them on GPUs) and kept in the run's ``final_predictions/`` table
+    (sample_id, entropy, margin, predicted class of the final model), which a later comparison
+    reads back. Needs a connected Ray session (``jobs.compare`` connects before its runs)."""
+    from .core.baselines import read_predictions
+    from .selectors import extract_table
+
+    c = to_dict(cfg)
+    path = extract_table(c, bundle, [{"path": snapshot, "epoch": int(epoch)}],
+                         feature_spec={**c["features"], "kind": "predictions"},
+                         out=Path(cfg.output_dir) / FINAL_PREDICTIONS)
+    pred = read_predictions(path)
+    return pred.margin[pred.at(bundle.train.sample_id)]
+
+
+FINAL_PREDICTIONS = "final_predictions"  # margins_on_ray's table, in the run's output_dir
+RunMargins = Callable[[ExperimentConfig, Any, str, int], np.ndarray]
+
+
+def analyse_run(*, cfg: ExperimentConfig, metrics: dict[str, Any], bundle: Any, frac: float,
+                margins: RunMargins = margins_here) -> RunAnalysis:
+    """Final weights and margins of a run; the boundary AUC over its non-meta training samples.
+    ``margins(cfg, bundle, snapshot, epoch)`` gives the final model's margins in train order."""
+    from . import storage
     from .core.metrics import boundary_auc
 
     train = bundle.train
     snap = metrics["final_run"]["snapshot"]
-    weights = storage.torch_load(storage.join(snap, "train_state.pt"), map_location="cpu")["weights"].numpy()
-    probs = predict_probs(_load_model(cfg, bundle, snap), train, np.arange(len(train)),
-                          batch_size=cfg.features.batch_size)  # (N, C)
-    top2 = np.sort(probs, axis=1)[:, -2:]  # (N, 2)
-    margin = top2[:, 1] - top2[:, 0]
+    state = storage.torch_load(storage.join(snap, "train_state.pt"), map_location="cpu")
+    weights = state["weights"].numpy()
+    margin = margins(cfg, bundle, snap, int(state["epoch"]))  # (N,)
     meta = pd.read_csv(Path(cfg.output_dir) / "selection.csv")["sample_id"].to_numpy()
     cand = ~np.isin(train.sample_id, meta)
     clean = train.y_obs == train.y_true
@@ -196,7 +227,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
                 run: Callable[[ExperimentConfig], dict[str, Any]] | None = None,
                 log: Callable[[str], None] = print,
                 before_runs: Callable[[], None] | None = None,
-                check: Callable[..., None] | None = None) -> pd.DataFrame:
+                check: Callable[..., None] | None = None,
+                margins: RunMargins = margins_here) -> pd.DataFrame:
     """Run (or read) every spec, write the results and the figures; returns the results table.
 
     Every spec is validated first (``pipeline.validate``: its settings, its data, its run
@@ -205,7 +237,9 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
     not finished (``jobs.compare``: the checks against the cluster's CPUs, GPUs and memory), with
     ``runs_at_once=n`` where n > 1 runs share the cluster, and the specs run in order: one at a time, or
     ``compare.concurrency`` at a time (:func:`run_concurrently`), the tables and figures following
-    once every run has ended.
+    once every run has ended. ``margins`` computes each run's final-model margins for the boundary
+    AUC: in this process by default, on the extraction stage's actors with :func:`margins_on_ray`
+    (``jobs.compare``).
     """
     from .core.data import build_data
     from .pipeline import run_experiment, validate
@@ -263,7 +297,8 @@ def run_compare(*, base: ExperimentConfig, cc: CompareConfig,
         key = data_key(spec.cfg)
         if key not in bundles:
             bundles = {key: build_data(spec.cfg.data, spec.cfg.noise, spec.cfg.seed)}  # keep one at a time
-        analysis = analyse_run(cfg=spec.cfg, metrics=metrics, bundle=bundles[key], frac=cc.boundary_frac)
+        analysis = analyse_run(cfg=spec.cfg, metrics=metrics, bundle=bundles[key], frac=cc.boundary_frac,
+                               margins=margins)
         rows.append(result_row(metrics=metrics, variant=spec.variant, boundary_auc=analysis.boundary_auc))
         done.append((spec, analysis))
         log(f"[{i}/{len(specs)}] {status} {spec.method} seed {spec.seed} {variant_tag(spec.variant)}: "

@@ -374,13 +374,18 @@ def check_feature_memory(cfg: ExperimentConfig, bundle: Any, memory_bytes: float
         f"for Ray, {tail}")
 
 
-def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) -> None:
+def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1, *,
+                   extracts: bool | None = None) -> None:
     """ConfigError where the cluster cannot hold one run (``runs_at_once`` runs share its memory;
     nothing of that with ``ray.autoscaling``), or where another of its nodes does not see
-    ``output_dir`` or a local ``ray.storage_path`` (:func:`_check_shared_storage`)."""
+    ``output_dir`` or a local ``ray.storage_path`` (:func:`_check_shared_storage`). ``extracts``:
+    whether the extraction stage's actors run for the run and write under its output_dir (default:
+    whether its method extracts, :func:`_extracts_on_workers`; jobs.compare: always, for the
+    boundary AUC's margins)."""
     import ray
 
-    _check_shared_storage(cfg)
+    extracts = _extracts_on_workers(cfg) if extracts is None else extracts
+    _check_shared_storage(cfg, extracts)
     if cfg.ray.autoscaling:  # the cluster grows on demand: what it has now says nothing
         return
     res = ray.cluster_resources()
@@ -399,7 +404,7 @@ def _check_cluster(cfg: ExperimentConfig, bundle: Any, runs_at_once: int = 1) ->
     if cfg.ray.extract_gpus > 0 and not res.get("GPU", 0):
         raise ConfigError(f"ray.extract_gpus={cfg.ray.extract_gpus} but the cluster has no GPU: set "
                           "ray.extract_gpus=0 (CPU actors) or run on a cluster with GPU nodes")
-    _check_per_node(cfg, _extracts_on_workers(cfg), clusters)
+    _check_per_node(cfg, extracts, clusters)
     need_gpu = cfg.ray.num_workers if cfg.ray.use_gpu else 0
     if need_gpu > res.get("GPU", 0):
         raise ConfigError(f"ray.use_gpu=true with {cfg.ray.num_workers} workers needs {need_gpu} GPUs but the "
@@ -411,9 +416,13 @@ def _clusters(cfg: ExperimentConfig) -> bool:
     return clustered_feature_kind(cfg.selection.method, cfg.features.kind) is not None
 
 
+EXTRACTING_BASELINES = ("craig", "uncertain", "certain")  # RBC factors / the softmax on the extraction actors
+
+
 def _extracts_on_workers(cfg: ExperimentConfig) -> bool:
-    """Whether the method extracts features on Ray Data actors: those it clusters, and craig's."""
-    return _clusters(cfg) or cfg.selection.method == "craig"
+    """Whether the method runs the extraction stage's Ray Data actors: those that cluster
+    features, craig (RBC factors) and uncertain/certain (the softmax, ``predictions``)."""
+    return _clusters(cfg) or cfg.selection.method in EXTRACTING_BASELINES
 
 
 # (folder, nodes) pairs found shared in this process: jobs.compare checks every run, and its runs'
@@ -421,11 +430,11 @@ def _extracts_on_workers(cfg: ExperimentConfig) -> bool:
 _SHARED_OK: set[tuple[str, frozenset[str]]] = set()
 
 
-def _check_shared_storage(cfg: ExperimentConfig) -> None:
+def _check_shared_storage(cfg: ExperimentConfig, extracts: bool | None = None) -> None:
     """ConfigError naming the fix where another node of the cluster that can run work does not see
     a folder that workers write in as this driver does (a file written in its nearest existing
     folder is not there: :mod:`distributed.shared_fs`): ``output_dir`` where feature extraction
-    writes its tables there (methods that extract features on workers) or Ray Train its
+    writes its tables there (``extracts``; default: methods that extract on workers) or Ray Train its
     checkpoints (``ray.storage_path`` unset, or a path inside it), and a local ``ray.storage_path``
     elsewhere. Nothing is asked on a single node. With ``ray.autoscaling`` only the nodes up now
     are asked (a node added later that does not share output_dir still fails the run: feature
@@ -439,7 +448,7 @@ def _check_shared_storage(cfg: ExperimentConfig) -> None:
     sp = cfg.ray.storage_path
     local_sp = sp is not None and "://" not in sp
     ckpt_inside = sp is None or (local_sp and os.path.commonpath([out, os.path.abspath(sp)]) == out)
-    extracts = _extracts_on_workers(cfg)
+    extracts = _extracts_on_workers(cfg) if extracts is None else extracts
     checks = []  # (setting, path, what other nodes write there, whether a storage URI would do)
     if extracts or ckpt_inside:
         writers = " and ".join(

@@ -107,36 +107,45 @@ def _table_is(path: Path, *, snapshots: list[dict[str, Any]], feature_spec: dict
             and meta.get("num_samples") == num_samples and meta.get("seed") == seed)
 
 
+def extract_table(cfg: dict[str, Any], bundle: Any, snapshots: list[dict[str, Any]], *,
+                  feature_spec: dict[str, Any], out: Path) -> str:
+    """Ray Data extraction (``feature_spec["kind"]``) over every training sample at ``snapshots``
+    (``[{"path", "epoch"}]``) into ``out``, with the resources of ``cfg["ray"]``; a table already
+    at ``out`` is reused only if it holds what is asked (:func:`_table_is`), else replaced."""
+    from .distributed.extract import extract_features
+
+    r = cfg["ray"]
+    stale = out.exists() and not _table_is(out, snapshots=snapshots, feature_spec=feature_spec,
+                                           num_samples=len(bundle.train), seed=int(cfg["seed"]))
+    if not out.exists() or stale:  # a table is reused (resume) only if it is this one
+        extract_features(
+            data_spec={"data": cfg["data"], "noise": cfg["noise"], "seed": int(cfg["seed"])},
+            model_spec=cfg["model"], snapshots=snapshots, sample_ids=bundle.train.sample_id,
+            feature_spec=feature_spec, output_path=str(out), num_actors=r["extract_actors"],
+            num_cpus=r["extract_cpus"], num_gpus=r["extract_gpus"], batch_size=cfg["features"]["batch_size"],
+            overwrite=stale, max_restarts=r["extract_max_restarts"], deterministic=r.get("deterministic", False))
+    return str(out)
+
+
 def extract_round_features(ctx: RoundContext, *, kind: str | None = None, epochs: list[int] | None = None,
                            name: str = "features") -> str:
     """Ray Data feature extraction over every training sample at the chosen snapshots.
 
     With no keywords: ``features.kind`` at the K chosen snapshots into ``work_dir/features``.
-    ``kind`` forces an extractor whatever the config says (gbc, rbc_k, craig), ``epochs``
-    replaces the chosen snapshots, ``name`` is the directory under ``work_dir``.
+    ``kind`` forces an extractor whatever the config says (gbc, rbc_k, craig, predictions),
+    ``epochs`` replaces the chosen snapshots, ``name`` is the directory under ``work_dir``.
     """
     import time
-
-    from .distributed.extract import extract_features
 
     t0 = time.perf_counter()
     epochs = _snapshot_epochs(ctx) if epochs is None else [int(e) for e in epochs]
     snapshots = [{"path": ctx.run.snapshot(e)["path"], "epoch": e} for e in epochs]
-    cfg, r = ctx.cfg, ctx.cfg["ray"]
-    feature_spec = cfg["features"] if kind is None else {**cfg["features"], "kind": kind}
-    out = ctx.work_dir / name
-    stale = out.exists() and not _table_is(out, snapshots=snapshots, feature_spec=feature_spec,
-                                           num_samples=len(ctx.bundle.train), seed=ctx.seed)
-    if not out.exists() or stale:  # a table of this round is reused (resume) only if it is this one
-        extract_features(
-            data_spec={"data": cfg["data"], "noise": cfg["noise"], "seed": ctx.seed},
-            model_spec=cfg["model"], snapshots=snapshots, sample_ids=ctx.bundle.train.sample_id,
-            feature_spec=feature_spec, output_path=str(out), num_actors=r["extract_actors"],
-            num_cpus=r["extract_cpus"], num_gpus=r["extract_gpus"], batch_size=cfg["features"]["batch_size"],
-            overwrite=stale, max_restarts=r["extract_max_restarts"], deterministic=r.get("deterministic", False))
+    features = ctx.cfg["features"]
+    path = extract_table(ctx.cfg, ctx.bundle, snapshots, out=ctx.work_dir / name,
+                         feature_spec=features if kind is None else {**features, "kind": kind})
     ctx.timings["features_s"] = time.perf_counter() - t0
     ctx.timings["snapshot_epochs"] = epochs  # type: ignore[assignment]
-    return str(out)
+    return path
 
 
 def _clustering(weighted: bool, kind: str | None = None) -> Selector:

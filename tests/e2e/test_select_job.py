@@ -277,15 +277,18 @@ def test_kmeans_memory_benchmark_synthetic_factor_table(ray_session, tmp_path):
 def test_a_comparison_two_runs_at_a_time_repeats_the_runs(runs, tmp_path):
     """jobs.compare with compare.concurrency=2 on a fresh Ray Train storage: rbc and random start
     together in two driver threads, one trains their shared warm-up while the other waits for it,
-    then both train at once; each gives the picks and metrics of the runs made one at a time."""
-    from pivotal_ray.compare import run_compare
+    then both train at once; each gives the picks and metrics of the runs made one at a time. The
+    boundary AUC's margins come from the extraction stage's actors (jobs.compare's way), kept in
+    each run's final_predictions table, and equal those computed in this process."""
+    from pivotal_ray.compare import FINAL_PREDICTIONS, analyse_run, margins_here, margins_on_ray, run_compare
     from pivotal_ray.config import CompareConfig
+    from pivotal_ray.core.baselines import read_predictions
 
     base = resolve(*TINY, "method=rbc", f"seed={SEED}", f"output_dir={tmp_path / 'unused'}")
     cc = CompareConfig(methods=["rbc", "random"], seeds=[SEED], output_root=str(tmp_path / "cmp"), plots=False,
                        concurrency=2)
     lines: list[str] = []
-    df = run_compare(base=base, cc=cc, log=lines.append)
+    df = run_compare(base=base, cc=cc, log=lines.append, margins=margins_on_ray)
     assert [line.split(" (")[0] for line in lines if line.startswith("started")] == [
         f"started rbc seed {SEED}", f"started random seed {SEED}"]
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cmp" / "ray_train").iterdir()) == [
@@ -296,5 +299,11 @@ def test_a_comparison_two_runs_at_a_time_repeats_the_runs(runs, tmp_path):
         got = json.loads((run_dir / "metrics.json").read_text())
         for key in ("test_acc_at_best_val", "best_epoch", "final_test_acc", "weight_auc"):
             assert got[key] == runs["metrics"][method][key], (method, key)
+        cfg = resolve(*TINY, f"method={method}", f"seed={SEED}", f"output_dir={run_dir}")
+        bundle = build_data(cfg.data, cfg.noise, cfg.seed)
+        here = analyse_run(cfg=cfg, metrics=got, bundle=bundle, frac=cc.boundary_frac, margins=margins_here)
+        pred = read_predictions(run_dir / FINAL_PREDICTIONS)
+        np.testing.assert_allclose(pred.margin[pred.at(bundle.train.sample_id)], here.margin, rtol=1e-6, atol=1e-9)
+        assert df.loc[df["method"] == method, "boundary_auc"].item() == pytest.approx(here.boundary_auc, abs=1e-12)
     assert len(df) == 2
 

@@ -201,7 +201,7 @@ def _fake_pipeline(calls: list, lift: float = 0.6):
         rng = np.random.default_rng(cfg.seed)
         clean = train.y_obs == train.y_true
         weights = np.clip(clean * lift + rng.random(len(train)) * 0.5, 0, 1)  # clean samples weigh more
-        torch.save({"weights": torch.as_tensor(weights, dtype=torch.float32)}, snap / "train_state.pt")
+        torch.save({"weights": torch.as_tensor(weights, dtype=torch.float32), "epoch": 4}, snap / "train_state.pt")
         ids = rng.choice(train.sample_id, 6, replace=False)
         pd.DataFrame({"sample_id": ids, "observed_label": 0, "cleaned_label": 0, "round": [0, 0, 1, 1, 1, 1],
                       "cluster": -1, "score": np.nan}).to_csv(out / "selection.csv", index=False)

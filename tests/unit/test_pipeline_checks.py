@@ -287,6 +287,24 @@ def test_a_kmeans_shard_larger_than_any_node_is_refused(monkeypatch):
     pipeline._check_per_node(cfg, True, True)
 
 
+def test_an_extraction_actor_larger_than_any_node_is_refused_where_actors_run(monkeypatch):
+    """uncertain runs its softmax pass on the extraction actors (checked); random runs none (not
+    checked) unless jobs.compare's analysis runs one for it (``extracts=True``)."""
+    import ray
+
+    from pivotal_ray.distributed import shared_fs
+
+    monkeypatch.setattr(shared_fs, "worker_nodes", lambda: [])  # one node: no shared-storage question
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 8e9})
+    monkeypatch.setattr(pipeline, "check_feature_memory", lambda *a, **k: None)
+    big = {"output_dir": "/tmp/x", "ray": {"extract_cpus": 3.0, "cpus_per_worker": 1.0}}
+    for method, extracts in (("uncertain", None), ("certain", None), ("random", True)):
+        with pytest.raises(ConfigError, match=r"ray.extract_cpus=3.0 but the largest node has 2.0 CPUs"):
+            pipeline._check_cluster(from_dict({**big, "selection": {"method": method}}), None, extracts=extracts)
+    pipeline._check_cluster(from_dict({**big, "selection": {"method": "random"}}), None)
+
+
 # ---------------------------------------------------------------- shared storage on several nodes
 
 
@@ -343,12 +361,21 @@ def test_storage_not_shared_by_another_node_is_refused(tmp_path, monkeypatch):
                                           r"is unset: <output_dir>/ray_train\), on any node, .* or set "
                                           r"ray.storage_path to a URI"):
         pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs"),
-                                                  "selection": {"method": "uncertain"}}))
+                                                  "selection": {"method": "random"}}))
     # ... and with them on a URI, such a method writes output_dir from the driver alone: not asked
     asked.clear()
-    pipeline._check_shared_storage(from_dict({"output_dir": str(tmp_path / "runs"), "selection": {"method": "random"},
-                                              "ray": {"storage_path": "s3://bucket/runs"}}))
+    on_uri = {"output_dir": str(tmp_path / "runs"), "ray": {"storage_path": "s3://bucket/runs"}}
+    pipeline._check_shared_storage(from_dict({**on_uri, "selection": {"method": "random"}}))
     assert asked == []
+    # but uncertain/certain write their prediction table from the extraction actors, and
+    # jobs.compare's analysis (extracts=True) writes one for every method
+    for cfg, extracts in ((from_dict({**on_uri, "selection": {"method": "uncertain"}}), None),
+                          (from_dict({**on_uri, "selection": {"method": "random"}}), True)):
+        with pytest.raises(ConfigError, match=r"Ray Data's feature-extraction tasks write the feature tables under it, "
+                                              r"on any node"):
+            pipeline._check_shared_storage(cfg, extracts)
+    assert asked == [str(tmp_path / "runs")] * 2
+    asked.clear()
     # a node that gave no answer is not counted as sharing: the folder is asked again next time
     del unseen[str(tmp_path / "runs")]
     silent.append("10.0.0.2")
