@@ -14,6 +14,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,6 +25,8 @@ import pandas as pd
 from .config import CompareConfig, ConfigError, ExperimentConfig, from_dict, to_dict
 from .core import artifacts
 from .core.locks import RUN_THREAD  # run threads are named "compare[<method> seed <s>]"
+
+_log = logging.getLogger(__name__)
 
 STAGE_TIMES = ("warmup_train_s", "base_train_s", "features_s", "kmeans_s", "select_s", "train_s", "total_s")
 
@@ -176,15 +179,28 @@ def margins_on_ray(cfg: ExperimentConfig, bundle: Any, snapshot: str, epoch: int
     """:func:`margins_here`'s margins computed on the feature-extraction stage's actors (Ray Data;
     ``ray.extract_gpus`` puts them on GPUs) and kept in the run's ``final_predictions/`` table
     (sample_id, entropy, margin, predicted class of the final model), which a later comparison
-    reads back. Needs a connected Ray session (``jobs.compare`` connects before its runs)."""
+    reads back. Needs a connected Ray session (``jobs.compare`` connects before its runs).
+
+    Works in the run's folder under its lock (a comparison beside this one that meets the same
+    run waits, then reads the table back); before extracting it checks that every node sees
+    ``output_dir`` and that an extraction actor fits a node, as for a method that extracts (a run
+    finished earlier, read back, was never checked for that)."""
+    from .core import locks
     from .core.baselines import read_predictions
+    from .pipeline import _check_per_node, _check_shared_storage
     from .selectors import extract_table
 
-    c = to_dict(cfg)
-    path = extract_table(c, bundle, [{"path": snapshot, "epoch": int(epoch)}],
-                         feature_spec={**c["features"], "kind": "predictions"},
-                         out=Path(cfg.output_dir) / FINAL_PREDICTIONS)
-    pred = read_predictions(path)
+    def check() -> None:  # as pipeline._check_cluster does for a run that extracts
+        _check_shared_storage(cfg, True)
+        if not cfg.ray.autoscaling:  # the cluster grows on demand: the nodes up now say nothing
+            _check_per_node(cfg, True)
+
+    c, out = to_dict(cfg), os.path.realpath(cfg.output_dir)
+    with locks.hold(f"output_dir:{out}", f"output_dir {out}", wait=True, on_wait=_log.info):
+        path = extract_table(c, bundle, [{"path": snapshot, "epoch": int(epoch)}],
+                             feature_spec={**c["features"], "kind": "predictions"},
+                             out=Path(out) / FINAL_PREDICTIONS, before=check)
+        pred = read_predictions(path)
     return pred.margin[pred.at(bundle.train.sample_id)]
 
 

@@ -132,13 +132,17 @@ def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
                           "(selection.method=... or method=...)")
     from .core import baselines as _baselines  # noqa: F401  (registers EXTRACTORS "predictions")
     from .core import gbc as _gbc  # noqa: F401  (registers EXTRACTORS "gbc": features=gbc)
-    from .core.features import clustering_kinds
+    from .core.features import EXTRACTORS, clustering_kinds
     from .core.models import MODELS
     from .core.reweight import REWEIGHTERS
 
     for setting, value, known in (("reweight.mode", cfg.reweight.mode, REWEIGHTERS.names()),
                                   ("model.name", cfg.model.name, MODELS.names()),
                                   ("features.kind", cfg.features.kind, clustering_kinds())):
+        if value in EXTRACTORS and value not in known and setting == "features.kind":
+            raise ConfigError(f"features.kind={value!r} names a table of the model's predictions (what uncertain "
+                              f"and certain rank by), not a gradient feature the clustering can take: choose one of "
+                              f"{known} ({setting}=...)")
         if value not in known:
             raise ConfigError(f"unknown {setting} {value!r}: choose one of {known} ({setting}=...)")
     out = Path(cfg.output_dir)

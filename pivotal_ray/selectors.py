@@ -108,16 +108,19 @@ def _table_is(path: Path, *, snapshots: list[dict[str, Any]], feature_spec: dict
 
 
 def extract_table(cfg: dict[str, Any], bundle: Any, snapshots: list[dict[str, Any]], *,
-                  feature_spec: dict[str, Any], out: Path) -> str:
+                  feature_spec: dict[str, Any], out: Path, before: Callable[[], None] | None = None) -> str:
     """Ray Data extraction (``feature_spec["kind"]``) over every training sample at ``snapshots``
     (``[{"path", "epoch"}]``) into ``out``, with the resources of ``cfg["ray"]``; a table already
-    at ``out`` is reused only if it holds what is asked (:func:`_table_is`), else replaced."""
+    at ``out`` is reused only if it holds what is asked (:func:`_table_is`), else replaced.
+    ``before()`` is called only when the extraction is to run (checks that may refuse it)."""
     from .distributed.extract import extract_features
 
     r = cfg["ray"]
     stale = out.exists() and not _table_is(out, snapshots=snapshots, feature_spec=feature_spec,
                                            num_samples=len(bundle.train), seed=int(cfg["seed"]))
     if not out.exists() or stale:  # a table is reused (resume) only if it is this one
+        if before is not None:
+            before()
         extract_features(
             data_spec={"data": cfg["data"], "noise": cfg["noise"], "seed": int(cfg["seed"])},
             model_spec=cfg["model"], snapshots=snapshots, sample_ids=bundle.train.sample_id,

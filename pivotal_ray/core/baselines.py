@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -240,6 +241,10 @@ class Predictions:
 def read_predictions(paths: str | Path | Sequence[str | Path]) -> Predictions:
     """Read a prediction table written by the extraction stage (one snapshot, any file order)."""
     files = parquet_files(paths)
+    lacking = sorted(set(PREDICTION_COLUMNS) - set(pq.read_schema(files[0]).names))
+    if lacking:
+        raise ValueError(f"{paths} is not a prediction table (it lacks the columns {lacking}): delete it and "
+                         "extract it again (kind='predictions')")
     t = read_rows(files, columns=list(PREDICTION_COLUMNS))
     ids = t.column("sample_id").to_numpy()
     epochs = np.unique(t.column("epoch").to_numpy())

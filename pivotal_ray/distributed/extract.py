@@ -6,7 +6,9 @@ and loads all K snapshot models ONCE; every batch of n ids then becomes K x n ro
 ``(sample_id, snapshot, epoch, <feature columns>)``, written as parquet. For RBC that is the
 factor-table layout of :mod:`pivotal_ray.core.featuretable` (A: fixed_size_list<float32>[C],
 x: fixed_size_list<float32>[d]); for GBC the dense layout of :mod:`pivotal_ray.core.densetable`
-(g: fixed_size_list<float32>[W]). GBC extractors are fitted in every actor over all candidates in
+(g: fixed_size_list<float32>[W]); for the ``predictions`` of uncertain/certain and jobs.compare
+one snapshot's entropy, margin (float64) and predicted class (int64), :mod:`pivotal_ray.core.baselines`.
+GBC extractors are fitted in every actor over all candidates in
 the same order with the same seed, so every actor draws the same tensors (see core/gbc.py).
 
 The table is written to a temporary sibling directory and renamed into place only once every row

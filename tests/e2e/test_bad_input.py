@@ -197,6 +197,16 @@ def test_unknown_registry_names(out, tripwires, override, setting):
     assert not out.exists()
 
 
+def test_features_kind_refuses_the_prediction_extractor(out, tripwires):
+    """``predictions`` is a registered extractor (the uncertain/certain selectors' softmax pass)
+    but no gradient feature: the clustering cannot take it, so features.kind lists only those."""
+    with pytest.raises(ConfigError, match=r"features.kind='predictions' names a table of the model's predictions "
+                                          r"\(what uncertain and certain rank by\), not a gradient feature the "
+                                          r"clustering can take: choose one of \['gbc', 'rbc'\]"):
+        _run("features.kind=predictions", f"output_dir={out}")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("override, fix", [
     ("features.num_layers=0", "features.num_layers=0 must be >= 1"),
     ("features.proj_dim=0", "features.proj_dim=0 must be >= 1"),

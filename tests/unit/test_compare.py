@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 from pathlib import Path
 
@@ -608,3 +609,50 @@ def test_each_run_threads_log_lines_name_their_run(tmp_path, caplog):
     lines = sorted(r.getMessage() for r in caplog.records)
     assert lines == ["[rbc seed 0] round 1: picked [0]", "[rbc seed 1] round 1: picked [1]", "after"]
     assert not any(f for h in logging.getLogger().handlers for f in h.filters if type(f).__name__ == "_RunLabel")
+
+
+def test_margins_on_ray_keeps_the_final_models_table_and_checks_before_extracting(tmp_path, monkeypatch,
+                                                                                  predictions_here):
+    """jobs.compare's margins (the extraction stage; here its in-process stand-in): the same
+    margins as computed in this process, written once to the run's final_predictions/ and read
+    back by the next analysis; extracted again (with the cluster checks first) when the final
+    snapshot differs; refused before extracting where the checks refuse."""
+    from pivotal_ray import pipeline
+    from pivotal_ray.compare import FINAL_PREDICTIONS, analyse_run, margins_here, margins_on_ray
+
+    cfg = _base(tmp_path)
+    cfg = from_dict({**to_dict(cfg), "output_dir": str(tmp_path / "run")})
+    metrics = _fake_pipeline([])(cfg)
+    bundle = build_data(cfg.data, cfg.noise, cfg.seed)
+    checked: list[bool] = []
+    monkeypatch.setattr(pipeline, "_check_shared_storage", lambda c, extracts=None: checked.append(extracts))
+    monkeypatch.setattr(pipeline, "_check_per_node", lambda c, extracts, clusters=False: None)
+    here = analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_here)
+    on_ray = analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_on_ray)
+    np.testing.assert_allclose(on_ray.margin, here.margin, rtol=0, atol=1e-12)
+    assert on_ray.boundary_auc == pytest.approx(here.boundary_auc, abs=1e-12)
+    assert (tmp_path / "run" / FINAL_PREDICTIONS / "features.json").exists()
+    assert len(predictions_here) == 1 and checked == [True]
+    np.testing.assert_array_equal(predictions_here[0]["sample_ids"], bundle.train.sample_id)
+    assert [s["epoch"] for s in predictions_here[0]["snapshots"]] == [4]  # train_state.pt's epoch
+    analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_on_ray)
+    assert len(predictions_here) == 1 and checked == [True]  # read back: no extraction, no check
+    # another final snapshot (a run trained anew): extracted again, over the old table
+    other = tmp_path / "run" / "snap2"
+    shutil.copytree(tmp_path / "run" / "snap", other)
+    torch.save(build_model(to_dict(cfg)["model"], bundle.num_classes, bundle.input_shape, seed=3).state_dict(),
+               other / "model.pt")
+    moved = {**metrics, "final_run": {**metrics["final_run"], "snapshot": str(other)}}
+    again = analyse_run(cfg=cfg, metrics=moved, bundle=bundle, frac=0.1, margins=margins_on_ray)
+    assert len(predictions_here) == 2 and predictions_here[1]["overwrite"] and checked == [True, True]
+    assert not np.allclose(again.margin, on_ray.margin)
+    np.testing.assert_allclose(again.margin, analyse_run(cfg=cfg, metrics=moved, bundle=bundle, frac=0.1).margin,
+                               rtol=0, atol=1e-12)
+
+    def refuse(c, extracts=None):
+        raise ConfigError("output_dir is not shared")
+
+    monkeypatch.setattr(pipeline, "_check_shared_storage", refuse)
+    with pytest.raises(ConfigError, match="not shared"):
+        analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_on_ray)
+    assert len(predictions_here) == 2  # refused before any extraction

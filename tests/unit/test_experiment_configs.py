@@ -16,7 +16,7 @@ import pytest
 from jobs.compare import compare_config
 from jobs.select import CONFIGS, resolve_config
 from pivotal_ray.compare import expand
-from pivotal_ray.core.features import EXTRACTORS
+from pivotal_ray.core.features import clustering_kinds
 from pivotal_ray.core.models import MODELS
 from pivotal_ray.core.reweight import REWEIGHTERS
 from pivotal_ray.selectors import SELECTORS
@@ -51,7 +51,7 @@ def test_experiment_composes_resolves_and_expands(name, tmp_path):
     exp = resolve_config(_compose_runnable(name))
     assert exp.name == name and Path(exp.output_dir).is_absolute()
     assert exp.selection.budget > exp.selection.warmup
-    assert exp.reweight.mode in REWEIGHTERS and exp.model.name in MODELS and exp.features.kind in EXTRACTORS
+    assert exp.reweight.mode in REWEIGHTERS and exp.model.name in MODELS and exp.features.kind in clustering_kinds()
     cc = compare_config(_compose(name, f"compare.output_root={tmp_path}"))
     assert all(m in SELECTORS for m in cc.methods)
     specs = expand(base=exp, cc=cc)  # every (value, method, seed) validates as an ExperimentConfig
