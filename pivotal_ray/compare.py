@@ -190,13 +190,14 @@ def margins_on_ray(cfg: ExperimentConfig, bundle: Any, snapshot: str, epoch: int
     from .pipeline import _check_per_node, _check_shared_storage
     from .selectors import extract_table
 
-    def check() -> None:  # as pipeline._check_cluster does for a run that extracts
+    def check() -> None:  # as pipeline._check_cluster does for a run that extracts (no training here)
         _check_shared_storage(cfg, True)
         if not cfg.ray.autoscaling:  # the cluster grows on demand: the nodes up now say nothing
-            _check_per_node(cfg, True)
+            _check_per_node(cfg, True, trains=False)
 
     c, out = to_dict(cfg), os.path.realpath(cfg.output_dir)
     with locks.hold(f"output_dir:{out}", f"output_dir {out}", wait=True, on_wait=_log.info):
+        artifacts.remove_temporaries(Path(out))  # what an analysis killed mid-extraction left there
         path = extract_table(c, bundle, [{"path": snapshot, "epoch": int(epoch)}],
                              feature_spec={**c["features"], "kind": "predictions"},
                              out=Path(out) / FINAL_PREDICTIONS, before=check)

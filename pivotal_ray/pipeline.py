@@ -485,15 +485,16 @@ def _check_shared_storage(cfg: ExperimentConfig, extracts: bool | None = None) -
             _SHARED_OK.add(key)
 
 
-def _check_per_node(cfg: ExperimentConfig, extracts: bool, clusters: bool = False) -> None:
-    """One Train worker, one extraction actor and one K-means shard must each fit on some node
-    (Ray never splits a worker's CPUs or GPUs across nodes; otherwise it waits forever)."""
+def _check_per_node(cfg: ExperimentConfig, extracts: bool, clusters: bool = False, *, trains: bool = True) -> None:
+    """One Train worker (``trains``), one extraction actor (``extracts``) and one K-means shard
+    (``clusters``) must each fit on some node (Ray never splits a worker's CPUs or GPUs across
+    nodes; otherwise it waits forever)."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     most = {k: max((r.get(k, 0.0) for r in nodes), default=0.0) for k in ("CPU", "GPU")}
     r = cfg.ray
-    if r.cpus_per_worker > most["CPU"]:
+    if trains and r.cpus_per_worker > most["CPU"]:
         raise ConfigError(f"ray.cpus_per_worker={r.cpus_per_worker} but the largest node has {most['CPU']} CPUs: "
                           "lower ray.cpus_per_worker (a Train worker runs on one node)")
     if extracts and r.extract_cpus > most["CPU"]:

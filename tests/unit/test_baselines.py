@@ -221,6 +221,20 @@ def test_random_balanced_selector(toy_ctx) -> None:
     assert np.bincount(train.y_obs[train.positions_of(picks.sample_id)], minlength=2).tolist() == [3, 3]
 
 
+def test_read_predictions_refuses_a_table_of_another_kind(tmp_path) -> None:
+    from pivotal_ray.core.baselines import read_predictions
+
+    A, X = np.ones((3, 2), np.float32), np.ones((3, 4), np.float32)
+    cols = factor_columns(np.arange(3), 0, 1, A, X)
+    pq.write_table(pa.table({c: (pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)),
+                                                                   type=pa.list_(pa.float32(), v.shape[1]))
+                                 if v.ndim == 2 else pa.array(v)) for c, v in cols.items()},
+                            schema=factor_schema(2, 4)), tmp_path / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"is not a prediction table \(it lacks the columns \['entropy', 'margin', "
+                                         r"'pred'\]\): delete it and extract it again"):
+        read_predictions(tmp_path)
+
+
 @pytest.mark.parametrize("method", ["uncertain", "certain"])
 def test_entropy_selectors(toy_ctx, method, predictions_here) -> None:
     picks = SELECTORS.get(method)(toy_ctx, 5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -624,15 +625,31 @@ def test_margins_on_ray_keeps_the_final_models_table_and_checks_before_extractin
     cfg = from_dict({**to_dict(cfg), "output_dir": str(tmp_path / "run")})
     metrics = _fake_pipeline([])(cfg)
     bundle = build_data(cfg.data, cfg.noise, cfg.seed)
+    from pivotal_ray.core import locks
+
     checked: list[bool] = []
+    per_node: list[tuple] = []
+    held: list[str] = []
     monkeypatch.setattr(pipeline, "_check_shared_storage", lambda c, extracts=None: checked.append(extracts))
-    monkeypatch.setattr(pipeline, "_check_per_node", lambda c, extracts, clusters=False: None)
+    monkeypatch.setattr(pipeline, "_check_per_node",
+                        lambda c, extracts, clusters=False, trains=True: per_node.append((extracts, clusters, trains)))
+    real_hold = locks.hold
+
+    def hold(key, *a, **kw):  # the run folder's lock, held while the table is made and read
+        held.append(key)
+        return real_hold(key, *a, **kw)
+
+    monkeypatch.setattr(locks, "hold", hold)
+    (tmp_path / "run" / ".final_predictions.ab12cd34.tmp").mkdir()  # an analysis killed mid-extraction
     here = analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_here)
     on_ray = analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_on_ray)
     np.testing.assert_allclose(on_ray.margin, here.margin, rtol=0, atol=1e-12)
     assert on_ray.boundary_auc == pytest.approx(here.boundary_auc, abs=1e-12)
     assert (tmp_path / "run" / FINAL_PREDICTIONS / "features.json").exists()
+    assert not (tmp_path / "run" / ".final_predictions.ab12cd34.tmp").exists()
     assert len(predictions_here) == 1 and checked == [True]
+    assert per_node == [(True, False, False)]  # an extraction actor must fit a node; nothing trains here
+    assert held == [f"output_dir:{os.path.realpath(tmp_path / 'run')}"]  # run_experiment's lock of that folder
     np.testing.assert_array_equal(predictions_here[0]["sample_ids"], bundle.train.sample_id)
     assert [s["epoch"] for s in predictions_here[0]["snapshots"]] == [4]  # train_state.pt's epoch
     analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_on_ray)
@@ -645,6 +662,7 @@ def test_margins_on_ray_keeps_the_final_models_table_and_checks_before_extractin
     moved = {**metrics, "final_run": {**metrics["final_run"], "snapshot": str(other)}}
     again = analyse_run(cfg=cfg, metrics=moved, bundle=bundle, frac=0.1, margins=margins_on_ray)
     assert len(predictions_here) == 2 and predictions_here[1]["overwrite"] and checked == [True, True]
+    assert len(per_node) == 2
     assert not np.allclose(again.margin, on_ray.margin)
     np.testing.assert_allclose(again.margin, analyse_run(cfg=cfg, metrics=moved, bundle=bundle, frac=0.1).margin,
                                rtol=0, atol=1e-12)
@@ -656,3 +674,8 @@ def test_margins_on_ray_keeps_the_final_models_table_and_checks_before_extractin
     with pytest.raises(ConfigError, match="not shared"):
         analyse_run(cfg=cfg, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_on_ray)
     assert len(predictions_here) == 2  # refused before any extraction
+    # with ray.autoscaling the nodes up now say nothing of the nodes to come: no per-node check
+    monkeypatch.setattr(pipeline, "_check_shared_storage", lambda c, extracts=None: checked.append(extracts))
+    grows = from_dict({**to_dict(cfg), "ray": {**to_dict(cfg)["ray"], "autoscaling": True}})
+    analyse_run(cfg=grows, metrics=metrics, bundle=bundle, frac=0.1, margins=margins_on_ray)
+    assert len(predictions_here) == 3 and checked[-1] is True and len(per_node) == 2
