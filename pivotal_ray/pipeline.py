@@ -796,7 +796,9 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
         "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),
                       "best_snapshot": str(best_snapshot(run)["path"]),
                       # its Train workers' device (rank 0's; None for a run trained before it was recorded)
-                      "device": (run.extra.get("history") or [{}])[-1].get("device")},
+                      "device": (run.extra.get("history") or [{}])[-1].get("device"),
+                      # on a GPU, whether its convolutions / matmuls rounded through TF32 (None: a CPU, or not recorded)
+                      "tf32": (run.extra.get("history") or [{}])[-1].get("tf32")},
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     selection = pd.DataFrame(rows, columns=SELECTION_COLUMNS)

@@ -25,6 +25,16 @@ def torch_generator(seed: int, *names: object, device: str | torch.device = "cpu
     return g
 
 
+def tf32_in_use(device: torch.device) -> dict[str, bool] | None:
+    """Whether this process lets convolutions (cuDNN) and matmuls (cuBLAS) on ``device`` round
+    through TF32 (10-bit mantissa on Ampere and later GPUs: other floats than float32's, so the
+    same seed gives other weights and picks); None on a CPU, which has no TF32. PyTorch's
+    defaults: convolutions yes, matmuls no; ``ray.deterministic`` turns both off."""
+    if device.type != "cuda":
+        return None
+    return {"conv": bool(torch.backends.cudnn.allow_tf32), "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+
+
 def deterministic_kernels() -> None:
     """Make this process pick deterministic kernels where PyTorch has them (``ray.deterministic``).
 

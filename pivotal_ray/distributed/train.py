@@ -42,7 +42,7 @@ from ..core import locks
 from ..core.data import build_data
 from ..core.models import build_model
 from ..core.reweight import LocalReducer, TorchDistReducer, average_buffers_, build_reweighter
-from ..core.seeding import derive_seed, deterministic_kernels, numpy_rng, torch_generator
+from ..core.seeding import derive_seed, deterministic_kernels, numpy_rng, tf32_in_use, torch_generator
 from .. import storage
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def train_loop(config: dict[str, Any]) -> None:
     meta_y = labels[meta_pos]
     # what trained (the driver's manifest describes the driver's machine, on a cluster a CPU head)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    tf32 = tf32_in_use(device)  # read after ray.deterministic applied (above): None on a CPU
     subset = None if config.get("train_ids") is None else train.positions_of(
         np.asarray(config["train_ids"], dtype=np.int64))
     n_epoch = n if subset is None else len(subset)  # samples walked per epoch
@@ -209,7 +210,8 @@ def train_loop(config: dict[str, Any]) -> None:
                    # ray.deterministic as this worker applied it (core.seeding.deterministic_kernels): the
                    # mode was on; an op without a deterministic kernel still ran (a warning in its log)
                    "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                   "device": device_name}  # "cpu", or the GPU's name
+                   "device": device_name,  # "cpu", or the GPU's name
+                   "tf32": tf32}  # GPU: {"conv", "matmul"} rounding through TF32 or not
         history.append(metrics)  # every epoch, so best-validation is exact even between snapshots
         if rank == 0:  # progress line: the worker log, and the driver / `ray job logs` when ray.log_to_driver
             print(f"[{tag}] epoch {epoch + 1}/{epochs}: val {val_acc:.4f} test {test_acc:.4f} "

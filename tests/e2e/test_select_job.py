@@ -148,7 +148,7 @@ def test_artefacts_exist_and_are_well_formed(runs, method):
     clean = bundle.train.y_obs == bundle.train.y_true
     assert non_meta.sum() == len(bundle.train) - budget
     assert metrics["weight_auc"] == pytest.approx(weight_auc(w[non_meta], clean[non_meta]), rel=0, abs=1e-12)
-    assert metrics["final_run"]["device"] == "cpu"  # what its Train workers trained on
+    assert (metrics["final_run"]["device"], metrics["final_run"]["tf32"]) == ("cpu", None)  # what its Train workers trained on
     assert metrics["weight_auc"] != pytest.approx(weight_auc(w, clean), rel=0, abs=1e-12)  # the meta samples count
 
     manifest = json.loads((out / "manifest.json").read_text())

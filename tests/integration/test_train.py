@@ -70,7 +70,7 @@ def test_ray_deterministic_switches_the_workers_and_keeps_cpu_floats(one_worker)
     det = _run(tmp, "w1det", workers=1, epochs=2, deterministic=True)
     assert [h["deterministic_algorithms"] for h in det.extra["history"]] == [True, True]
     assert [h["deterministic_algorithms"] for h in one.extra["history"]] == [False, False]
-    assert {h["device"] for h in det.extra["history"] + one.extra["history"]} == {"cpu"}  # what trained
+    assert {(h["device"], h["tf32"]) for h in det.extra["history"] + one.extra["history"]} == {("cpu", None)}  # what trained
     (m1, w1), (m2, w2) = _state(one), _state(det)
     assert torch.equal(w2, w1) and all(torch.equal(m2[k], m1[k]) for k in m1)
 

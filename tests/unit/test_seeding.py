@@ -59,3 +59,31 @@ def test_deterministic_kernels_sets_every_switch_and_keeps_a_given_workspace():
     assert words[7 + 2:7 + 6] == ["True", "False", "True", "True"]  # turned the other way
     assert words[14:] == ["True", "True", "False", "True", "False", "False", ":4096:8"]
     assert _fresh_python(SET + STATE, workspace=":16:8")[-1] == ":16:8"
+
+
+def test_tf32_in_use_reads_the_process_switches_on_a_gpu_only(monkeypatch):
+    """What a Train worker records per epoch (``tf32``): None on a CPU; on CUDA the cuDNN and
+    cuBLAS TF32 switches as they stand (no GPU needed to read them), off after
+    deterministic_kernels (ray.deterministic)."""
+    import torch
+
+    from pivotal_ray.core.seeding import deterministic_kernels, tf32_in_use
+
+    assert tf32_in_use(torch.device("cpu")) is None
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # deterministic_kernels sets it: put back after
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for c, m in ((True, False), (False, True)):
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = c, m
+            assert tf32_in_use(torch.device("cuda", 0)) == {"conv": c, "matmul": m}
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        state = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                 torch.backends.cudnn.deterministic)
+        try:
+            deterministic_kernels()
+            assert tf32_in_use(torch.device("cuda")) == {"conv": False, "matmul": False}
+        finally:
+            torch.use_deterministic_algorithms(state[0])
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[1:]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
