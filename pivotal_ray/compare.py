@@ -166,13 +166,11 @@ class RunAnalysis:
 def margins_here(cfg: ExperimentConfig, bundle: Any, snapshot: str, epoch: int) -> np.ndarray:
     """Top-1 minus top-2 softmax probability of every training sample (train order, (N,) float64)
     under the model at ``snapshot``, computed in this process (no Ray needed)."""
-    from .core.baselines import predict_probs
+    from .core.baselines import predict_probs, top2_margin
 
     train = bundle.train
-    probs = predict_probs(_load_model(cfg, bundle, snapshot), train, np.arange(len(train)),
-                          batch_size=cfg.features.batch_size)  # (N, C)
-    top2 = np.sort(probs, axis=1)[:, -2:]  # (N, 2)
-    return top2[:, 1] - top2[:, 0]
+    return top2_margin(predict_probs(_load_model(cfg, bundle, snapshot), train, np.arange(len(train)),
+                                     batch_size=cfg.features.batch_size))  # (N, C) -> (N,)
 
 
 def margins_on_ray(cfg: ExperimentConfig, bundle: Any, snapshot: str, epoch: int) -> np.ndarray:

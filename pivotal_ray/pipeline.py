@@ -136,15 +136,17 @@ def _preflight(cfg: ExperimentConfig) -> tuple[Any, Labeler]:
     from .core.models import MODELS
     from .core.reweight import REWEIGHTERS
 
-    for setting, value, known in (("reweight.mode", cfg.reweight.mode, REWEIGHTERS.names()),
-                                  ("model.name", cfg.model.name, MODELS.names()),
-                                  ("features.kind", cfg.features.kind, clustering_kinds())):
-        if value in EXTRACTORS and value not in known and setting == "features.kind":
-            raise ConfigError(f"features.kind={value!r} names a table of the model's predictions (what uncertain "
-                              f"and certain rank by), not a gradient feature the clustering can take: choose one of "
-                              f"{known} ({setting}=...)")
-        if value not in known:
-            raise ConfigError(f"unknown {setting} {value!r}: choose one of {known} ({setting}=...)")
+    for setting, value, registry in (("reweight.mode", cfg.reweight.mode, REWEIGHTERS),
+                                     ("model.name", cfg.model.name, MODELS)):
+        if value not in registry:
+            raise ConfigError(f"unknown {setting} {value!r}: choose one of {registry.names()} ({setting}=...)")
+    kind, kinds = cfg.features.kind, clustering_kinds()
+    if kind in EXTRACTORS and kind not in kinds:  # registered, but not a feature the clustering takes
+        raise ConfigError(f"features.kind={kind!r} names a table of the model's predictions (what uncertain and "
+                          f"certain rank by), not a gradient feature the clustering can take: choose one of {kinds} "
+                          "(features.kind=...)")
+    if kind not in kinds:
+        raise ConfigError(f"unknown features.kind {kind!r}: choose one of {kinds} (features.kind=...)")
     out = Path(cfg.output_dir)
     if not out.is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} must be an absolute path "
@@ -776,6 +778,7 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
                             **picks.info, **ctx.timings})
 
     weights = run.final_weights().numpy()
+    last_epoch = (run.extra.get("history") or [{}])[-1]  # the final run's last recorded epoch
     split = bundle.train
     noisy_mask = ~np.isin(split.sample_id, meta)
     clean = split.y_obs == split.y_true
@@ -795,10 +798,9 @@ def _run_experiment(cfg: ExperimentConfig, bundle: Any, labels: Labeler, t_start
         "rounds": rounds_info,
         "final_run": {"name": run.name, "snapshot": str(run.snapshots[-1]["path"]),
                       "best_snapshot": str(best_snapshot(run)["path"]),
-                      # its Train workers' device (rank 0's; None for a run trained before it was recorded)
-                      "device": (run.extra.get("history") or [{}])[-1].get("device"),
-                      # on a GPU, whether its convolutions / matmuls rounded through TF32 (None: a CPU, or not recorded)
-                      "tf32": (run.extra.get("history") or [{}])[-1].get("tf32")},
+                      # its Train workers' device (rank 0's) and, on a GPU, whether its convolutions /
+                      # matmuls rounded through TF32 (None: a CPU, or a run trained before they were recorded)
+                      **{k: last_epoch.get(k) for k in ("device", "tf32")}},
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     selection = pd.DataFrame(rows, columns=SELECTION_COLUMNS)

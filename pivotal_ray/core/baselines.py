@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .data import Split
 
 __all__ = [
-    "balanced_quotas", "balanced_random", "predict_probs", "predictive_entropy", "rank_by_entropy",
+    "balanced_quotas", "balanced_random", "predict_probs", "predictive_entropy", "rank_by_entropy", "top2_margin",
     "PredictionExtractor", "Predictions", "read_predictions",
     "craig_similarity", "facility_location_greedy", "CraigPicks", "select_craig",
 ]
@@ -158,6 +158,13 @@ def predictive_entropy(probs: np.ndarray) -> np.ndarray:
     return -(p * logp).sum(1)
 
 
+def top2_margin(probs: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability of each row (the distance to the decision boundary that the
+    boundary AUC ranks by): (n, C) -> (n,), in the probabilities' dtype."""
+    top2 = np.sort(np.asarray(probs), axis=1)[:, -2:]  # (n, 2)
+    return top2[:, 1] - top2[:, 0]
+
+
 def rank_by_entropy(sample_id: Sequence[int] | np.ndarray, entropy: np.ndarray, *, k: int,
                     highest: bool) -> tuple[np.ndarray, np.ndarray]:
     """The k candidates of highest (``uncertain``) or lowest (``certain``) entropy; ties: smaller id first.
@@ -202,9 +209,7 @@ class PredictionExtractor:
     @torch.no_grad()
     def extract(self, x: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
         p = torch.softmax(self.model(x).double(), dim=1).cpu().numpy()  # (n, C) float64
-        top2 = np.sort(p, axis=1)[:, -2:]  # (n, 2)
-        return {"entropy": predictive_entropy(p), "margin": top2[:, 1] - top2[:, 0],
-                "pred": p.argmax(1).astype(np.int64)}
+        return {"entropy": predictive_entropy(p), "margin": top2_margin(p), "pred": p.argmax(1).astype(np.int64)}
 
     def rows(self, *, sample_id: np.ndarray, snapshot: int, epoch: int, x: torch.Tensor,
              y: torch.Tensor | None) -> dict[str, np.ndarray]:
